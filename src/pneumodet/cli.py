@@ -1,0 +1,144 @@
+"""The ``pneumodet`` command: parse arguments, call the library, print.
+
+Every subcommand is one ``_add_<name>`` function (its arguments) and one ``_run_<name>`` function
+(its work). Library imports happen inside ``_run_*`` so that ``--help`` stays instant.
+A :class:`~pneumodet.errors.PneumodetError` becomes a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pneumodet import __version__
+from pneumodet.errors import PneumodetError
+
+
+def _add_data_source(p: argparse.ArgumentParser) -> None:
+    """The Kaggle-layout folder and the overrides for each of its parts."""
+    p.add_argument("data_dir", type=Path, help="folder laid out as the Kaggle download")
+    p.add_argument("--labels", type=Path, help="labels CSV (default: DATA_DIR/stage_2_train_labels.csv)")
+    p.add_argument("--classes", type=Path, help="class CSV (default: DATA_DIR/stage_2_detailed_class_info.csv)")
+    p.add_argument("--images", type=Path, help="DICOM folder (default: DATA_DIR/stage_2_train_images)")
+    p.add_argument("--strict", action="store_true", help="make any label problem fatal")
+
+
+def _load_records(args: argparse.Namespace):
+    from pneumodet.data.rsna import load_rsna
+
+    data = load_rsna(args.data_dir, labels=args.labels, classes=args.classes, images=args.images,
+                     strict=args.strict)
+    print(data.report.summary(), file=sys.stderr)
+    return data
+
+
+# ---------------------------------------------------------------- synth
+def _add_synth(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out_dir", type=Path, help="where to write the Kaggle-layout dataset")
+    p.add_argument("--patients", type=int, default=200, help="number of patients (default 200)")
+    p.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024, as RSNA)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files")
+
+
+def _run_synth(args: argparse.Namespace) -> None:
+    from pneumodet.data.synth import make_synthetic_dataset
+
+    summary = make_synthetic_dataset(args.out_dir, patients=args.patients, size=args.size, seed=args.seed)
+    print(summary)
+
+
+# ---------------------------------------------------------------- split
+def _add_split(p: argparse.ArgumentParser) -> None:
+    _add_data_source(p)
+    p.add_argument("--out", type=Path, required=True, help="split folder (train/val/test.csv, split.json)")
+    p.add_argument("--val", type=float, default=0.1, help="validation fraction of patients (default 0.1)")
+    p.add_argument("--test", type=float, default=0.1, help="test fraction of patients (default 0.1)")
+    p.add_argument("--samples", type=int, help="first draw N patients (stratified) for sample-size studies")
+    p.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    p.add_argument("--labels-only", action="store_true",
+                   help="split every labelled patient, not only those whose image is present")
+
+
+def _run_split(args: argparse.Namespace) -> None:
+    from pneumodet.data.split import split_patients, write_split
+
+    data = _load_records(args)
+    split = split_patients(data.records, val=args.val, test=args.test, samples=args.samples,
+                           seed=args.seed, labels_only=args.labels_only)
+    write_split(split, args.out, source=str(args.data_dir))
+    print(split.summary())
+    print(f"wrote {args.out}")
+
+
+# ---------------------------------------------------------------- cache
+def _add_cache(p: argparse.ArgumentParser) -> None:
+    _add_data_source(p)
+    p.add_argument("--size", type=int, default=512, help="cached image side in pixels (default 512)")
+    p.add_argument("--out", type=Path, help="cache folder (default DATA_DIR/cache_<size>)")
+    p.add_argument("--workers", type=int, default=0, help="decoding processes (default: all cores)")
+
+
+def _run_cache(args: argparse.Namespace) -> None:
+    from pneumodet.data.cache import build_cache, default_cache_dir
+
+    data = _load_records(args)
+    out = args.out or default_cache_dir(args.data_dir, args.size)
+    report = build_cache(data.records, out, size=args.size, workers=args.workers or None)
+    print(report.summary())
+
+
+# ---------------------------------------------------------------- demo
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo folder (default runs/demo)")
+    p.add_argument("--patients", type=int, default=300, help="synthetic patients (default 300)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from pneumodet.demo import run_demo
+
+    run_demo(args.out, patients=args.patients, seed=args.seed)
+
+
+_Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]
+
+COMMANDS: list[_Command] = [
+    ("synth", "write a synthetic RSNA-format dataset (Kaggle layout)", _add_synth, _run_synth),
+    ("split", "split patients into train/val/test (patient level, stratified)", _add_split, _run_split),
+    ("cache", "decode every DICOM once into a memory-mapped image cache", _add_cache, _run_cache),
+    ("demo", "the whole job on synthetic data: synth, split, cache, ...", _add_demo, _run_demo),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pneumodet",
+        description="Find pneumonia (lung opacity) regions on chest X-rays: RSNA data, RetinaNet, "
+                    "the competition metric.",
+    )
+    parser.add_argument("--version", action="version", version=f"pneumodet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text, add_args, run in COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args._run(args)
+    except PneumodetError as exc:
+        print(f"pneumodet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pneumodet {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

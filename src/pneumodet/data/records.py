@@ -1,0 +1,37 @@
+"""The patient record: the unit every later stage (split, cache, dataset, metric) works with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+#: The three RSNA classes, in the index order used by the global classification head.
+CLASS_NAMES: tuple[str, ...] = ("Normal", "Lung Opacity", "No Lung Opacity / Not Normal")
+CLASS_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASS_NAMES)}
+#: RSNA images are 1024 x 1024; the labels CSV carries no size, so boxes are checked against this.
+RSNA_IMAGE_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class PatientRecord:
+    """One patient: class, target and all of its boxes.
+
+    ``boxes`` are Pascal VOC pixels in the original image, ``(xmin, ymin, xmax, ymax)``,
+    one tuple per labelled box (0 to 4 in RSNA).
+    """
+
+    patient_id: str
+    label_class: str
+    target: int
+    boxes: tuple[tuple[float, float, float, float], ...] = field(default_factory=tuple)
+    image_path: Path | None = None
+
+    @property
+    def class_index(self) -> int:
+        return CLASS_INDEX[self.label_class]
+
+    def boxes_array(self) -> np.ndarray:
+        """Boxes as a float32 array of shape ``[N, 4]`` (xyxy), ``[0, 4]`` when there are none."""
+        return np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
