@@ -1,0 +1,322 @@
+"""The RSNA Pneumonia Detection Challenge metric, and the confidence-threshold sweep built on it.
+
+The competition score is a mean over images of an image AP::
+
+    AP(image) = mean over t in {0.40, 0.45, ..., 0.75} of TP(t) / (TP(t) + FP(t) + FN(t))
+
+Boxes are ``(x, y, width, height)`` in original image pixels (top-left corner, as in the labels
+CSV and the submission file). The rules pinned here:
+
+* **Image set.** The images scored are exactly the keys of ``ground_truth`` (a patient without
+  boxes maps to an empty ``[0, 4]`` array). A patient missing from ``predictions`` has no
+  predictions. Predictions for a patient that is not in ``ground_truth`` raise ``ValueError``:
+  dropping them silently would hide a mismatch between the two files.
+* **Empty images.** No ground truth and no prediction: the image is left out of the mean
+  (``per_image`` is ``None``). No ground truth and any prediction: the image scores 0.
+  Ground truth and no prediction: 0.
+* **Threshold comparison.** A prediction can match a ground-truth box when IoU **>=** t. Kaggle's
+  page says "above" the threshold, but the public ``map_iou`` that every published RSNA solution
+  validated with uses ``>=``; taking the same rule keeps pneumodet's numbers comparable with
+  theirs. Ties only happen on hand-made boxes (or boxes rounded to a coarse grid): with
+  real-valued model outputs IoU equals a threshold with probability zero.
+* **Matching.** Prediction-centric greedy matching, as in Kaggle's description: predictions are
+  taken in descending confidence (ties keep their input order), and each takes the still
+  unmatched ground-truth box with the highest IoU >= t (IoU ties: the first box). The matching is
+  redone at every threshold. ``map_iou`` instead loops over ground-truth boxes and gives each the
+  most confident unmatched prediction with IoU >= t; the two differ only when a prediction
+  overlaps several boxes above the threshold (``tests/test_metrics.py`` pins a case).
+
+Prediction-centric matching has a useful property: the decision for a prediction depends only on
+the predictions more confident than it. So one matching pass per image gives TP for *every*
+confidence cut-off at once (a cumulative sum), which is how :func:`sweep_thresholds` evaluates
+dozens of cut-offs for the price of one metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+#: IoU thresholds of the competition, 0.40 to 0.75 in steps of 0.05 (exact decimal literals, so an
+#: IoU computed as an exact ratio such as 45/100 compares equal to 0.45).
+RSNA_IOU_THRESHOLDS: tuple[float, ...] = (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
+
+#: Confidence cut-offs always tried by :func:`sweep_thresholds` (besides confidence quantiles).
+DEFAULT_SWEEP_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+# ------------------------------------------------------------------ box formats
+def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
+    """``[..., 4]`` boxes ``(x, y, w, h)`` -> ``(xmin, ymin, xmax, ymax)``, as float64."""
+    b = np.asarray(boxes, dtype=np.float64)
+    return np.concatenate([b[..., :2], b[..., :2] + b[..., 2:4]], axis=-1)
+
+
+def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
+    """``[..., 4]`` boxes ``(xmin, ymin, xmax, ymax)`` -> ``(x, y, w, h)``, as float64."""
+    b = np.asarray(boxes, dtype=np.float64)
+    return np.concatenate([b[..., :2], b[..., 2:4] - b[..., :2]], axis=-1)
+
+
+def box_iou_xywh(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of ``[M, 4]`` and ``[N, 4]`` xywh boxes -> ``[M, N]`` float64.
+
+    A pair whose union has zero area (two degenerate boxes) has IoU 0.
+    """
+    a = xywh_to_xyxy(np.asarray(boxes_a, dtype=np.float64).reshape(-1, 4))
+    b = xywh_to_xyxy(np.asarray(boxes_b, dtype=np.float64).reshape(-1, 4))
+    lo = np.maximum(a[:, None, :2], b[None, :, :2])
+    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = np.clip(hi - lo, 0.0, None)
+    inter = wh[..., 0] * wh[..., 1]
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+# ------------------------------------------------------------------ input checks
+def _check_boxes(patient_id: str, boxes: np.ndarray, columns: int, what: str) -> np.ndarray:
+    """``boxes`` as float64 ``[K, columns]``; ``ValueError`` naming the patient if unusable."""
+    arr = np.asarray(boxes, dtype=np.float64)
+    if arr.size == 0:
+        return arr.reshape(0, columns)
+    if arr.ndim != 2 or arr.shape[1] != columns:
+        raise ValueError(f"{what} for patient {patient_id!r}: expected shape [K, {columns}], got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{what} for patient {patient_id!r}: NaN or infinite value")
+    if (arr[:, -2:] < 0).any():
+        raise ValueError(f"{what} for patient {patient_id!r}: negative width or height")
+    return arr
+
+
+# ------------------------------------------------------------------ matching
+def greedy_matches(iou: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Which predictions are true positives at each IoU threshold.
+
+    Args:
+        iou: ``[M, N]`` IoU of M predictions, **sorted by descending confidence**, with N
+            ground-truth boxes.
+        thresholds: ``[T]`` IoU thresholds.
+
+    Returns:
+        ``[M, T]`` bool: prediction ``i`` matched a ground-truth box at threshold ``t``.
+    """
+    m, n = iou.shape
+    t = len(thresholds)
+    tp = np.zeros((m, t), dtype=bool)
+    if m == 0 or n == 0:
+        return tp
+    hits = iou[:, None, :] >= thresholds[None, :, None]  # [M, T, N]
+    matched = np.zeros((t, n), dtype=bool)
+    rows = np.arange(t)
+    # A prediction that reaches no box at any threshold is a false positive and changes nothing.
+    for i in np.flatnonzero(hits.any(axis=(1, 2))):
+        free = hits[i] & ~matched  # [T, N]
+        best = np.where(free, iou[i][None, :], -1.0).argmax(axis=1)  # [T]
+        ok = free[rows, best]
+        matched[rows[ok], best[ok]] = True
+        tp[i] = ok
+    return tp
+
+
+@dataclass(frozen=True)
+class _MatchTable:
+    """Every image's matching, laid out flat so that any confidence cut-off is a few numpy ops.
+
+    Image ``i`` owns predictions ``pred_start[i] : pred_start[i+1]`` of ``confidence`` (sorted
+    descending) and rows ``tp_start[i] : tp_start[i] + M_i + 1`` of ``tp_cumsum``, where row ``k``
+    is the TP count per threshold when only its ``k`` most confident predictions are kept.
+    """
+
+    patient_ids: list[str]
+    n_gt: np.ndarray  # [I]
+    confidence: np.ndarray  # [P]
+    pred_image: np.ndarray  # [P] image index of each prediction
+    tp_cumsum: np.ndarray  # [P + I, T]
+    tp_start: np.ndarray  # [I]
+
+    @classmethod
+    def build(
+        cls,
+        ground_truth: Mapping[str, np.ndarray],
+        predictions: Mapping[str, np.ndarray],
+        thresholds: np.ndarray,
+    ) -> _MatchTable:
+        unknown = [pid for pid in predictions if pid not in ground_truth]
+        if unknown:
+            raise ValueError(
+                f"predictions for {len(unknown)} patient(s) not in the ground truth, "
+                f"e.g. {', '.join(map(repr, unknown[:3]))}"
+            )
+        ids = list(ground_truth)
+        n_gt, confs, tps = [], [], []
+        for pid in ids:
+            gt = _check_boxes(pid, ground_truth[pid], 4, "ground-truth boxes")
+            pred = _check_boxes(pid, predictions.get(pid, ()), 5, "predictions")
+            pred = pred[np.argsort(-pred[:, 0], kind="stable")]
+            tp = greedy_matches(box_iou_xywh(pred[:, 1:], gt), thresholds)
+            n_gt.append(len(gt))
+            confs.append(pred[:, 0])
+            tps.append(np.concatenate([np.zeros((1, len(thresholds)), np.int64), np.cumsum(tp, axis=0)]))
+        sizes = np.array([len(c) for c in confs], dtype=np.int64)
+        return cls(
+            patient_ids=ids,
+            n_gt=np.array(n_gt, dtype=np.int64),
+            confidence=np.concatenate(confs) if confs else np.zeros(0),
+            pred_image=np.repeat(np.arange(len(ids)), sizes),
+            tp_cumsum=np.concatenate(tps) if tps else np.zeros((0, len(thresholds)), np.int64),
+            tp_start=np.cumsum(sizes + 1) - (sizes + 1),
+        )
+
+    def precision(self, min_confidence: float) -> tuple[np.ndarray, np.ndarray]:
+        """Keep predictions with confidence >= ``min_confidence``.
+
+        Returns:
+            ``[I, T]`` float precision TP / (TP + FP + FN) per image and threshold, and ``[I]`` bool
+            ``included`` (False for an image with neither ground truth nor kept prediction; its
+            precision row is 0 and must be ignored).
+        """
+        kept = np.bincount(self.pred_image[self.confidence >= min_confidence], minlength=len(self.n_gt))
+        tp = self.tp_cumsum[self.tp_start + kept]  # [I, T]
+        denom = kept[:, None] + self.n_gt[:, None] - tp  # TP + FP + FN
+        prec = np.divide(tp, denom, out=np.zeros(tp.shape), where=denom > 0)
+        return prec, (kept + self.n_gt) > 0
+
+
+# ------------------------------------------------------------------ results
+@dataclass(frozen=True)
+class MapResult:
+    """The RSNA score of a set of predictions.
+
+    ``score`` is NaN when no image is included (no ground-truth box and no prediction anywhere).
+    """
+
+    score: float
+    per_threshold: dict[float, float]
+    per_image: dict[str, float | None]
+    n_images: int
+    n_excluded: int
+
+    def summary(self) -> str:
+        lines = [
+            f"RSNA mAP {self.score:.4f} over {self.n_images} image(s) "
+            f"({self.n_excluded} excluded: no ground truth and no prediction)",
+            "  IoU threshold  precision",
+        ]
+        lines += [f"  {t:>13.2f}  {p:.4f}" for t, p in self.per_threshold.items()]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (``per_threshold`` keys as strings, excluded images as ``null``)."""
+        return {
+            "score": self.score,
+            "per_threshold": {f"{t:.2f}": p for t, p in self.per_threshold.items()},
+            "n_images": self.n_images,
+            "n_excluded": self.n_excluded,
+            "per_image": self.per_image,
+        }
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """The confidence cut-off that maximises the RSNA score; ``table`` holds every cut-off tried."""
+
+    best_threshold: float
+    best_score: float
+    table: list[tuple[float, float]]
+
+    def summary(self) -> str:
+        return f"best confidence threshold {self.best_threshold:.4g}: RSNA mAP {self.best_score:.4f}"
+
+
+def _mean_over_included(prec: np.ndarray, included: np.ndarray) -> np.ndarray:
+    """``[T]`` mean precision over the included images (NaN when none is)."""
+    if not included.any():
+        return np.full(prec.shape[1], np.nan)
+    return prec[included].mean(axis=0)
+
+
+# ------------------------------------------------------------------ public API
+def rsna_map(
+    ground_truth: Mapping[str, np.ndarray],
+    predictions: Mapping[str, np.ndarray],
+    *,
+    thresholds: Sequence[float] = RSNA_IOU_THRESHOLDS,
+) -> MapResult:
+    """The competition metric (see the module docstring for every rule).
+
+    Args:
+        ground_truth: patient id -> ``[N, 4]`` boxes ``(x, y, w, h)``; ``[0, 4]`` for no box.
+            Its keys are the images scored.
+        predictions: patient id -> ``[M, 5]`` rows ``(confidence, x, y, w, h)``; a missing
+            patient has no prediction. Every key must be in ``ground_truth``.
+        thresholds: IoU thresholds to average over.
+
+    Raises:
+        ValueError: a prediction for an unknown patient, or a malformed box array.
+    """
+    thr = np.asarray(thresholds, dtype=np.float64)
+    table = _MatchTable.build(ground_truth, predictions, thr)
+    prec, included = table.precision(-np.inf)
+    per_t = _mean_over_included(prec, included)
+    image_ap = prec.mean(axis=1)
+    return MapResult(
+        score=float(per_t.mean()),
+        per_threshold={float(t): float(p) for t, p in zip(thresholds, per_t, strict=True)},
+        per_image={
+            pid: float(ap) if inc else None
+            for pid, ap, inc in zip(table.patient_ids, image_ap, included, strict=True)
+        },
+        n_images=int(included.sum()),
+        n_excluded=int((~included).sum()),
+    )
+
+
+def default_confidence_grid(confidences: np.ndarray) -> np.ndarray:
+    """Cut-offs 0.05, 0.10, ..., 0.95 plus the 0 %, 5 %, ..., 100 % quantiles of ``confidences``."""
+    grid = np.asarray(DEFAULT_SWEEP_GRID, dtype=np.float64)
+    if len(confidences):
+        grid = np.concatenate([grid, np.quantile(confidences, np.linspace(0.0, 1.0, 21))])
+    return np.unique(grid)
+
+
+def sweep_thresholds(
+    ground_truth: Mapping[str, np.ndarray],
+    scored_predictions: Mapping[str, np.ndarray],
+    thresholds: Sequence[float] | None = None,
+    *,
+    iou_thresholds: Sequence[float] = RSNA_IOU_THRESHOLDS,
+) -> SweepResult:
+    """The confidence cut-off (keep boxes with confidence >= it) that maximises :func:`rsna_map`.
+
+    Matching runs once; each cut-off then costs O(images + predictions) numpy work. Every score in
+    the table equals ``rsna_map`` on the predictions filtered at that cut-off.
+
+    Args:
+        ground_truth: as for :func:`rsna_map` (typically the validation set).
+        scored_predictions: as for :func:`rsna_map`, with all boxes the model proposes.
+        thresholds: confidence cut-offs to try; default :func:`default_confidence_grid`.
+        iou_thresholds: as ``thresholds`` of :func:`rsna_map`.
+
+    Returns:
+        The best cut-off (the lowest one on a tie), its score and the ``(cut-off, score)`` table in
+        ascending cut-off order.
+
+    Raises:
+        ValueError: as :func:`rsna_map`; also when no cut-off leaves an image to score (no
+            ground-truth box at all and no prediction above any cut-off).
+    """
+    table = _MatchTable.build(ground_truth, scored_predictions, np.asarray(iou_thresholds, np.float64))
+    grid = default_confidence_grid(table.confidence) if thresholds is None else np.unique(thresholds)
+    scores = np.array([_mean_over_included(*table.precision(c)).mean() for c in grid])
+    if np.isnan(scores).all():
+        raise ValueError("no image can be scored at any cut-off: no ground-truth box and no prediction")
+    best = int(np.nanargmax(scores))
+    return SweepResult(
+        best_threshold=float(grid[best]),
+        best_score=float(scores[best]),
+        table=[(float(c), float(s)) for c, s in zip(grid, scores, strict=True)],
+    )
