@@ -1,0 +1,218 @@
+"""Held-out evaluation of a training run: ``pneumodet evaluate RUN_DIR [--split test]``.
+
+The confidence threshold is the one chosen on validation during training (stored in
+``best_model.pt``); the test set is never used to choose anything. The metric-vs-threshold curve on
+the evaluated split is drawn for information only, with the chosen threshold marked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pneumodet.config import TrainConfig
+from pneumodet.data.records import CLASS_INDEX, CLASS_NAMES
+from pneumodet.errors import ConfigError
+from pneumodet.metrics import rsna_map, sweep_thresholds, xyxy_to_xywh
+from pneumodet.training import VALIDATION_SCORE_THRESHOLD, hardware_has_bf16
+
+SPLITS = ("train", "val", "test")
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the device when asked (``precision='bf16'``), else a no-op context."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def default_precision(device: torch.device) -> str:
+    return "bf16" if hardware_has_bf16("gpu" if device.type == "cuda" else "cpu") else "fp32"
+
+
+@dataclass
+class BatchOutput:
+    """One batch through the model: detections in the input frame and class probabilities."""
+
+    batch: dict[str, Any]
+    detections: list[Any]
+    class_probs: np.ndarray  # [B, C]
+
+
+@torch.inference_mode()
+def run_batches(model: torch.nn.Module, loader: Any, *, device: torch.device, precision: str,
+                score_thresh: float = VALIDATION_SCORE_THRESHOLD) -> Iterator[BatchOutput]:
+    """Run ``model`` over collated batches (``images`` uint8 ``[B,1,S,S]``) with channels_last and the
+    chosen precision; boxes are decoded in fp32 by the model."""
+    model.eval().to(device).to(memory_format=torch.channels_last)
+    for batch in loader:
+        images = batch["images"].to(device).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+        with autocast_for(device, precision):
+            outputs = model(images)
+        detections = model.detect(outputs, score_thresh=score_thresh)
+        probs = np.stack([d.class_probs.float().cpu().numpy() for d in detections])
+        yield BatchOutput(batch=batch, detections=detections, class_probs=probs)
+
+
+def binary_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with tie correction); NaN with a single class."""
+    labels = np.asarray(labels, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def confusion_matrix(true: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """``[n, n]`` counts, rows = true class, columns = predicted class."""
+    return np.bincount(np.asarray(true) * n_classes + np.asarray(pred),
+                       minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def evaluate(run_dir: Path, *, split: str = "test", batch_size: int = 16, num_workers: int = 0,
+             precision: str | None = None, device: str = "auto", out_dir: Path | None = None) -> dict[str, Any]:
+    """Score a run's best model on ``split`` and write ``metrics.json`` and plots to
+    ``RUN_DIR/eval_<split>/`` (or ``out_dir``). Returns the metrics dict."""
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    run_dir = Path(run_dir)
+    model, extra, config = load_run(run_dir)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    precision = precision or default_precision(dev)
+    loader = split_loader(config, split, batch_size=batch_size, num_workers=num_workers)
+
+    gt: dict[str, np.ndarray] = {}
+    preds: dict[str, np.ndarray] = {}
+    true_class: list[int] = []
+    probs: list[np.ndarray] = []
+    for out in run_batches(model, loader, device=dev, precision=precision):
+        batch = out.batch
+        boxes = batch["boxes"].float().numpy()
+        for i, pid in enumerate(batch["patient_ids"]):
+            gt[pid] = xyxy_to_xywh(boxes[i, : int(batch["num_boxes"][i])])
+            det = out.detections[i]
+            preds[pid] = np.concatenate([det.scores.float().cpu().numpy()[:, None],
+                                         xyxy_to_xywh(det.boxes.float().cpu().numpy())], axis=1)
+        true_class.extend(batch["classes"].tolist())
+        probs.append(out.class_probs)
+
+    threshold = float(extra["threshold"])
+    kept = {pid: p[p[:, 0] >= threshold] for pid, p in preds.items()}
+    result = rsna_map(gt, kept)
+    class_probs = np.concatenate(probs) if probs else np.zeros((0, len(CLASS_NAMES)))
+    true = np.asarray(true_class, dtype=np.int64)
+    predicted = class_probs.argmax(axis=1) if len(class_probs) else np.zeros(0, np.int64)
+    opacity = CLASS_INDEX["Lung Opacity"]
+    curve = _threshold_curve(gt, preds)
+    metrics = {
+        "run": str(run_dir), "split": split, "images": len(gt), "precision": precision,
+        "threshold": threshold, "threshold_source": "chosen on the validation set during training",
+        "rsna_map": result.score, "rsna_map_per_iou_threshold": result.to_dict()["per_threshold"],
+        "images_scored": result.n_images, "images_excluded": result.n_excluded,
+        "global_class": {
+            "classes": list(CLASS_NAMES),
+            "accuracy": float((predicted == true).mean()) if len(true) else float("nan"),
+            "confusion_matrix": confusion_matrix(true, predicted, len(CLASS_NAMES)).tolist(),
+            "confusion_matrix_axes": "rows: true class, columns: predicted class",
+            "pneumonia_auc": binary_auc(true == opacity, class_probs[:, opacity]) if len(true) else float("nan"),
+        },
+        "metric_vs_threshold_for_information": curve,
+    }
+    out = Path(out_dir) if out_dir else run_dir / f"eval_{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "metrics.json", metrics)
+    _plot_evaluation(metrics, out)
+    return metrics
+
+
+def _threshold_curve(gt: dict[str, np.ndarray], preds: dict[str, np.ndarray]) -> list[list[float]]:
+    try:
+        return [[t, s] for t, s in sweep_thresholds(gt, preds).table]
+    except ValueError:
+        return []
+
+
+def load_run(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any], TrainConfig]:
+    """The best model of a run, its stored extras (validation threshold) and its training config."""
+    from pneumodet.model import load_checkpoint
+
+    run_dir = Path(run_dir)
+    for needed in ("config.yaml", "best_model.pt"):
+        if not (run_dir / needed).exists():
+            raise ConfigError(f"{run_dir} is not a finished training run: {needed} is missing")
+    model, extra = load_checkpoint(run_dir / "best_model.pt")
+    return model, extra, TrainConfig.from_yaml(run_dir / "config.yaml")
+
+
+def split_loader(config: TrainConfig, split: str, *, batch_size: int, num_workers: int = 0) -> Any:
+    """An unshuffled, resize-only loader over one set of the run's split (images from its cache)."""
+    datamodule = _datamodule(config, batch_size=batch_size, num_workers=num_workers)
+    datamodule.setup("test" if split == "test" else "validate")
+    return datamodule.loader_for(split)
+
+
+def _datamodule(config: TrainConfig, *, batch_size: int, num_workers: int) -> Any:
+    from pneumodet.training import build_datamodule
+
+    cfg = TrainConfig.from_dict({**config.to_dict(), "batch_size": batch_size, "num_workers": num_workers})
+    return build_datamodule(cfg)
+
+
+def _plot_evaluation(metrics: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = np.asarray(metrics["metric_vs_threshold_for_information"], dtype=np.float64).reshape(-1, 2)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if len(curve):
+        ax.plot(curve[:, 0], curve[:, 1], marker=".", label=f"{metrics['split']} set")
+    ax.axvline(metrics["threshold"], color="tab:red", linestyle="--",
+               label=f"threshold chosen on validation ({metrics['threshold']:.2f})")
+    ax.set_xlabel("confidence threshold")
+    ax.set_ylabel("RSNA mAP")
+    ax.set_title(f"RSNA mAP vs confidence threshold ({metrics['split']}, for information)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "metric_vs_threshold.png", dpi=110)
+    plt.close(fig)
+
+    cm = np.asarray(metrics["global_class"]["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.imshow(cm, cmap="Blues")
+    names = ["Normal", "Lung Opacity", "No LO / Not Normal"]
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_yticks(range(len(names)), names)
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="black")
+    ax.set_xlabel("predicted class (global head)")
+    ax.set_ylabel("true class")
+    ax.set_title(f"Global class confusion ({metrics['split']}), accuracy "
+                 f"{metrics['global_class']['accuracy']:.3f}")
+    fig.tight_layout()
+    fig.savefig(out / "confusion_matrix.png", dpi=110)
+    plt.close(fig)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=float))
+    os.replace(tmp, path)
