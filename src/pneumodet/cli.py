@@ -89,6 +89,28 @@ def _run_cache(args: argparse.Namespace) -> None:
     print(report.summary())
 
 
+# ---------------------------------------------------------------- score
+def _add_score(p: argparse.ArgumentParser) -> None:
+    p.add_argument("submission", type=Path, help="submission CSV (patientId,PredictionString)")
+    p.add_argument("--labels", type=Path, required=True, help="labels CSV (e.g. stage_2_train_labels.csv)")
+    p.add_argument("--all", action="store_true",
+                   help="also score labelled patients missing from the submission (as no prediction)")
+    p.add_argument("--json", type=Path, help="also write the result (with per-image scores) as JSON")
+
+
+def _run_score(args: argparse.Namespace) -> None:
+    import json
+
+    from pneumodet.submission import score_submission
+
+    result = score_submission(args.submission, args.labels, all_patients=args.all)
+    print(result.summary())
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        print(f"wrote {args.json}")
+
+
 # ---------------------------------------------------------------- demo
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo folder (default runs/demo)")
@@ -108,6 +130,7 @@ COMMANDS: list[_Command] = [
     ("synth", "write a synthetic RSNA-format dataset (Kaggle layout)", _add_synth, _run_synth),
     ("split", "split patients into train/val/test (patient level, stratified)", _add_split, _run_split),
     ("cache", "decode every DICOM once into a memory-mapped image cache", _add_cache, _run_cache),
+    ("score", "score a Kaggle submission CSV against the labels (RSNA mAP)", _add_score, _run_score),
     ("demo", "the whole job on synthetic data: synth, split, cache, ...", _add_demo, _run_demo),
 ]
 
