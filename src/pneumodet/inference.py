@@ -1,0 +1,648 @@
+"""Prediction on DICOM files (submission, hflip TTA, global gating, overlays, JSON) and ONNX export.
+
+Prediction streams: files are found (:func:`find_dicom_files`), decoded and resized one by one in a
+:class:`~torch.utils.data.DataLoader`, batched, run through the network, decoded by the model's own
+``detect``, and the boxes are mapped back to each image's original pixels. Only one batch of images
+is ever in memory; per patient only its few boxes and class probabilities are kept.
+
+ONNX
+----
+:func:`export_onnx` writes the network alone (no decoding, no NMS), with a dynamic batch axis:
+
+* input ``images``: float32 ``[B, 1, S, S]`` in ``[0, 1]`` (the DICOM's pixels resized with area
+  interpolation to ``S x S`` and divided by 255, exactly as :func:`predict` prepares them);
+* outputs ``cls_logits [B, A]``, ``box_deltas [B, A, 4]``, ``global_logits [B, C]`` and
+  ``anchors [A, 4]`` (a constant: the anchors depend on ``S`` only).
+
+Next to ``model.onnx`` a side file ``model.onnx.json`` records ``S``, the class names, the model
+configuration and the run's validation threshold. To go from the four outputs to boxes, call
+:func:`decode_onnx_outputs` with them and that side file; it rebuilds the model's box decoding
+(sigmoid scores, anchor-delta decoding, score filter, NMS, top-k) from the same code that
+:meth:`PneumoRetinaNet.detect` runs, and returns boxes in ``S x S`` input pixels. Multiply x by
+``W / S`` and y by ``H / S`` to reach an ``H x W`` original image (:func:`boxes_to_original`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pneumodet.data.records import CLASS_INDEX, CLASS_NAMES
+from pneumodet.errors import CheckpointError, ConfigError, DicomReadError, PneumodetError
+
+#: The checkpoint :func:`predict` takes from a training run directory.
+RUN_CHECKPOINT = "best_model.pt"
+#: Index of "Lung Opacity" in the global head's probabilities (used by ``gate``).
+OPACITY_INDEX = CLASS_INDEX["Lung Opacity"]
+
+Precision = Literal["bf16", "fp32"]
+TtaMerge = Literal["wbf", "nms"]
+
+
+# ---------------------------------------------------------------- results
+@dataclass(frozen=True)
+class UnreadableInput:
+    """An input that yielded no prediction, and why."""
+
+    path: Path
+    cause: str
+
+
+@dataclass(frozen=True)
+class DuplicateInput:
+    """A file whose patient id was already predicted from ``kept``; it was not used."""
+
+    patient_id: str
+    path: Path
+    kept: Path
+
+
+@dataclass(frozen=True)
+class PatientPrediction:
+    """One patient's prediction, in the original image's pixels.
+
+    ``boxes`` is float32 ``[M, 5]``: ``confidence, x, y, width, height`` (top-left corner), sorted by
+    confidence, only boxes at or above the threshold. ``class_probs`` is float32 ``[C]`` in
+    :data:`~pneumodet.data.records.CLASS_NAMES` order. ``original_size`` is ``(height, width)``.
+    """
+
+    patient_id: str
+    boxes: np.ndarray
+    class_probs: np.ndarray
+    source: Path
+    original_size: tuple[int, int]
+
+
+@dataclass
+class PredictionResult:
+    """Everything :func:`predict` found: predictions, and every input that gave none."""
+
+    predictions: dict[str, PatientPrediction]
+    threshold: float
+    files_found: int
+    unreadable: list[UnreadableInput] = field(default_factory=list)
+    duplicates: list[DuplicateInput] = field(default_factory=list)
+    skipped_links: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    tta: str | None = None
+    gate: bool = False
+    precision: str = "fp32"
+
+    @property
+    def boxes_total(self) -> int:
+        return sum(len(p.boxes) for p in self.predictions.values())
+
+    @property
+    def patients_with_boxes(self) -> int:
+        return sum(1 for p in self.predictions.values() if len(p.boxes))
+
+    def submission_boxes(self) -> dict[str, np.ndarray]:
+        """``{patientId: float [M, 5] conf, x, y, w, h}``, the form ``write_submission`` takes."""
+        return {pid: p.boxes for pid, p in self.predictions.items()}
+
+    def summary(self) -> str:
+        lines = [
+            f"files found: {self.files_found}; patients predicted: {len(self.predictions)} "
+            f"({self.patients_with_boxes} with boxes, {self.boxes_total} boxes; threshold {self.threshold:.3f}, "
+            f"tta {self.tta or 'none'}, gate {'on' if self.gate else 'off'}, {self.precision})",
+            f"unreadable: {len(self.unreadable)}; duplicate patient ids: {len(self.duplicates)}; "
+            f"symlinks not followed: {len(self.skipped_links)}; warnings: {len(self.warnings)}",
+        ]
+        lines += [f"  unreadable {u.path}: {u.cause}" for u in self.unreadable]
+        lines += [f"  duplicate {d.patient_id}: {d.path} (kept {d.kept})" for d in self.duplicates]
+        lines += [f"  symlink not followed (leaves its input folder): {p}" for p in self.skipped_links]
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- finding files
+@dataclass
+class FileSearch:
+    """The DICOM files found under the inputs, in a stable order, and what was left out."""
+
+    files: list[Path] = field(default_factory=list)
+    missing: list[UnreadableInput] = field(default_factory=list)
+    skipped_links: list[Path] = field(default_factory=list)
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def find_dicom_files(inputs: Sequence[Path | str], *, follow_symlinks: bool = False) -> FileSearch:
+    """Files named on the command line, and ``*.dcm`` files found recursively under folders.
+
+    A symbolic link under a folder is followed only when its target stays inside that folder, unless
+    ``follow_symlinks`` is set; links that are not followed are listed in ``skipped_links``. A folder
+    is entered once per input however many links lead to it, so link loops end. Broken links and
+    inputs that do not exist are listed in ``missing`` (never fatal).
+    """
+    search = FileSearch()
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            root = path.resolve()
+            _walk(path, root, set(), search, follow_symlinks)
+        elif path.is_file():
+            search.files.append(path)
+        elif path.is_symlink():
+            search.missing.append(UnreadableInput(path, "broken symbolic link"))
+        else:
+            search.missing.append(UnreadableInput(path, "no such file or folder"))
+    return search
+
+
+def _walk(folder: Path, root: Path, seen: set[Path], search: FileSearch, follow_symlinks: bool) -> None:
+    real = folder.resolve()
+    if real in seen:  # a link back to a folder already walked: a loop or a second route in
+        return
+    seen.add(real)
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        search.missing.append(UnreadableInput(folder, f"cannot list folder: {exc.strerror or exc}"))
+        return
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.is_symlink():
+            target = path.resolve()
+            if not target.exists():
+                search.missing.append(UnreadableInput(path, "broken symbolic link"))
+                continue
+            if not follow_symlinks and not _is_within(target, root):
+                search.skipped_links.append(path)
+                continue
+        if entry.is_dir():
+            _walk(path, root, seen, search, follow_symlinks)
+        elif entry.is_file() and path.suffix.lower() == ".dcm":
+            search.files.append(path)
+
+
+# ---------------------------------------------------------------- boxes
+def hflip_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:
+    """Mirror xyxy boxes ``[N, 4]`` left-right in an image ``width`` pixels wide (its own inverse)."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack((width - x2, y1, width - x1, y2), dim=-1)
+
+
+def boxes_to_original(boxes: torch.Tensor, original_size: tuple[int, int], image_size: int) -> torch.Tensor:
+    """Map xyxy boxes ``[N, 4]`` from the ``image_size`` square model input to an ``(H, W)`` original."""
+    from pneumodet.data.dataset import scale_boxes_to_original
+
+    return torch.as_tensor(scale_boxes_to_original(boxes, original_size, image_size), dtype=torch.float32)
+
+
+def xyxy_to_kaggle(boxes: torch.Tensor, scores: torch.Tensor) -> np.ndarray:
+    """xyxy ``[N, 4]`` + scores ``[N]`` -> float32 ``[N, 5]`` ``conf, x, y, w, h``, by confidence."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    b, s = boxes[order], scores[order]
+    out = torch.stack((s, b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]), dim=1)
+    return out.to(torch.float32).numpy().reshape(-1, 5)
+
+
+def weighted_boxes_fusion(
+    boxes: Sequence[torch.Tensor], scores: Sequence[torch.Tensor], *, iou_thresh: float = 0.55
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted box fusion (Solovyev et al., 2021) of the predictions of ``T`` views of one image.
+
+    Args:
+        boxes: ``T`` tensors ``[N_t, 4]`` xyxy, all in the same pixel space.
+        scores: ``T`` tensors ``[N_t]``.
+        iou_thresh: a box joins the cluster whose fused box it overlaps most, if that IoU is above this.
+
+    Returns:
+        fused boxes ``[K, 4]`` (score-weighted mean of each cluster's boxes) and scores ``[K]``
+        (mean score of the cluster times ``min(n, T) / T``, so a box seen in one view of two
+        keeps half of its score), sorted by score.
+    """
+    views = len(boxes)
+    all_boxes = torch.cat([b.reshape(-1, 4).float() for b in boxes]) if views else torch.zeros(0, 4)
+    all_scores = torch.cat([s.reshape(-1).float() for s in scores]) if views else torch.zeros(0)
+    if all_boxes.numel() == 0:
+        return torch.zeros(0, 4), torch.zeros(0)
+    order = torch.argsort(all_scores, descending=True, stable=True)
+    all_boxes, all_scores = all_boxes[order], all_scores[order]
+
+    from torchvision.ops import box_iou
+
+    fused = torch.zeros_like(all_boxes)  # fused box of each cluster, first `k` rows used
+    weighted = torch.zeros_like(all_boxes)  # sum of score * box per cluster
+    score_sum = torch.zeros_like(all_scores)
+    count = torch.zeros_like(all_scores)
+    k = 0
+    for box, score in zip(all_boxes, all_scores, strict=True):
+        best = -1
+        if k:
+            ious = box_iou(box[None], fused[:k])[0]
+            j = int(torch.argmax(ious))
+            if ious[j] > iou_thresh:
+                best = j
+        if best < 0:
+            best, k = k, k + 1
+        weighted[best] += score * box
+        score_sum[best] += score
+        count[best] += 1
+        fused[best] = weighted[best] / score_sum[best].clamp_min(torch.finfo(torch.float32).tiny)
+    fused_scores = score_sum[:k] / count[:k] * count[:k].clamp(max=views) / views
+    order = torch.argsort(fused_scores, descending=True, stable=True)
+    return fused[:k][order], fused_scores[order]
+
+
+def merge_views(
+    boxes: Sequence[torch.Tensor], scores: Sequence[torch.Tensor], *, method: TtaMerge, iou_thresh: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the boxes of several views of one image: ``"wbf"`` or plain ``"nms"``."""
+    if method == "wbf":
+        return weighted_boxes_fusion(boxes, scores, iou_thresh=iou_thresh)
+    if method == "nms":
+        from torchvision.ops import nms
+
+        b = torch.cat([x.reshape(-1, 4).float() for x in boxes])
+        s = torch.cat([x.reshape(-1).float() for x in scores])
+        keep = nms(b, s, iou_thresh)
+        return b[keep], s[keep]
+    raise ConfigError(f"unknown TTA merge {method!r}; choose 'wbf' or 'nms'")
+
+
+# ---------------------------------------------------------------- model loading
+def resolve_checkpoint(model_source: Path | str) -> Path:
+    """A run directory means its ``best_model.pt``; a file is taken as the checkpoint itself."""
+    path = Path(model_source)
+    if path.is_dir():
+        path = path / RUN_CHECKPOINT
+        if not path.is_file():
+            raise CheckpointError(f"{model_source}: a run directory needs {RUN_CHECKPOINT}, which is missing")
+    elif not path.is_file():
+        raise CheckpointError(f"{model_source}: no such checkpoint file or run directory")
+    return path
+
+
+def load_for_inference(model_source: Path | str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a checkpoint (``weights_only``) and put the model in eval mode; returns ``(model, extra)``."""
+    from pneumodet.model import load_checkpoint
+
+    model, extra = load_checkpoint(resolve_checkpoint(model_source))
+    return model.eval(), dict(extra or {})
+
+
+def model_image_size(model: torch.nn.Module, extra: dict[str, Any]) -> int:
+    """The square input side the model was trained at (checkpoint extra first, then the config)."""
+    size = extra.get("image_size") or getattr(getattr(model, "config", None), "image_size", None)
+    if not size:
+        raise CheckpointError("the checkpoint records no image_size; cannot prepare inputs for it")
+    return int(size)
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> Precision:
+    """``None`` -> ``"bf16"`` where the device computes it natively, else ``"fp32"``."""
+    if precision is None:
+        return "bf16" if _bf16_native(device) else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise ConfigError(f"unknown precision {precision!r}; choose 'bf16' or 'fp32'")
+    return precision  # type: ignore[return-value]
+
+
+def _bf16_native(device: torch.device) -> bool:
+    from pneumodet.training import hardware_has_bf16
+
+    return hardware_has_bf16("gpu" if device.type == "cuda" else "cpu")
+
+
+# ---------------------------------------------------------------- image stream
+def prepare_image(pixels: np.ndarray, image_size: int) -> torch.Tensor:
+    """uint8 ``[H, W]`` -> float32 ``[1, S, S]`` in ``[0, 1]``: the cache's area resize, then / 255.
+
+    The same resize as the training cache, so the model sees at prediction what it saw in training.
+    """
+    from pneumodet.data.cache import resize_area
+
+    if pixels.ndim != 2 or pixels.dtype != np.uint8:
+        raise ValueError(f"expected a 2-D uint8 grey image, got {pixels.dtype} of shape {tuple(pixels.shape)}")
+    resized = resize_area(pixels, image_size)
+    return torch.from_numpy(resized).to(torch.float32).div_(255.0)[None]
+
+
+@dataclass
+class _Item:
+    index: int
+    path: Path
+    image: torch.Tensor | None = None  # [1, S, S]
+    original_size: tuple[int, int] = (0, 0)
+    dicom_patient_id: str | None = None
+    pixels: np.ndarray | None = None  # the original uint8 [H, W], only when overlays are drawn
+    error: str | None = None
+
+
+class DicomImageStream(Dataset):
+    """Decodes and resizes the files one at a time; a file that fails becomes an item with ``error``."""
+
+    def __init__(self, files: Sequence[Path], image_size: int, *, keep_pixels: bool = False) -> None:
+        self.files = list(files)
+        self.image_size = image_size
+        self.keep_pixels = keep_pixels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> _Item:
+        from pneumodet.data.dicom import read_dicom
+
+        path = self.files[index]
+        try:
+            pixels, meta = read_dicom(path)
+            image = prepare_image(pixels, self.image_size)
+        except DicomReadError as exc:
+            return _Item(index, path, error=exc.cause)
+        except (ValueError, OSError, RuntimeError, MemoryError) as exc:  # one bad file must not end the run
+            return _Item(index, path, error=f"{type(exc).__name__}: {exc}")
+        pid = meta.get("PatientID") if isinstance(meta, dict) else None
+        return _Item(index, path, image, (int(pixels.shape[0]), int(pixels.shape[1])),
+                     str(pid).strip() if pid else None, pixels if self.keep_pixels else None)
+
+
+def _collate(items: list[_Item]) -> list[_Item]:
+    return items
+
+
+# ---------------------------------------------------------------- prediction
+@dataclass(frozen=True)
+class _RawPrediction:
+    """Boxes in model-input pixels before the threshold: xyxy ``[N, 4]``, scores ``[N]``, probs ``[C]``."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    class_probs: torch.Tensor
+
+
+class Predictor:
+    """A loaded model plus the prediction options; turns a batch of input images into raw predictions."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        image_size: int,
+        *,
+        tta: str | None = None,
+        tta_merge: TtaMerge = "wbf",
+        tta_iou: float = 0.55,
+        gate: bool = False,
+        device: str | torch.device = "cpu",
+        precision: str | None = None,
+    ) -> None:
+        if tta not in (None, "hflip"):
+            raise ConfigError(f"unknown TTA {tta!r}; the only one is 'hflip'")
+        if tta_merge not in ("wbf", "nms"):
+            raise ConfigError(f"unknown TTA merge {tta_merge!r}; choose 'wbf' or 'nms'")
+        self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        self.image_size = image_size
+        self.tta, self.tta_merge, self.tta_iou, self.gate = tta, tta_merge, tta_iou, gate
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def _detect(self, images: torch.Tensor) -> list[Any]:
+        images = images.to(self.device, memory_format=torch.channels_last)
+        with self._autocast():
+            outputs = self.model(images)
+        outputs = _to_float32(outputs)
+        return self.model.detect(outputs)
+
+    def __call__(self, images: torch.Tensor) -> list[_RawPrediction]:
+        """images: float ``[B, 1, S, S]`` in ``[0, 1]`` -> ``B`` raw predictions in input pixels."""
+        batch = images.shape[0]
+        if self.tta == "hflip":
+            dets = self._detect(torch.cat((images, images.flip(-1))))
+            plain, flipped = dets[:batch], dets[batch:]
+        else:
+            plain, flipped = self._detect(images), [None] * batch
+        out = []
+        for det, det_flip in zip(plain, flipped, strict=True):
+            boxes, scores = det.boxes.float().cpu(), det.scores.float().cpu()
+            probs = det.class_probs.float().cpu()
+            if det_flip is not None:
+                unflipped = hflip_boxes(det_flip.boxes.float().cpu(), float(self.image_size))
+                boxes, scores = merge_views([boxes, unflipped], [scores, det_flip.scores.float().cpu()],
+                                            method=self.tta_merge, iou_thresh=self.tta_iou)
+                probs = (probs + det_flip.class_probs.float().cpu()) / 2
+            if self.gate:
+                scores = scores * probs[OPACITY_INDEX]
+            out.append(_RawPrediction(boxes.reshape(-1, 4), scores.reshape(-1), probs))
+        return out
+
+
+def _to_float32(outputs: Any) -> Any:
+    """Cast every floating tensor of the model's output container to float32 (after bf16 autocast)."""
+    def cast(v: Any) -> Any:
+        return v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+
+    if hasattr(outputs, "_replace"):  # NamedTuple
+        return outputs._replace(**{k: cast(v) for k, v in outputs._asdict().items()})
+    if hasattr(outputs, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.replace(outputs, **{f: cast(getattr(outputs, f))
+                                               for f in outputs.__dataclass_fields__})
+    return outputs
+
+
+def predict(
+    model_source: Path | str,
+    inputs: Sequence[Path | str],
+    *,
+    threshold: float | None = None,
+    tta: str | None = None,
+    tta_merge: TtaMerge = "wbf",
+    gate: bool = False,
+    batch_size: int = 8,
+    device: str = "cpu",
+    precision: str | None = None,
+    follow_symlinks: bool = False,
+    overlay_dir: Path | str | None = None,
+    workers: int = 0,
+    progress: bool = True,
+) -> PredictionResult:
+    """Predict boxes and class probabilities for every DICOM under ``inputs``.
+
+    Args:
+        model_source: a training run directory (its ``best_model.pt`` is used) or a checkpoint file.
+        inputs: DICOM files and folders (searched recursively for ``*.dcm``, see :func:`find_dicom_files`).
+        threshold: keep boxes whose (gated, merged) score is at least this; default: the threshold the
+            run chose on validation, recorded in the checkpoint.
+        tta: ``"hflip"`` also predicts on the mirrored image and merges both views (``tta_merge``).
+        gate: multiply box scores by the global head's Lung-Opacity probability before thresholding.
+        precision: ``"bf16"`` (autocast) or ``"fp32"``; default bf16 where the device computes it natively.
+        overlay_dir: when given, one PNG per predicted image with boxes, scores and class probabilities.
+        workers: DataLoader processes decoding DICOMs (0: in this process).
+
+    Returns:
+        A :class:`PredictionResult`; unreadable files, duplicate patient ids and links not followed are
+        listed there, never raised.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    model, extra = load_for_inference(model_source)
+    if threshold is None:
+        if "threshold" not in extra:
+            raise CheckpointError(f"{model_source}: the checkpoint records no validation threshold; "
+                                  "pass one explicitly (--threshold)")
+        threshold = float(extra["threshold"])
+    if not math.isfinite(threshold):
+        raise ConfigError(f"threshold must be a finite number, got {threshold}")
+    image_size = model_image_size(model, extra)
+    predictor = Predictor(model, image_size, tta=tta, tta_merge=tta_merge, gate=gate,
+                          device=device, precision=precision)
+
+    search = find_dicom_files(inputs, follow_symlinks=follow_symlinks)
+    if not search.files and not search.missing:
+        raise PneumodetError(f"no DICOM files (*.dcm) found in {', '.join(map(str, inputs))}")
+    result = PredictionResult({}, threshold, len(search.files), unreadable=list(search.missing),
+                              skipped_links=list(search.skipped_links), tta=tta, gate=gate,
+                              precision=predictor.precision)
+    overlays = Path(overlay_dir) if overlay_dir is not None else None
+    if overlays is not None:
+        overlays.mkdir(parents=True, exist_ok=True)
+
+    stream = DicomImageStream(search.files, image_size, keep_pixels=overlays is not None)
+    loader = DataLoader(stream, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=_collate)
+    for items in _progress(loader, progress, total=len(loader)):
+        _predict_batch(items, predictor, result, overlays)
+    return result
+
+
+def _progress(iterable: Any, enabled: bool, total: int) -> Iterator[Any]:
+    if not enabled:
+        return iter(iterable)
+    from tqdm.auto import tqdm
+
+    return iter(tqdm(iterable, total=total, desc="predict", unit="batch"))
+
+
+def _patient_id(item: _Item, result: PredictionResult) -> str:
+    stem = item.path.stem
+    if item.dicom_patient_id and item.dicom_patient_id != stem:
+        result.warnings.append(f"{item.path}: DICOM PatientID {item.dicom_patient_id!r} differs from the "
+                               f"file name; using the PatientID")
+    return item.dicom_patient_id or stem
+
+
+def _predict_batch(items: list[_Item], predictor: Predictor, result: PredictionResult,
+                   overlays: Path | None) -> None:
+    good = []
+    for item in items:
+        if item.error is not None:
+            result.unreadable.append(UnreadableInput(item.path, item.error))
+            continue
+        pid = _patient_id(item, result)
+        kept = result.predictions.get(pid)
+        earlier = next((g for g in good if g[0] == pid), None)
+        if kept is not None or earlier is not None:
+            first = kept.source if kept is not None else earlier[1].path
+            result.duplicates.append(DuplicateInput(pid, item.path, first))
+            continue
+        good.append((pid, item))
+    if not good:
+        return
+    raws = predictor(torch.stack([item.image for _, item in good]))
+    for (pid, item), raw in zip(good, raws, strict=True):
+        keep = raw.scores >= result.threshold
+        boxes = boxes_to_original(raw.boxes[keep], item.original_size, predictor.image_size)
+        pred = PatientPrediction(pid, xyxy_to_kaggle(boxes, raw.scores[keep]),
+                                 raw.class_probs.numpy().astype(np.float32), item.path, item.original_size)
+        result.predictions[pid] = pred
+        if overlays is not None and item.pixels is not None:
+            draw_overlay(item.pixels, pred).save(overlays / f"{safe_filename(pid)}.png")
+
+
+# ---------------------------------------------------------------- outputs
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_filename(patient_id: str) -> str:
+    """A file name from a patient id: anything but letters, digits, ``.``, ``_``, ``-`` becomes ``_``."""
+    name = _UNSAFE.sub("_", patient_id).lstrip(".")
+    return name or "_"
+
+
+def draw_overlay(pixels: np.ndarray, prediction: PatientPrediction):
+    """The grey image (uint8 ``[H, W]``) as RGB with the boxes, their scores and the class probabilities.
+
+    Only the patient id is written; nothing else from the DICOM header reaches the picture.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.fromarray(np.asarray(pixels, dtype=np.uint8), mode="L").convert("RGB")
+    draw = ImageDraw.Draw(image)
+    side = max(image.size)
+    font = ImageFont.load_default(size=max(10, side // 48))
+    line = max(1, side // 256)
+    for conf, x, y, w, h in prediction.boxes.tolist():
+        draw.rectangle((x, y, x + w, y + h), outline=(255, 40, 40), width=line)
+        draw.text((x + line, max(0.0, y - font.size - 2 * line)), f"{conf:.2f}", fill=(255, 40, 40), font=font)
+    legend = [prediction.patient_id] + [f"{name}: {p:.2f}" for name, p in
+                                        zip(CLASS_NAMES, prediction.class_probs.tolist(), strict=True)]
+    draw.multiline_text((line * 4, line * 4), "\n".join(legend), fill=(255, 220, 0), font=font)
+    return image
+
+
+def prediction_json(result: PredictionResult) -> dict[str, Any]:
+    """The result as plain JSON data: per patient its boxes, scores, class probabilities and source file."""
+    patients = [
+        {
+            "patientId": p.patient_id,
+            "source": str(p.source),
+            "original_size": list(p.original_size),
+            "boxes": [[round(v, 2) for v in row[1:]] for row in p.boxes.tolist()],
+            "scores": [round(row[0], 5) for row in p.boxes.tolist()],
+            "class_probs": {name: round(v, 5) for name, v in
+                            zip(CLASS_NAMES, p.class_probs.tolist(), strict=True)},
+        }
+        for p in result.predictions.values()
+    ]
+    return {
+        "box_format": "x, y, width, height in original image pixels (top-left corner)",
+        "threshold": result.threshold,
+        "tta": result.tta,
+        "gate": result.gate,
+        "precision": result.precision,
+        "files_found": result.files_found,
+        "patients": patients,
+        "unreadable": [{"path": str(u.path), "cause": u.cause} for u in result.unreadable],
+        "duplicates": [{"patientId": d.patient_id, "path": str(d.path), "kept": str(d.kept)}
+                       for d in result.duplicates],
+        "symlinks_not_followed": [str(p) for p in result.skipped_links],
+        "warnings": list(result.warnings),
+    }
+
+
+def write_prediction_json(result: PredictionResult, path: Path | str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(prediction_json(result), indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def write_prediction_submission(result: PredictionResult, path: Path | str) -> Path:
+    """The Kaggle CSV (``patientId,PredictionString``), one row per predicted patient."""
+    from pneumodet.submission import write_submission
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_submission(path, result.submission_boxes(), patient_ids=list(result.predictions))
+    return path
