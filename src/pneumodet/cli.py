@@ -111,6 +111,57 @@ def _run_score(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
 
 
+# ---------------------------------------------------------------- predict
+def _add_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="training run directory (uses its best_model.pt) or a checkpoint")
+    p.add_argument("inputs", type=Path, nargs="+", help="DICOM files or folders (searched recursively for *.dcm)")
+    p.add_argument("--out", type=Path, required=True, help="Kaggle submission CSV to write")
+    p.add_argument("--threshold", type=float, help="confidence threshold (default: the run's validation choice)")
+    p.add_argument("--tta", choices=["hflip"], help="test-time augmentation: also predict the mirrored image")
+    p.add_argument("--tta-merge", choices=["wbf", "nms"], default="wbf",
+                   help="how TTA views are merged (default: weighted box fusion)")
+    p.add_argument("--gate", action="store_true",
+                   help="multiply box scores by the global Lung-Opacity probability before thresholding")
+    p.add_argument("--overlays", type=Path, help="folder for one PNG per image with boxes and probabilities")
+    p.add_argument("--json", type=Path, help="JSON file with boxes, scores, class probabilities per patient")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--precision", choices=["bf16", "fp32"],
+                   help="default: bf16 where the hardware computes it natively, else fp32")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--workers", type=int, default=0, help="DICOM decoding processes (default 0: in-process)")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="follow symbolic links that lead out of an input folder")
+
+
+def _run_predict(args: argparse.Namespace) -> None:
+    from pneumodet.inference import predict, write_prediction_json, write_prediction_submission
+
+    result = predict(args.model, args.inputs, threshold=args.threshold, tta=args.tta, tta_merge=args.tta_merge,
+                     gate=args.gate, batch_size=args.batch_size, device=args.device, precision=args.precision,
+                     follow_symlinks=args.follow_symlinks, overlay_dir=args.overlays, workers=args.workers,
+                     progress=sys.stderr.isatty())
+    print(result.summary())
+    print(f"wrote submission {write_prediction_submission(result, args.out)}")
+    if args.json:
+        print(f"wrote {write_prediction_json(result, args.json)}")
+    if args.overlays:
+        print(f"wrote {len(result.predictions)} overlays to {args.overlays}")
+
+
+# ---------------------------------------------------------------- export
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="training run directory (uses its best_model.pt) or a checkpoint")
+    p.add_argument("--onnx", type=Path, required=True, help="ONNX file to write (a .json side file goes next to it)")
+    p.add_argument("--image-size", type=int, help="input side in pixels (default: the training size)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from pneumodet.inference import export_onnx
+
+    print(export_onnx(args.model, args.onnx, image_size=args.image_size, opset=args.opset).summary())
+
+
 # ---------------------------------------------------------------- demo
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo folder (default runs/demo)")
@@ -131,6 +182,9 @@ COMMANDS: list[_Command] = [
     ("split", "split patients into train/val/test (patient level, stratified)", _add_split, _run_split),
     ("cache", "decode every DICOM once into a memory-mapped image cache", _add_cache, _run_cache),
     ("score", "score a Kaggle submission CSV against the labels (RSNA mAP)", _add_score, _run_score),
+    ("predict", "predict boxes for DICOM files: Kaggle submission, JSON, overlays", _add_predict, _run_predict),
+    ("export", "export the network to ONNX (decoding documented and provided in Python)", _add_export,
+     _run_export),
     ("demo", "the whole job on synthetic data: synth, split, cache, ...", _add_demo, _run_demo),
 ]
 
