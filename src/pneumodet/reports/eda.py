@@ -1,0 +1,691 @@
+"""The data exploration report (``pneumodet eda``): what is in an RSNA-format dataset, in one HTML file.
+
+:func:`build_eda_report` loads the labels with :func:`pneumodet.data.rsna.load_rsna`, reads the
+DICOM headers of the images present (headers only, capped by ``max_images``) and writes to ``out_dir``:
+
+- ``report.html``: overview, boxes per patient, classes and targets, DICOM metadata, sample images,
+  box analysis, each with tables and charts;
+- ``summary.json``: the headline numbers (see :func:`build_eda_report`);
+- one CSV per table shown in the report (``<name>.csv``).
+
+Two counts are easy to confuse and are kept apart everywhere: *patients* (one per image) and
+*label rows* (one per box for Lung Opacity patients, one per patient otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
+from tqdm.auto import tqdm
+
+from pneumodet.data.records import CLASS_NAMES, RSNA_IMAGE_SIZE, PatientRecord
+from pneumodet.errors import DicomReadError
+from pneumodet.reports.html import HtmlReport, Section
+
+__all__ = [
+    "IMPOSSIBLE_AGE",
+    "MetadataScan",
+    "box_frame",
+    "build_eda_report",
+    "patient_frame",
+    "scan_metadata",
+]
+
+#: Ages above this (in years) are flagged as impossible; RSNA has a few ages of 148-155.
+IMPOSSIBLE_AGE = 100.0
+#: Below this many headers a worker pool costs more than it saves.
+_POOL_MIN_FILES = 512
+_THUMB_SIZE = 360
+_CLASS_COLORS = {"Normal": "#4c9f70", "Lung Opacity": "#d1495b", "No Lung Opacity / Not Normal": "#edae49"}
+_VIEW_COLORS = {"AP": "#3066be", "PA": "#e07a5f"}
+_META_COLUMNS = ("patient_id", "age", "sex", "view_position", "modality", "body_part", "rows", "columns")
+
+
+# ---------------------------------------------------------------- frames
+def patient_frame(records: Sequence[PatientRecord]) -> pd.DataFrame:
+    """One row per patient: ``patient_id, class, target, boxes, label_rows, has_image``.
+
+    ``label_rows`` is how many rows the patient has in the labels CSV: one per box, or one row
+    (with empty coordinates) when the patient has no box.
+    """
+    boxes = np.fromiter((len(r.boxes) for r in records), dtype=np.int64, count=len(records))
+    return pd.DataFrame({
+        "patient_id": [r.patient_id for r in records],
+        "class": pd.Categorical([r.label_class for r in records], categories=CLASS_NAMES),
+        "target": np.fromiter((r.target for r in records), dtype=np.int64, count=len(records)),
+        "boxes": boxes,
+        "label_rows": np.maximum(boxes, 1),
+        "has_image": [r.image_path is not None and Path(r.image_path).is_file() for r in records],
+    })
+
+
+def box_frame(records: Sequence[PatientRecord]) -> pd.DataFrame:
+    """One row per labelled box in original pixels: ``patient_id, class, x, y, width, height, cx, cy,
+    area, aspect`` (``x, y`` top-left as in the CSV; ``aspect`` = width / height)."""
+    rows = [(r.patient_id, r.label_class, *b) for r in records for b in r.boxes]
+    frame = pd.DataFrame(rows, columns=["patient_id", "class", "xmin", "ymin", "xmax", "ymax"])
+    frame["x"], frame["y"] = frame["xmin"], frame["ymin"]
+    frame["width"] = frame["xmax"] - frame["xmin"]
+    frame["height"] = frame["ymax"] - frame["ymin"]
+    frame["cx"] = (frame["xmin"] + frame["xmax"]) / 2
+    frame["cy"] = (frame["ymin"] + frame["ymax"]) / 2
+    frame["area"] = frame["width"] * frame["height"]
+    frame["aspect"] = frame["width"] / frame["height"].where(frame["height"] > 0)
+    return frame.drop(columns=["xmin", "ymin", "xmax", "ymax"])
+
+
+# ---------------------------------------------------------------- DICOM headers
+@dataclass(frozen=True)
+class MetadataScan:
+    """DICOM header fields of the images present.
+
+    ``frame`` has one row per header read (columns ``patient_id, age, sex, view_position, modality,
+    body_part, rows, columns``); ``failed`` lists ``(path, reason)`` of the files that could not be read;
+    ``present`` is how many images exist, of which ``len(frame) + len(failed)`` were scanned.
+    """
+
+    frame: pd.DataFrame
+    failed: tuple[tuple[str, str], ...]
+    present: int
+
+    @property
+    def scanned(self) -> int:
+        return len(self.frame) + len(self.failed)
+
+
+def _header_or_error(item: tuple[str, str]) -> tuple[str, dict[str, Any] | None, str | None]:
+    """Read one header; errors come back as text so one bad file never stops a pool."""
+    from pneumodet.data.dicom import read_dicom
+
+    patient_id, path = item
+    try:
+        _, meta = read_dicom(path, metadata_only=True)
+    except DicomReadError as exc:
+        return path, None, exc.cause
+    row = {key: meta.get(key) for key in _META_COLUMNS}
+    row["patient_id"] = patient_id
+    return path, row, None
+
+
+def scan_metadata(records: Sequence[PatientRecord], *, max_images: int | None = None, seed: int = 0,
+                  workers: int | None = None, progress: bool = False) -> MetadataScan:
+    """Read the DICOM headers (no pixels) of the records whose image exists.
+
+    At most ``max_images`` headers are read, a seeded random subset when there are more images.
+    ``workers`` processes share the work when there are many files (``None``: all cores).
+    """
+    present = [(r.patient_id, str(r.image_path)) for r in records
+               if r.image_path is not None and Path(r.image_path).is_file()]
+    todo = present
+    if max_images is not None and len(present) > max_images:
+        pick = np.random.default_rng(seed).choice(len(present), size=max_images, replace=False)
+        todo = [present[i] for i in sorted(pick)]
+    workers = workers or os.cpu_count() or 1
+    bar = dict(total=len(todo), desc="DICOM headers", unit="file", disable=not progress)
+    if workers > 1 and len(todo) >= _POOL_MIN_FILES:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(tqdm(pool.map(_header_or_error, todo, chunksize=64), **bar))
+    else:
+        results = [_header_or_error(item) for item in tqdm(todo, **bar)]
+    rows = [row for _, row, _ in results if row is not None]
+    failed = tuple((path, reason) for path, row, reason in results if row is None)
+    frame = pd.DataFrame(rows, columns=list(_META_COLUMNS))
+    frame["age"] = pd.to_numeric(frame["age"], errors="coerce")
+    return MetadataScan(frame=frame, failed=failed, present=len(present))
+
+
+# ---------------------------------------------------------------- tables
+def _class_table(patients: pd.DataFrame) -> pd.DataFrame:
+    table = patients.groupby("class", observed=False).agg(patients=("patient_id", "size"),
+                                                          label_rows=("label_rows", "sum"))
+    table.insert(1, "patients_%", 100 * table["patients"] / max(len(patients), 1))
+    table["label_rows_%"] = 100 * table["label_rows"] / max(int(table["label_rows"].sum()), 1)
+    return table.reset_index()
+
+
+def _target_table(patients: pd.DataFrame) -> pd.DataFrame:
+    table = patients.groupby("target").agg(patients=("patient_id", "size"), label_rows=("label_rows", "sum"))
+    table.insert(1, "patients_%", 100 * table["patients"] / max(len(patients), 1))
+    return table.reset_index()
+
+
+def _class_by_target(patients: pd.DataFrame) -> pd.DataFrame:
+    table = pd.crosstab(patients["class"], patients["target"].map(lambda t: f"Target {t}"),
+                        margins=True, margins_name="all", dropna=False)
+    return table.rename_axis(columns=None).reset_index()
+
+
+def _boxes_per_patient(patients: pd.DataFrame) -> pd.DataFrame:
+    """Patients per number of boxes (rows) and per Target/class combination (columns)."""
+    combo = patients["class"].astype(str) + " (Target " + patients["target"].astype(str) + ")"
+    table = pd.crosstab(patients["boxes"], combo, margins=True, margins_name="all patients")
+    table.index = table.index.map(str)
+    return table.rename_axis(index="boxes", columns=None).reset_index()
+
+
+def _age_by_class(meta: pd.DataFrame) -> pd.DataFrame:
+    valid = meta[meta["age"] <= IMPOSSIBLE_AGE]
+    table = valid.groupby("class", observed=False)["age"].describe()[["count", "mean", "min", "50%", "max"]]
+    table = table.rename(columns={"count": "patients", "50%": "median"})
+    table["impossible_ages"] = meta.groupby("class", observed=False)["age"].apply(
+        lambda a: int((a > IMPOSSIBLE_AGE).sum()))
+    table["patients"] = table["patients"].astype(int)
+    return table.reset_index()
+
+
+def _field_by_class(meta: pd.DataFrame, field: str) -> pd.DataFrame:
+    values = meta[field].fillna("(missing)").astype(str)
+    table = pd.crosstab(meta["class"], values, margins=True, margins_name="all", dropna=False)
+    return table.rename_axis(columns=None).reset_index()
+
+
+def _box_stats(boxes: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
+    cols = ["x", "y", "width", "height", "area", "aspect"]
+    if by is None:
+        stats = boxes[cols].describe().T
+        return stats.rename_axis("quantity").reset_index()
+    stats = boxes.groupby(by)[cols].describe().stack(level=0, future_stack=True)
+    return stats.rename_axis([by, "quantity"]).reset_index()
+
+
+# ---------------------------------------------------------------- figures
+def _fig(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    fig.set_facecolor("white")
+    return fig
+
+
+def _class_share_figure(classes: pd.DataFrame) -> Figure:
+    fig = _fig(10, 2.9)
+    axes = fig.subplots(1, 2, sharey=True)
+    labels = list(classes["class"].astype(str))
+    colors = [_CLASS_COLORS.get(c, "grey") for c in labels]
+    for ax, col, counts, title in ((axes[0], "patients_%", "patients", "Share of patients (images)"),
+                                   (axes[1], "label_rows_%", "label_rows", "Share of label rows (CSV lines)")):
+        bars = ax.barh(labels, classes[col], color=colors)
+        ax.bar_label(bars, labels=[f"{p:.1f} %  (n={n:,})" for p, n in zip(classes[col], classes[counts],
+                                                                             strict=True)],
+                     padding=3, fontsize=9)
+        ax.set_xlim(0, max(100.0, float(classes[col].max()) * 1.45))
+        ax.xaxis.set_major_formatter(PercentFormatter())
+        ax.set_xlabel("share (%)")
+        ax.set_title(title)
+        ax.invert_yaxis()
+    fig.suptitle("Class shares")
+    return fig
+
+
+def _targets_within_class_figure(class_by_target: pd.DataFrame) -> Figure:
+    fig = _fig(10, 2.6)
+    ax = fig.subplots()
+    rows = class_by_target[class_by_target["class"] != "all"]
+    labels = list(rows["class"].astype(str))
+    left = np.zeros(len(rows))
+    for col, color in (("Target 0", "#8d99ae"), ("Target 1", "#d1495b")):
+        if col not in rows:
+            continue
+        values = rows[col].to_numpy(dtype=float)
+        bars = ax.barh(labels, values, left=left, color=color, label=col)
+        ax.bar_label(bars, labels=[f"{int(v):,}" if v else "" for v in values], label_type="center",
+                     fontsize=9, color="white")
+        left += values
+    ax.invert_yaxis()
+    ax.set_xlabel("patients")
+    ax.set_title("Target within each class (patients)")
+    ax.legend(loc="lower right", frameon=False)
+    return fig
+
+
+def _boxes_per_patient_figure(patients: pd.DataFrame) -> Figure:
+    fig = _fig(6.5, 3)
+    ax = fig.subplots()
+    counts = patients.loc[patients["target"] == 1, "boxes"].value_counts().sort_index()
+    bars = ax.bar(counts.index.astype(str), counts.to_numpy(), color=_CLASS_COLORS["Lung Opacity"])
+    ax.bar_label(bars, labels=[f"{v:,}" for v in counts.to_numpy()], padding=2, fontsize=9)
+    ax.set_xlabel("boxes per patient")
+    ax.set_ylabel("patients (Target 1)")
+    ax.set_title("Boxes per Lung Opacity patient")
+    ax.margins(y=0.15)
+    return fig
+
+
+def _age_figure(meta: pd.DataFrame) -> Figure:
+    fig = _fig(10, 3.4)
+    axes = fig.subplots(1, 2)
+    valid = meta[meta["age"] <= IMPOSSIBLE_AGE]
+    bins = np.arange(0, IMPOSSIBLE_AGE + 5, 5)
+    for name in CLASS_NAMES:
+        ages = valid.loc[valid["class"] == name, "age"]
+        if len(ages):
+            axes[0].hist(ages, bins=bins, histtype="step", linewidth=2, color=_CLASS_COLORS[name],
+                         label=f"{name} (n={len(ages)})")
+    axes[0].set_xlabel("age (years)")
+    axes[0].set_ylabel("patients")
+    axes[0].set_title(f"Age by class (ages ≤ {IMPOSSIBLE_AGE:g})")
+    axes[0].legend(frameon=False, fontsize=8)
+    groups = [valid.loc[valid["class"] == n, "age"].to_numpy() for n in CLASS_NAMES]
+    present = [i for i, g in enumerate(groups) if len(g)]
+    if present:
+        box = axes[1].boxplot([groups[i] for i in present], vert=False, patch_artist=True,
+                              tick_labels=[CLASS_NAMES[i] for i in present], widths=0.6)
+        for patch, i in zip(box["boxes"], present, strict=True):
+            patch.set_facecolor(_CLASS_COLORS[CLASS_NAMES[i]])
+        axes[1].invert_yaxis()
+    axes[1].set_xlabel("age (years)")
+    axes[1].set_title("Age distribution per class")
+    return fig
+
+
+def _categorical_figure(meta: pd.DataFrame) -> Figure:
+    fig = _fig(10, 3.2)
+    axes = fig.subplots(1, 2)
+    for ax, field, title in ((axes[0], "sex", "Sex by class"), (axes[1], "view_position", "View position by class")):
+        table = pd.crosstab(meta["class"], meta[field].fillna("(missing)").astype(str), dropna=False)
+        table = table.reindex(list(CLASS_NAMES), fill_value=0)
+        n = len(table.columns)
+        width = 0.8 / max(n, 1)
+        x = np.arange(len(table.index))
+        for j, value in enumerate(table.columns):
+            bars = ax.bar(x + (j - (n - 1) / 2) * width, table[value], width, label=value,
+                          color=_VIEW_COLORS.get(value))
+            ax.bar_label(bars, fontsize=8, padding=1)
+        ax.set_xticks(x, ["Normal", "Lung Opacity", "No LO / Not Normal"])
+        ax.set_ylabel("patients (images read)")
+        ax.set_title(title)
+        ax.legend(frameon=False, fontsize=9)
+        ax.margins(y=0.15)
+    return fig
+
+
+def _centre_density_figure(boxes: pd.DataFrame) -> Figure:
+    fig = _fig(7.5, 7)
+    grid = fig.add_gridspec(2, 2, width_ratios=(4, 1), height_ratios=(1, 4))
+    ax = fig.add_subplot(grid[1, 0])
+    top = fig.add_subplot(grid[0, 0], sharex=ax)
+    side = fig.add_subplot(grid[1, 1], sharey=ax)
+    size = RSNA_IMAGE_SIZE
+    hb = ax.hexbin(boxes["cx"], boxes["cy"], gridsize=40, extent=(0, size, 0, size), cmap="magma_r", mincnt=1)
+    ax.set_xlim(0, size)
+    ax.set_ylim(size, 0)  # image coordinates: y grows downwards
+    ax.set_aspect("equal")
+    ax.set_xlabel("box centre x (px)")
+    ax.set_ylabel("box centre y (px)")
+    bins = np.linspace(0, size, 65)
+    top.hist(boxes["cx"], bins=bins, color="#555")
+    top.set_ylabel("boxes")
+    top.tick_params(labelbottom=False)
+    side.hist(boxes["cy"], bins=bins, orientation="horizontal", color="#555")
+    side.set_xlabel("boxes")
+    side.tick_params(labelleft=False)
+    fig.colorbar(hb, ax=side, label="boxes per hexagon", location="right")
+    fig.suptitle(f"Box centres over the {size}×{size} frame ({len(boxes):,} boxes)")
+    return fig
+
+
+def _shape_figure(boxes: pd.DataFrame) -> Figure:
+    fig = _fig(12, 3.6)
+    axes = fig.subplots(1, 3)
+    area_k = boxes["area"] / 1000
+    hb = axes[0].hexbin(area_k, boxes["aspect"], gridsize=35, cmap="viridis", mincnt=1, bins="log")
+    fig.colorbar(hb, ax=axes[0], label="boxes (log scale)")
+    axes[0].set_xlabel("area (1000 px²)")
+    axes[0].set_ylabel("aspect ratio w/h")
+    axes[0].set_title("Aspect ratio vs area")
+    axes[1].hist(boxes["aspect"].dropna(), bins=50, color="#3066be")
+    axes[1].axvline(1.0, color="k", linestyle="--", linewidth=1)
+    axes[1].set_xlabel("aspect ratio w/h (1 = square)")
+    axes[1].set_ylabel("boxes")
+    axes[1].set_title("Aspect ratio")
+    axes[2].hist(area_k, bins=50, color="#d1495b")
+    axes[2].set_xlabel("area (1000 px²)")
+    axes[2].set_ylabel("boxes")
+    axes[2].set_title("Area")
+    return fig
+
+
+def _geometry_figure(boxes: pd.DataFrame, by: str | None = None) -> Figure:
+    """Densities of x, y, width and height; one curve per value of ``by`` (normalised) if given."""
+    fig = _fig(10, 5.6)
+    axes = fig.subplots(2, 2).ravel()
+    bins = np.linspace(0, RSNA_IMAGE_SIZE, 52)
+    quantities = (("x", "box left edge x (px)"), ("y", "box top edge y (px)"),
+                  ("width", "box width (px)"), ("height", "box height (px)"))
+    for ax, (col, label) in zip(axes, quantities, strict=True):
+        if by is None:
+            ax.hist(boxes[col], bins=bins, color="#3066be")
+            ax.set_ylabel("boxes")
+        else:
+            for value, group in boxes.groupby(by):
+                ax.hist(group[col], bins=bins, density=True, histtype="step", linewidth=2,
+                        color=_VIEW_COLORS.get(str(value)), label=f"{value} (n={len(group)})")
+            ax.set_ylabel("density (1/px)")
+            ax.legend(frameon=False, fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_xlim(0, RSNA_IMAGE_SIZE)
+    fig.suptitle("Box position and size" + (f" by {by.replace('_', ' ')}" if by else ""))
+    return fig
+
+
+# ---------------------------------------------------------------- images
+def _thumbnail(image: np.ndarray, boxes: Sequence[Sequence[float]] = ()) -> np.ndarray:
+    """A ``[S, S, 3]`` uint8 RGB thumbnail of a ``[H, W]`` uint8 image, ``boxes`` (original px) drawn."""
+    from PIL import Image, ImageDraw
+
+    h, w = image.shape[:2]
+    scale = _THUMB_SIZE / max(h, w)
+    pic = Image.fromarray(image).convert("RGB").resize((round(w * scale), round(h * scale)),
+                                                       Image.Resampling.LANCZOS)
+    draw = ImageDraw.Draw(pic)
+    for xmin, ymin, xmax, ymax in boxes:
+        draw.rectangle([xmin * scale, ymin * scale, xmax * scale, ymax * scale], outline=(255, 40, 40), width=3)
+    return np.asarray(pic)
+
+
+def _caption(record: PatientRecord, meta: dict[str, Any]) -> str:
+    age = meta.get("age")
+    age_text = "?" if age is None or pd.isna(age) else f"{age:g}"
+    return (f"`{record.patient_id}` · {meta.get('modality') or '?'} · age {age_text} · "
+            f"sex {meta.get('sex') or '?'} · {meta.get('view_position') or '?'} · "
+            f"Target {record.target} · {record.label_class}")
+
+
+@dataclass(frozen=True)
+class _Picture:
+    record: PatientRecord
+    thumb: np.ndarray
+    caption: str
+
+
+def _pictures(records: Sequence[PatientRecord], *, draw_boxes: bool) -> tuple[list[_Picture], list[tuple[str, str]]]:
+    from pneumodet.data.dicom import read_dicom
+
+    pictures, failed = [], []
+    for rec in records:
+        try:
+            image, meta = read_dicom(rec.image_path)
+        except DicomReadError as exc:
+            failed.append((str(rec.image_path), exc.cause))
+            continue
+        thumb = _thumbnail(image, rec.boxes if draw_boxes else ())
+        pictures.append(_Picture(rec, thumb, _caption(rec, meta)))
+    return pictures, failed
+
+
+def _sample(records: Sequence[PatientRecord], n: int, rng: np.random.Generator) -> list[PatientRecord]:
+    if len(records) <= n:
+        return list(records)
+    return [records[i] for i in sorted(rng.choice(len(records), size=n, replace=False))]
+
+
+# ---------------------------------------------------------------- the report
+def _overview(report: Any, patients: pd.DataFrame, scan: MetadataScan) -> pd.DataFrame:
+    multi = int((patients["label_rows"] > 1).sum())
+    rows = [
+        ("label rows (CSV lines)", report.label_rows),
+        ("unique patients (images)", report.patients),
+        ("patients with several rows (multi-box)", multi),
+        ("boxes in total", report.boxes),
+        ("images found", report.images_found),
+        ("images missing", report.images_missing),
+        ("label problems found", len(report.problems)),
+        ("DICOM headers read", len(scan.frame)),
+        ("DICOM files unreadable", len(scan.failed)),
+    ]
+    return pd.DataFrame(rows, columns=["quantity", "value"])
+
+
+def _with_class(meta: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
+    return meta.merge(patients[["patient_id", "class", "target"]], on="patient_id", how="left")
+
+
+class _Writer:
+    """Adds tables to a report section and writes each one as ``<name>.csv`` next to the report."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.written: list[str] = []
+
+    def table(self, section: Section, name: str, frame: pd.DataFrame, caption: str, **kwargs: Any) -> None:
+        frame.to_csv(self.out_dir / f"{name}.csv", index=False)
+        self.written.append(f"{name}.csv")
+        section.table(frame, f"{caption} — `{name}.csv`", **kwargs)
+
+
+def build_eda_report(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+                     labels: str | os.PathLike[str] | None = None,
+                     classes: str | os.PathLike[str] | None = None,
+                     images: str | os.PathLike[str] | None = None, strict: bool = False, seed: int = 0,
+                     max_images: int | None = 5000, samples_per_class: int = 4, opacity_grid: int = 8,
+                     workers: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Explore an RSNA-format dataset and write ``report.html``, ``summary.json`` and the table CSVs.
+
+    Args:
+        data_dir: folder laid out as the Kaggle download; ``labels``/``classes``/``images`` override parts.
+        strict: make any label problem fatal (:class:`~pneumodet.errors.LabelsError`) instead of reporting it.
+        out_dir: created if needed; existing files of the same names are replaced.
+        seed: picks the sample images (and the header subset when capped).
+        max_images: read at most this many DICOM headers (``None``: all).
+        samples_per_class: sample images shown per class; ``opacity_grid``: Lung Opacity images with boxes.
+        workers: processes reading headers (``None``: all cores; a pool is used for large folders only).
+
+    Returns:
+        The summary written to ``summary.json``: ``label_rows, patients, multi_box_patients, boxes,
+        images_found, images_missing, label_problems, patients_per_class, rows_per_class,
+        patients_per_target, boxes_per_patient`` (``{"0": n, ...}``), ``age`` (``min, median, max,
+        impossible``), ``sex``, ``view_position``, ``headers_read``, ``headers_failed``, ``tables``.
+    """
+    from pneumodet.data.rsna import load_rsna
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_rsna(data_dir, labels=labels, classes=classes, images=images, strict=strict)
+    records, vreport = data.records, data.report
+    patients = patient_frame(records)
+    boxes = box_frame(records)
+    scan = scan_metadata(records, max_images=max_images, seed=seed, workers=workers, progress=progress)
+    meta = _with_class(scan.frame, patients)
+    rng = np.random.default_rng(seed)
+    writer = _Writer(out)
+
+    html = HtmlReport("pneumodet — data exploration", subtitle=str(Path(data_dir)))
+    overview = _overview(vreport, patients, scan)
+    _overview_section(html, writer, overview, vreport)
+    bpp = _boxes_per_patient(patients)
+    _boxes_section(html, writer, patients, bpp)
+    class_table, target_table, class_by_target = (_class_table(patients), _target_table(patients),
+                                                  _class_by_target(patients))
+    _classes_section(html, writer, class_table, target_table, class_by_target)
+    impossible = _metadata_section(html, writer, records, meta, scan)
+    image_failures = _images_section(html, records, rng, samples_per_class, opacity_grid)
+    _box_section(html, writer, boxes, meta)
+    failures = pd.DataFrame(list(scan.failed) + image_failures, columns=["path", "reason"])
+    failures = failures.drop_duplicates("path").reset_index(drop=True)
+    if len(failures):
+        sec = html.section("Unreadable files", "unreadable")
+        sec.text(f"{len(failures)} DICOM file(s) could not be read; they were skipped.")
+        writer.table(sec, "unreadable_files", failures, "Files skipped and why")
+
+    summary = _summary(vreport, patients, class_table, target_table, meta, impossible, scan, len(failures))
+    summary["tables"] = sorted(writer.written)
+    html.write(out / "report.html")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def _overview_section(html: HtmlReport, writer: _Writer, overview: pd.DataFrame, vreport: Any) -> None:
+    sec = html.section("Overview", "overview")
+    sec.text("A **label row** is one line of the labels CSV: a Lung Opacity patient has one row per box, "
+             "every other patient one row without coordinates. A **patient** is one image.")
+    writer.table(sec, "overview", overview, "Dataset at a glance")
+    problems = list(vreport.problems)
+    if problems:
+        sec.heading(f"Label problems ({len(problems)})")
+        writer.table(sec, "label_problems", pd.DataFrame({"problem": [str(p) for p in problems]}),
+                     "Problems found while reading the labels (rows kept or skipped as stated)")
+    else:
+        sec.note("No label problems found: every row parsed, classes and targets agree.")
+
+
+def _boxes_section(html: HtmlReport, writer: _Writer, patients: pd.DataFrame, bpp: pd.DataFrame) -> None:
+    sec = html.section("Boxes per patient", "boxes-per-patient")
+    sec.text("Patients (not rows) per number of boxes, for each Target/class combination. "
+             "Patients without a box have Target 0; every Lung Opacity patient has at least one box.")
+    writer.table(sec, "boxes_per_patient", bpp, "Patients by number of boxes × Target × class")
+    if (patients["target"] == 1).any():
+        sec.figure(_boxes_per_patient_figure(patients), "Boxes per Lung Opacity patient.")
+
+
+def _classes_section(html: HtmlReport, writer: _Writer, class_table: pd.DataFrame,
+                     target_table: pd.DataFrame, class_by_target: pd.DataFrame) -> None:
+    sec = html.section("Classes and targets", "classes")
+    sec.text("`patients` counts images; `label_rows` counts CSV lines. The two differ only for "
+             "Lung Opacity, whose patients have one row per box.")
+    writer.table(sec, "patients_per_class", class_table, "Patients and label rows per class")
+    writer.table(sec, "patients_per_target", target_table, "Patients and label rows per Target")
+    writer.table(sec, "class_by_target", class_by_target, "Patients per class × Target")
+    sec.figure(_class_share_figure(class_table), "Class shares counted in patients (left) and in label "
+               "rows (right).")
+    sec.figure(_targets_within_class_figure(class_by_target), "Target within each class, in patients.")
+
+
+def _metadata_section(html: HtmlReport, writer: _Writer, records: Sequence[PatientRecord],
+                      meta: pd.DataFrame, scan: MetadataScan) -> pd.DataFrame:
+    sec = html.section("DICOM metadata", "dicom")
+    impossible = meta.loc[meta["age"] > IMPOSSIBLE_AGE, ["patient_id", "age", "sex", "class"]]
+    if scan.present == 0:
+        sec.note("No images present: the DICOM metadata needs the image files (labels-only run).")
+        return impossible
+    from pneumodet.data.dicom import dicom_header_text
+
+    capped = f", a seeded random subset of {scan.scanned:,}" if scan.scanned < scan.present else ""
+    sec.text(f"Header fields of the **{scan.present:,}** images present{capped} (headers only, no pixels); "
+             f"{len(meta):,} read, {len(scan.failed)} unreadable.")
+    read_ids = set(meta["patient_id"])
+    first = next((r for r in records if r.patient_id in read_ids), None)
+    if first is not None:
+        sec.heading(f"Full header of one image ({first.patient_id})")
+        sec.pre(dicom_header_text(first.image_path))
+    if meta.empty:
+        sec.note("No header could be read.")
+        return impossible
+    sec.heading("Age")
+    if len(impossible):
+        sec.note(f"**{len(impossible)}** impossible age(s) (> {IMPOSSIBLE_AGE:g} years) — excluded from "
+                 "the age statistics and charts, listed below.")
+        writer.table(sec, "impossible_ages", impossible.reset_index(drop=True),
+                     f"Patients with age > {IMPOSSIBLE_AGE:g}")
+    else:
+        sec.text(f"No impossible ages (> {IMPOSSIBLE_AGE:g} years).")
+    writer.table(sec, "age_by_class", _age_by_class(meta), "Age (years) per class, impossible ages excluded")
+    sec.figure(_age_figure(meta), "Age against class.")
+    sec.heading("Sex and view position")
+    writer.table(sec, "sex_by_class", _field_by_class(meta, "sex"), "Patients per sex × class")
+    writer.table(sec, "view_by_class", _field_by_class(meta, "view_position"),
+                 "Patients per view position × class (AP: front-to-back, bedside; PA: back-to-front, standing)")
+    sec.figure(_categorical_figure(meta), "Sex and view position against class (images whose header was read).")
+    meta_out = meta.sort_values("patient_id").reset_index(drop=True)
+    meta_out.to_csv(writer.out_dir / "dicom_metadata.csv", index=False)
+    writer.written.append("dicom_metadata.csv")
+    sec.text("Every header read: `dicom_metadata.csv`.")
+    return impossible
+
+
+def _images_section(html: HtmlReport, records: Sequence[PatientRecord], rng: np.random.Generator,
+                    per_class: int, opacity_grid: int) -> list[tuple[str, str]]:
+    sec = html.section("Sample images", "samples")
+    present = [r for r in records if r.image_path is not None and Path(r.image_path).is_file()]
+    if not present:
+        sec.note("No images present: this is a labels-only run, there are no images to show.")
+        return []
+    failed: list[tuple[str, str]] = []
+    sec.text(f"Random images of each class (seed-fixed), from the {len(present):,} images present.")
+    for name in CLASS_NAMES:
+        chosen = _sample([r for r in present if r.label_class == name], per_class, rng)
+        sec.heading(name)
+        if not chosen:
+            sec.note(f"No image of class {name} present.")
+            continue
+        pictures, bad = _pictures(chosen, draw_boxes=False)
+        failed += bad
+        grid = sec.grid(240)
+        for pic in pictures:
+            grid.image(pic.thumb, pic.caption)
+    sec.heading("Lung Opacity with boxes")
+    opacity = _sample([r for r in present if r.target == 1], opacity_grid, rng)
+    if not opacity:
+        sec.note("No Lung Opacity image present.")
+        return failed
+    pictures, bad = _pictures(opacity, draw_boxes=True)
+    failed += bad
+    grid = sec.grid(240)
+    for pic in pictures:
+        grid.image(pic.thumb, f"{pic.caption} · {len(pic.record.boxes)} box(es)")
+    return failed
+
+
+def _box_section(html: HtmlReport, writer: _Writer, boxes: pd.DataFrame, meta: pd.DataFrame) -> None:
+    sec = html.section("Box analysis", "box-analysis")
+    if boxes.empty:
+        sec.note("No labelled boxes in this dataset.")
+        return
+    sec.text(f"All **{len(boxes):,}** labelled boxes, in original {RSNA_IMAGE_SIZE}-px image coordinates "
+             "(x, y = top-left corner as in the labels CSV; the centre plot uses box centres).")
+    writer.table(sec, "box_stats", _box_stats(boxes), "Box geometry (px; area px²; aspect = width/height)")
+    sec.figure(_centre_density_figure(boxes), "Where the boxes are: density of box centres with marginals.")
+    sec.figure(_shape_figure(boxes), "Box shape: aspect ratio against area, and each on its own.")
+    sec.figure(_geometry_figure(boxes), "Densities of the box position and size.")
+    sec.heading("By view position")
+    views = meta[["patient_id", "view_position"]].dropna()
+    by_view = boxes.merge(views, on="patient_id", how="inner")
+    sec.text(f"Only patients whose image is present (and header read) have a known view position: "
+             f"{len(by_view):,} of {len(boxes):,} boxes, from {by_view['patient_id'].nunique():,} patients.")
+    if by_view.empty:
+        sec.note("No box belongs to an image whose header was read: no split by view position.")
+        return
+    writer.table(sec, "box_stats_by_view", _box_stats(by_view, "view_position"),
+                 "Box geometry by view position (boxes of images present only)")
+    sec.figure(_geometry_figure(by_view, by="view_position"),
+               "Box position and size by view position (each curve normalised to unit area).")
+
+
+def _count_dict(series: pd.Series) -> dict[str, int]:
+    return {str(k): int(v) for k, v in series.items()}
+
+
+def _summary(vreport: Any, patients: pd.DataFrame, class_table: pd.DataFrame, target_table: pd.DataFrame,
+             meta: pd.DataFrame, impossible: pd.DataFrame, scan: MetadataScan,
+             unreadable: int) -> dict[str, Any]:
+    valid_age = meta.loc[meta["age"] <= IMPOSSIBLE_AGE, "age"]
+    age = {"min": None, "median": None, "max": None, "impossible": int(len(impossible)),
+           "impossible_threshold": IMPOSSIBLE_AGE}
+    if len(valid_age):
+        age.update(min=float(valid_age.min()), median=float(valid_age.median()), max=float(valid_age.max()))
+    return {
+        "label_rows": int(vreport.label_rows),
+        "patients": int(vreport.patients),
+        "multi_box_patients": int((patients["label_rows"] > 1).sum()),
+        "boxes": int(vreport.boxes),
+        "images_found": int(vreport.images_found),
+        "images_missing": int(vreport.images_missing),
+        "label_problems": len(vreport.problems),
+        "patients_per_class": _count_dict(class_table.set_index("class")["patients"]),
+        "rows_per_class": _count_dict(class_table.set_index("class")["label_rows"]),
+        "patients_per_target": _count_dict(target_table.set_index("target")["patients"]),
+        "boxes_per_patient": _count_dict(patients["boxes"].value_counts().sort_index()),
+        "age": age,
+        "sex": _count_dict(meta["sex"].value_counts().sort_index()),
+        "view_position": _count_dict(meta["view_position"].value_counts().sort_index()),
+        "headers_read": int(len(scan.frame)),
+        "headers_failed": len(scan.failed),
+        "images_unreadable": unreadable,
+    }
