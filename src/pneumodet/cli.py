@@ -162,6 +162,31 @@ def _run_export(args: argparse.Namespace) -> None:
     print(export_onnx(args.model, args.onnx, image_size=args.image_size, opset=args.opset).summary())
 
 
+# ---------------------------------------------------------------- eda
+def _add_eda(p: argparse.ArgumentParser) -> None:
+    _add_data_source(p)
+    p.add_argument("--out", type=Path, required=True, help="report folder (report.html, summary.json, CSVs)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for the sample images (default 0)")
+    p.add_argument("--max-images", type=int, default=5000,
+                   help="read at most N DICOM headers, a seeded subset (default 5000; 0: all)")
+    p.add_argument("--samples", type=int, default=4, help="sample images per class (default 4)")
+    p.add_argument("--workers", type=int, default=0, help="header-reading processes (default: all cores)")
+
+
+def _run_eda(args: argparse.Namespace) -> None:
+    from pneumodet.reports.eda import build_eda_report
+
+    summary = build_eda_report(args.data_dir, args.out, labels=args.labels, classes=args.classes,
+                               images=args.images, strict=args.strict, seed=args.seed,
+                               max_images=args.max_images or None,
+                               samples_per_class=args.samples, workers=args.workers or None,
+                               progress=sys.stderr.isatty())
+    print(f"{summary['patients']:,} patients, {summary['label_rows']:,} label rows, {summary['boxes']:,} boxes; "
+          f"images found {summary['images_found']:,}, missing {summary['images_missing']:,}; "
+          f"{summary['label_problems']} label problem(s), {summary['images_unreadable']} unreadable image(s)")
+    print(f"wrote {args.out / 'report.html'}")
+
+
 # ---------------------------------------------------------------- demo
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo folder (default runs/demo)")
@@ -185,6 +210,7 @@ COMMANDS: list[_Command] = [
     ("predict", "predict boxes for DICOM files: Kaggle submission, JSON, overlays", _add_predict, _run_predict),
     ("export", "export the network to ONNX (decoding documented and provided in Python)", _add_export,
      _run_export),
+    ("eda", "data exploration report: one HTML file, summary.json and table CSVs", _add_eda, _run_eda),
     ("demo", "the whole job on synthetic data: synth, split, cache, ...", _add_demo, _run_demo),
 ]
 
