@@ -131,7 +131,7 @@ def _read_index(cache_dir: Path) -> tuple[int, list[CacheEntry]]:
 
 def _write_index(cache_dir: Path, size: int, entries: Sequence[CacheEntry]) -> None:
     path = cache_dir / INDEX_NAME
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # unique: ranks of one job may share a cache
     data = {"format": _FORMAT, "version": _VERSION, "size": size, "array": ARRAY_NAME,
             "entries": [asdict(entry) for entry in entries]}
     tmp.write_text(json.dumps(data, indent=0))
