@@ -187,6 +187,10 @@ class _MatchTable:
 
 
 # ------------------------------------------------------------------ results
+def _finite_or_none(value: float) -> float | None:
+    return value if np.isfinite(value) else None
+
+
 @dataclass(frozen=True)
 class MapResult:
     """The RSNA score of a set of predictions.
@@ -210,10 +214,10 @@ class MapResult:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        """JSON-ready form (``per_threshold`` keys as strings, excluded images as ``null``)."""
+        """JSON-ready form (``per_threshold`` keys as strings; excluded images and NaN as ``None``)."""
         return {
-            "score": self.score,
-            "per_threshold": {f"{t:.2f}": p for t, p in self.per_threshold.items()},
+            "score": _finite_or_none(self.score),
+            "per_threshold": {f"{t:.2f}": _finite_or_none(p) for t, p in self.per_threshold.items()},
             "n_images": self.n_images,
             "n_excluded": self.n_excluded,
             "per_image": self.per_image,
