@@ -187,6 +187,155 @@ def _run_eda(args: argparse.Namespace) -> None:
     print(f"wrote {args.out / 'report.html'}")
 
 
+# ---------------------------------------------------------------- train
+ENCODER_HELP = ("encoder: resnet50, se_resnext50 (timm seresnext50_32x4d), legacy_se_resnext50 (Cadene-"
+                "compatible), pnasnet5 (timm pnasnet5large), or any other timm model name with feature support")
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``train`` and ``grid``; unset options keep the recipe's or config's value."""
+    p.add_argument("--data", type=Path, help="Kaggle-layout data folder")
+    p.add_argument("--aug", help="augmentation level: resize_only, light, heavy, heavy_with_rotations")
+    p.add_argument("--epochs", type=int, help="epochs (default 8)")
+    p.add_argument("--batch-size", type=int, help="batch size (default 8)")
+    p.add_argument("--image-size", type=int, help="training image side in pixels (default 512)")
+    p.add_argument("--cache-dir", type=Path, help="image cache folder (default DATA/cache_<size>)")
+    p.add_argument("--recipe", help="optimisation recipe: default (AdamW 3e-4, warm-up, cosine) or reference "
+                                    "(Adam 1e-5, plateau x0.2 after 4 epochs, clip 0.05)")
+    p.add_argument("--lr", type=float, help="learning rate (overrides the recipe)")
+    p.add_argument("--precision", help="auto (bf16-mixed where the hardware has bf16, else 32-true), "
+                                       "bf16-mixed, 16-mixed, 32-true")
+    p.add_argument("--devices", type=int, help="devices (processes) per node; > 1 runs DDP")
+    p.add_argument("--num-nodes", type=int, help="nodes for DDP")
+    p.add_argument("--accelerator", help="auto, cpu or gpu")
+    p.add_argument("--num-workers", type=int, help="data-loading processes (default 2)")
+    p.add_argument("--seed", type=int, help="random seed (default 42)")
+    p.add_argument("--weights", type=str, help="local encoder weights file (.pth/.safetensors) for offline use")
+    p.add_argument("--pretrained", action="store_true", default=None,
+                   help="ImageNet weights through timm (needs a network)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the network")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every_n_steps", type=int,
+                   help="also write checkpoints/last.ckpt every K optimiser steps (default 200)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (default: no limit)")
+    p.add_argument("--config", type=Path, help="a run.yaml / config.yaml to start from")
+
+
+_OPTION_FIELDS = {"data": "data_dir", "aug": "aug", "epochs": "epochs", "batch_size": "batch_size",
+                  "image_size": "image_size", "cache_dir": "cache_dir", "lr": "lr", "precision": "precision",
+                  "devices": "devices", "num_nodes": "num_nodes", "accelerator": "accelerator",
+                  "num_workers": "num_workers", "seed": "seed", "weights": "weights", "pretrained": "pretrained",
+                  "compile": "compile", "checkpoint_every_n_steps": "checkpoint_every_n_steps",
+                  "max_steps": "max_steps", "encoder": "encoder", "split": "split_dir", "out": "out_dir"}
+
+
+def _train_config(args: argparse.Namespace):
+    from pneumodet.config import TrainConfig
+
+    given = {field: getattr(args, option) for option, field in _OPTION_FIELDS.items()
+             if getattr(args, option, None) is not None}
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in given.items()}
+    if args.config:
+        from pneumodet.config import RECIPES
+
+        base = TrainConfig.from_yaml(args.config).to_dict()
+        if args.recipe:  # a recipe named on the command line replaces the config's optimisation settings
+            base = {k: v for k, v in base.items() if k not in RECIPES[base["recipe"]]}
+        return TrainConfig.with_recipe(args.recipe or base["recipe"], **{**base, **given})
+    return TrainConfig.with_recipe(args.recipe or "default", **given)
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", type=Path, help="split folder written by `pneumodet split`")
+    p.add_argument("--out", type=Path, required=True, help="run folder, e.g. runs/NAME")
+    p.add_argument("--encoder", help=ENCODER_HELP)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.ckpt")
+    _add_training_options(p)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from pneumodet.errors import ConfigError
+    from pneumodet.reports.runs import write_run_report
+    from pneumodet.training import train
+
+    if args.resume and (args.out / "config.yaml").exists():
+        from pneumodet.config import TrainConfig
+
+        config = TrainConfig.from_yaml(args.out / "config.yaml")
+    else:
+        config = _train_config(args)
+        if not config.data_dir or not config.split_dir:
+            raise ConfigError("--data and --split are required (or --config with data_dir and split_dir)")
+    result = train(config, resume=args.resume)
+    print(result.summary())
+    if result.run_dir.joinpath("best_model.pt").exists():
+        print(f"report: {write_run_report(result.run_dir)}")
+
+
+# ---------------------------------------------------------------- grid / compare / evaluate
+def _add_grid(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoders", default="resnet50", help="comma-separated encoders; " + ENCODER_HELP)
+    p.add_argument("--augs", default="heavy", help="comma-separated augmentation levels")
+    p.add_argument("--samples", default="", help="comma-separated patient sample sizes (empty: all patients)")
+    p.add_argument("--out", type=Path, required=True, help="grid folder")
+    p.add_argument("--val", type=float, default=0.1, help="validation fraction per split (default 0.1)")
+    p.add_argument("--test", type=float, default=0.1, help="test fraction per split (default 0.1)")
+    _add_training_options(p)
+
+
+def _run_grid(args: argparse.Namespace) -> None:
+    from pneumodet.errors import ConfigError
+    from pneumodet.experiments import run_grid
+
+    config = _train_config(args)
+    if not config.data_dir:
+        raise ConfigError("--data is required")
+    samples = [int(s) for s in args.samples.split(",") if s.strip()] or [None]
+    result = run_grid(config, args.out, encoders=_csv(args.encoders), augs=_csv(args.augs), samples=samples,
+                      val=args.val, test=args.test)
+    print(result.summary())
+    print(f"summary: {args.out / 'summary.csv'}")
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _add_compare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", type=Path, nargs="+", help="training run folders (or a grid folder)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the PNGs, best_map.csv and report.html")
+
+
+def _run_compare(args: argparse.Namespace) -> None:
+    from pneumodet.reports.runs import compare_runs
+
+    runs = [d for run_dir in args.run_dirs
+            for d in ([run_dir] if (run_dir / "config.yaml").exists()
+                      else sorted(p.parent for p in run_dir.glob("*/metrics.csv")))]
+    print(f"report: {compare_runs(runs, args.out)}")
+
+
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=Path, help="training run folder")
+    p.add_argument("--split", default="test", choices=["val", "test"], help="set to evaluate (default test)")
+    p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 where the hardware has it")
+    p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval_<split>)")
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    from pneumodet.evaluation import evaluate
+
+    metrics = evaluate(args.run_dir, split=args.split, batch_size=args.batch_size, precision=args.precision,
+                       out_dir=args.out)
+    gc = metrics["global_class"]
+    print(f"{args.split}: RSNA mAP {metrics['rsna_map']:.4f} over {metrics['images_scored']} images at "
+          f"confidence threshold {metrics['threshold']:.2f} (chosen on validation)")
+    print("  per IoU threshold: " + ", ".join(f"{t}: {v:.3f}"
+                                              for t, v in metrics["rsna_map_per_iou_threshold"].items()))
+    print(f"  global class accuracy {gc['accuracy']:.3f}, pneumonia-vs-not AUC {gc['pneumonia_auc']:.3f}")
+    print(f"wrote {(args.out or args.run_dir / f'eval_{args.split}') / 'metrics.json'}")
+
+
 # ---------------------------------------------------------------- demo
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo folder (default runs/demo)")
@@ -211,7 +360,15 @@ COMMANDS: list[_Command] = [
     ("export", "export the network to ONNX (decoding documented and provided in Python)", _add_export,
      _run_export),
     ("eda", "data exploration report: one HTML file, summary.json and table CSVs", _add_eda, _run_eda),
-    ("demo", "the whole job on synthetic data: synth, split, cache, ...", _add_demo, _run_demo),
+    ("train", "train RetinaNet on a split (Lightning; checkpoints, metrics.csv, report.html)", _add_train,
+     _run_train),
+    ("grid", "train every encoder x augmentation x sample size; summary table", _add_grid, _run_grid),
+    ("compare", "compare runs: validation curves per encoder/augmentation/sample size", _add_compare,
+     _run_compare),
+    ("evaluate", "score a run's best model on the held-out test set (threshold from validation)",
+     _add_evaluate, _run_evaluate),
+    ("demo", "the whole job on synthetic data: synth, eda, split, cache, train, evaluate, predict, score",
+     _add_demo, _run_demo),
 ]
 
 

@@ -24,7 +24,8 @@ from pneumodet.errors import ConfigError
 from pneumodet.metrics import rsna_map, sweep_thresholds, xyxy_to_xywh
 from pneumodet.training import VALIDATION_SCORE_THRESHOLD, hardware_has_bf16
 
-SPLITS = ("train", "val", "test")
+#: Sets that can be evaluated (the training set is augmented, so it is not one of them).
+SPLITS = ("val", "test")
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -163,16 +164,13 @@ def load_run(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any], TrainConfi
 
 def split_loader(config: TrainConfig, split: str, *, batch_size: int, num_workers: int = 0) -> Any:
     """An unshuffled, resize-only loader over one set of the run's split (images from its cache)."""
-    datamodule = _datamodule(config, batch_size=batch_size, num_workers=num_workers)
-    datamodule.setup("test" if split == "test" else "validate")
-    return datamodule.loader_for(split)
-
-
-def _datamodule(config: TrainConfig, *, batch_size: int, num_workers: int) -> Any:
     from pneumodet.training import build_datamodule
 
     cfg = TrainConfig.from_dict({**config.to_dict(), "batch_size": batch_size, "num_workers": num_workers})
-    return build_datamodule(cfg)
+    datamodule = build_datamodule(cfg, progress=False)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    return datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
 
 
 def _plot_evaluation(metrics: dict[str, Any], out: Path) -> None:

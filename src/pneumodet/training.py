@@ -400,13 +400,13 @@ def model_config_for(config: TrainConfig) -> dict[str, Any]:
     return ModelConfig.from_dict(values).to_dict()
 
 
-def build_datamodule(config: TrainConfig) -> L.LightningDataModule:
+def build_datamodule(config: TrainConfig, *, progress: bool = True) -> L.LightningDataModule:
     from pneumodet.data.dataset import RsnaDataModule
 
     return RsnaDataModule(
-        data_dir=Path(config.data_dir), split_dir=Path(config.split_dir),
-        cache_dir=Path(config.cache_dir) if config.cache_dir else None, image_size=config.image_size,
-        aug=config.aug, batch_size=config.batch_size, num_workers=config.num_workers, seed=config.seed)
+        config.data_dir, config.split_dir, cache_dir=config.cache_dir, cache_size=config.image_size,
+        image_size=config.image_size, aug_level=config.aug, batch_size=config.batch_size,
+        num_workers=config.num_workers, seed=config.seed, progress=progress)
 
 
 def build_trainer(config: TrainConfig, run_dir: Path, *, progress: bool = True,
@@ -455,7 +455,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     L.seed_everything(config.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     module = DetectorModule(model_config_for(config), config.to_dict())
-    datamodule = build_datamodule(config)
+    datamodule = build_datamodule(config, progress=progress)
     trainer = build_trainer(config, run_dir, progress=progress)
     started = time.perf_counter()
     resumed = resume and last.exists()

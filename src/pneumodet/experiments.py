@@ -1,0 +1,127 @@
+"""Experiment grids: every encoder × augmentation × sample size, run one after another.
+
+``GRID_DIR`` holds ``splits/n<N>/`` (one patient-level split per sample size, drawn once), one run
+directory per combination (``<encoder>_<aug>_n<N>``) and ``summary.csv`` / ``summary.md``. Finished
+runs (``done.json``) are skipped, unfinished ones (``checkpoints/last.ckpt``) resumed, and a failing
+run is recorded in the summary while the others go on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pneumodet.config import TrainConfig
+from pneumodet.errors import ConfigError
+
+
+@dataclass
+class GridRun:
+    name: str
+    encoder: str
+    aug: str
+    samples: int | None
+    status: str = "pending"  # done | skipped (already done) | failed
+    best_val_map: float = float("nan")
+    threshold: float = float("nan")
+    steps: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+
+@dataclass
+class GridResult:
+    grid_dir: Path
+    runs: list[GridRun] = field(default_factory=list)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame([vars(r) for r in self.runs])
+
+    def summary(self) -> str:
+        frame = self.frame()
+        counts = frame["status"].value_counts().to_dict()
+        return (f"grid {self.grid_dir}: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + "\n"
+                + frame[["name", "status", "best_val_map", "error"]].to_string(index=False))
+
+
+def run_name(encoder: str, aug: str, samples: int | None) -> str:
+    return f"{encoder}_{aug}_n{samples if samples else 'all'}"
+
+
+def make_sample_split(data_dir: Path, split_dir: Path, samples: int | None, *, val: float, test: float,
+                      seed: int, labels_only: bool = False) -> Path:
+    """One split per sample size, drawn once and reused by every run of that size."""
+    from pneumodet.data.rsna import load_rsna
+    from pneumodet.data.split import split_patients, write_split
+
+    if (split_dir / "split.json").exists():
+        return split_dir
+    records = load_rsna(data_dir).records
+    split = split_patients(records, val=val, test=test, samples=samples, seed=seed, labels_only=labels_only)
+    write_split(split, split_dir, source=str(data_dir))
+    return split_dir
+
+
+def run_grid(base: TrainConfig, grid_dir: Path, *, encoders: Sequence[str], augs: Sequence[str],
+             samples: Sequence[int | None], val: float = 0.1, test: float = 0.1,
+             progress: bool = True, train_fn: Callable[..., Any] | None = None) -> GridResult:
+    """Train every combination into ``grid_dir`` and write the summary table."""
+    from pneumodet.training import train
+
+    train_fn = train_fn or train
+    if not encoders or not augs or not samples:
+        raise ConfigError("a grid needs at least one encoder, one augmentation and one sample size")
+    grid_dir = Path(grid_dir)
+    result = GridResult(grid_dir)
+    for n in samples:
+        split_dir = make_sample_split(Path(base.data_dir), grid_dir / "splits" / f"n{n or 'all'}", n,
+                                      val=val, test=test, seed=base.seed)
+        for encoder, aug in itertools.product(encoders, augs):
+            run = GridRun(run_name(encoder, aug, n), encoder, aug, n)
+            result.runs.append(run)
+            run_dir = grid_dir / run.name
+            if (run_dir / "done.json").exists():
+                run.status = "skipped (already done)"
+                _read_done(run, run_dir)
+                continue
+            config = TrainConfig.from_dict({**base.to_dict(), "encoder": encoder, "aug": aug,
+                                            "split_dir": str(split_dir), "out_dir": str(run_dir)})
+            try:
+                outcome = train_fn(config, resume=(run_dir / "checkpoints" / "last.ckpt").exists(),
+                                   progress=progress)
+                run.status, run.best_val_map, run.threshold = "done", outcome.best_map, outcome.threshold
+                run.steps, run.seconds = outcome.steps, outcome.seconds
+            except Exception as exc:  # one failing run must not stop the grid
+                run.status = "failed"
+                run.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                (run_dir).mkdir(parents=True, exist_ok=True)
+                (run_dir / "error.txt").write_text(traceback.format_exc())
+            _write_summary(result)
+    _write_summary(result)
+    return result
+
+
+def _read_done(run: GridRun, run_dir: Path) -> None:
+    import json
+
+    done = json.loads((run_dir / "done.json").read_text())
+    run.best_val_map = float(done.get("best_val_map", float("nan")))
+    run.threshold = float(done.get("threshold", float("nan")))
+    run.steps, run.seconds = int(done.get("steps", 0)), float(done.get("seconds", 0.0))
+
+
+def _write_summary(result: GridResult) -> None:
+    frame = result.frame()
+    result.grid_dir.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(result.grid_dir / "summary.csv", index=False)
+    lines = ["| run | encoder | aug | samples | status | best val mAP | steps | error |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.name} | {r.encoder} | {r.aug} | {r.samples or 'all'} | {r.status} | "
+              f"{r.best_val_map:.4f} | {r.steps} | {r.error} |" for r in result.runs]
+    (result.grid_dir / "summary.md").write_text("\n".join(lines) + "\n")

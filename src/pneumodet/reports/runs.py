@@ -1,0 +1,256 @@
+"""Training-run reports and experiment comparisons.
+
+* :func:`write_run_report` — one run's ``report.html``: loss curves, mAP per epoch and per IoU
+  threshold, sample validation predictions against ground truth.
+* :func:`compare_runs` — the study's plots across runs: for each augmentation the encoders' validation
+  curves, for each encoder the augmentations', sample sizes for one encoder, and a table of the best
+  validation mAP per run (PNGs + ``report.html``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from pneumodet.config import TrainConfig  # noqa: E402
+from pneumodet.errors import ConfigError  # noqa: E402
+from pneumodet.reports.html import HtmlReport  # noqa: E402
+
+#: The validation curves compared across runs: metrics.csv column -> panel title.
+CURVES: dict[str, str] = {
+    "val_total": "running (total) loss",
+    "val_classification": "classification loss",
+    "val_regression": "regression loss",
+    "val_global": "global class loss",
+    "val_map": "RSNA mAP (best threshold)",
+}
+
+
+@dataclass
+class RunInfo:
+    """What a comparison needs of one run."""
+
+    run_dir: Path
+    name: str
+    config: TrainConfig
+    metrics: pd.DataFrame
+    samples: int | None
+
+    @property
+    def best_map(self) -> float:
+        values = self.metrics["val_map"].dropna() if "val_map" in self.metrics else pd.Series(dtype=float)
+        return float(values.max()) if len(values) else float("nan")
+
+
+def read_run(run_dir: Path) -> RunInfo:
+    """Config and per-epoch metrics of a run directory."""
+    run_dir = Path(run_dir)
+    for needed in ("config.yaml", "metrics.csv"):
+        if not (run_dir / needed).exists():
+            raise ConfigError(f"{run_dir} is not a training run: {needed} is missing")
+    config = TrainConfig.from_yaml(run_dir / "config.yaml")
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    return RunInfo(run_dir=run_dir, name=run_dir.name, config=config, metrics=metrics,
+                   samples=_split_samples(Path(config.split_dir)))
+
+
+def _split_samples(split_dir: Path) -> int | None:
+    import json
+
+    try:
+        info = json.loads((split_dir / "split.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return info.get("samples") or info.get("patients_total") or None
+
+
+# ------------------------------------------------------------------------------------------ one run
+def _loss_figure(metrics: pd.DataFrame, title: str) -> plt.Figure:
+    names = ["total", "classification", "regression", "global"]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, name in zip(axes, names, strict=True):
+        for stage, style in (("train", "-"), ("val", "--")):
+            column = f"{stage}_{name}"
+            if column in metrics:
+                ax.plot(metrics["epoch"], metrics[column], style, marker="o", label=stage)
+        ax.set_title(f"{name} loss")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _map_figure(metrics: pd.DataFrame) -> plt.Figure:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.8))
+    ax1.plot(metrics["epoch"], metrics["val_map"], marker="o", color="tab:green")
+    ax1.set_title("validation RSNA mAP at the swept threshold")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("RSNA mAP")
+    per_t = [c for c in metrics.columns if c.startswith("val_map@")]
+    if per_t:
+        grid = metrics[per_t].to_numpy(dtype=float)
+        image = ax2.imshow(grid.T, aspect="auto", cmap="viridis", vmin=0, vmax=max(1e-6, np.nanmax(grid)),
+                           origin="lower")
+        ax2.set_yticks(range(len(per_t)), [c.split("@")[1] for c in per_t])
+        ax2.set_xticks(range(len(metrics)), metrics["epoch"].astype(int))
+        ax2.set_xlabel("epoch")
+        ax2.set_ylabel("IoU threshold")
+        ax2.set_title("validation precision per IoU threshold")
+        fig.colorbar(image, ax=ax2, label="TP / (TP + FP + FN)")
+    fig.tight_layout()
+    return fig
+
+
+def _sample_predictions(run_dir: Path, n: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
+    """``(image, gt boxes, kept predicted boxes with scores, caption)`` for the first validation images."""
+    import torch
+
+    from pneumodet.evaluation import default_precision, load_run, run_batches, split_loader
+
+    model, extra, config = load_run(run_dir)
+    loader = split_loader(config, "val", batch_size=min(n, 8))
+    threshold = float(extra["threshold"])
+    samples = []
+    for out in run_batches(model, loader, device=torch.device("cpu"),
+                           precision=default_precision(torch.device("cpu"))):
+        batch = out.batch
+        for i, pid in enumerate(batch["patient_ids"]):
+            det = out.detections[i]
+            keep = det.scores.float().numpy() >= threshold
+            boxes = np.concatenate([det.scores.float().numpy()[keep, None], det.boxes.float().numpy()[keep]], 1)
+            gt = batch["boxes"][i, : int(batch["num_boxes"][i])].numpy()
+            probs = out.class_probs[i]
+            samples.append((batch["images"][i, 0].numpy(), gt, boxes,
+                            f"{pid[:8]}… P(opacity) {probs[1]:.2f}"))
+            if len(samples) >= n:
+                return samples
+    return samples
+
+
+def _prediction_grid(samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]]) -> plt.Figure:
+    cols = min(4, max(1, len(samples)))
+    rows = int(np.ceil(len(samples) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (image, gt, pred, caption) in zip(axes.ravel(), samples, strict=False):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        for x1, y1, x2, y2 in gt:
+            ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="lime", lw=1.6))
+        for score, x1, y1, x2, y2 in pred:
+            ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="red", lw=1.2, ls="--"))
+            ax.text(x1, y1 - 2, f"{score:.2f}", color="red", fontsize=7)
+        ax.set_title(caption, fontsize=8)
+    fig.suptitle("validation images: ground truth (green) and predictions above the threshold (red)")
+    fig.tight_layout()
+    return fig
+
+
+def write_run_report(run_dir: Path, *, samples: int = 8) -> Path:
+    """Write ``RUN_DIR/report.html``; returns its path."""
+    info = read_run(run_dir)
+    cfg = info.config
+    report = HtmlReport(f"Training run {info.name}",
+                        f"{cfg.encoder} · aug {cfg.aug} · {cfg.image_size} px · {cfg.epochs} epochs · "
+                        f"recipe {cfg.recipe}")
+    overview = report.section("Overview", "overview")
+    overview.text(f"Best validation RSNA mAP: **{info.best_map:.4f}**.")
+    overview.table(pd.DataFrame([{k: v for k, v in cfg.to_dict().items() if k != "model"}]).T.reset_index()
+                   .rename(columns={"index": "setting", 0: "value"}), "Run configuration (config.yaml)")
+    losses = report.section("Loss curves", "losses")
+    losses.figure(_loss_figure(info.metrics, "train (solid) and validation (dashed) losses per epoch"))
+    maps = report.section("Validation mAP", "map")
+    maps.figure(_map_figure(info.metrics))
+    maps.table(info.metrics, "metrics.csv")
+    preds = report.section("Sample validation predictions", "predictions")
+    if (Path(run_dir) / "best_model.pt").exists() and samples > 0:
+        preds.figure(_prediction_grid(_sample_predictions(Path(run_dir), samples)))
+    else:
+        preds.note("No best model saved yet: no predictions to show.")
+    return report.write(Path(run_dir) / "report.html")
+
+
+# ------------------------------------------------------------------------------------------ comparisons
+def _label(run: RunInfo, by: str) -> str:
+    return {"encoder": run.config.encoder, "aug": run.config.aug,
+            "samples": f"{run.samples} patients" if run.samples else run.name}[by]
+
+
+def _curves_figure(runs: Sequence[RunInfo], by: str, title: str) -> plt.Figure:
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.6))
+    for ax, (column, panel) in zip(axes, CURVES.items(), strict=True):
+        for run in runs:
+            if column in run.metrics:
+                ax.plot(run.metrics["epoch"], run.metrics[column], marker="o", label=_label(run, by))
+        ax.set_title(panel)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("RSNA mAP" if column == "val_map" else "loss")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def comparison_table(runs: Sequence[RunInfo]) -> pd.DataFrame:
+    rows = []
+    for run in runs:
+        best_epoch = (int(run.metrics.loc[run.metrics["val_map"].idxmax(), "epoch"])
+                      if "val_map" in run.metrics and run.metrics["val_map"].notna().any() else None)
+        rows.append({"run": run.name, "encoder": run.config.encoder, "aug": run.config.aug,
+                     "samples": run.samples, "epochs": len(run.metrics), "best_val_map": run.best_map,
+                     "best_epoch": best_epoch})
+    return pd.DataFrame(rows).sort_values("best_val_map", ascending=False, na_position="last")
+
+
+def compare_runs(run_dirs: Sequence[Path], out_dir: Path) -> Path:
+    """Write the comparison PNGs, ``best_map.csv`` and ``report.html`` into ``out_dir``."""
+    if not run_dirs:
+        raise ConfigError("compare needs at least one run directory")
+    runs = [read_run(Path(d)) for d in run_dirs]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = HtmlReport("Experiment comparison", f"{len(runs)} runs")
+    table = comparison_table(runs)
+    table.to_csv(out_dir / "best_map.csv", index=False)
+    summary = report.section("Best validation mAP per run", "table")
+    summary.table(table)
+
+    groups = [
+        ("aug", "encoder", "Encoders for each augmentation", "by_aug"),
+        ("encoder", "aug", "Augmentations for each encoder", "by_encoder"),
+    ]
+    for fixed, varied, title, anchor in groups:
+        section = report.section(title, anchor)
+        for value in sorted({getattr(r.config, fixed) for r in runs}):
+            chosen = [r for r in runs if getattr(r.config, fixed) == value]
+            fig = _curves_figure(chosen, varied, f"{fixed} = {value}: validation curves by {varied}")
+            fig.savefig(out_dir / f"{anchor}_{value}.png", dpi=100)
+            section.figure(fig, f"{fixed} = {value}")
+    section = report.section("Sample sizes for one encoder", "by_samples")
+    shown = 0
+    for encoder in sorted({r.config.encoder for r in runs}):
+        chosen = [r for r in runs if r.config.encoder == encoder]
+        sizes = {r.samples for r in chosen}
+        if len(sizes) < 2:
+            continue
+        for aug in sorted({r.config.aug for r in chosen}):
+            same = [r for r in chosen if r.config.aug == aug]
+            if len({r.samples for r in same}) < 2:
+                continue
+            fig = _curves_figure(same, "samples", f"{encoder}, aug {aug}: validation curves by sample size")
+            fig.savefig(out_dir / f"by_samples_{encoder}_{aug}.png", dpi=100)
+            section.figure(fig, f"{encoder}, {aug}")
+            shown += 1
+    if not shown:
+        section.note("The runs compared do not differ in sample size for any encoder.")
+    return report.write(out_dir / "report.html")
