@@ -93,6 +93,8 @@ def _run_cache(args: argparse.Namespace) -> None:
 def _add_score(p: argparse.ArgumentParser) -> None:
     p.add_argument("submission", type=Path, help="submission CSV (patientId,PredictionString)")
     p.add_argument("--labels", type=Path, required=True, help="labels CSV (e.g. stage_2_train_labels.csv)")
+    p.add_argument("--classes", type=Path,
+                   help="class CSV checked with the labels (default: the Kaggle one beside --labels, if any)")
     p.add_argument("--all", action="store_true",
                    help="also score labelled patients missing from the submission (as no prediction)")
     p.add_argument("--json", type=Path, help="also write the result (with per-image scores) as JSON")
@@ -103,7 +105,7 @@ def _run_score(args: argparse.Namespace) -> None:
 
     from pneumodet.submission import score_submission
 
-    result = score_submission(args.submission, args.labels, all_patients=args.all)
+    result = score_submission(args.submission, args.labels, classes_csv=args.classes, all_patients=args.all)
     print(result.summary())
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

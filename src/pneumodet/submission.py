@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumodet.errors import SubmissionError
-from pneumodet.metrics import MapResult, _check_boxes, rsna_map
+from pneumodet.errors import LabelsError, SubmissionError
+from pneumodet.metrics import MapResult, _check_boxes, rsna_map, xyxy_to_xywh
 
 SUBMISSION_COLUMNS: tuple[str, str] = ("patientId", "PredictionString")
+_LABELS_COLUMNS: tuple[str, ...] = ("patientId", "x", "y", "width", "height", "Target")
 
 
 # ------------------------------------------------------------------ reading
@@ -158,29 +159,68 @@ def write_submission(
 
 
 # ------------------------------------------------------------------ ground truth and scoring
-def read_ground_truth(labels_csv: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The labels CSV as patient id -> ``[N, 4]`` float64 ``(x, y, w, h)`` boxes (``[0, 4]`` if none)."""
+_CLASS_CSV_NAMES = ("stage_2_detailed_class_info.csv", "stage_1_detailed_class_info.csv")
+
+
+def read_ground_truth(
+    labels_csv: str | os.PathLike, classes_csv: str | os.PathLike | None = None
+) -> dict[str, np.ndarray]:
+    """The labels as patient id -> ``[N, 4]`` float64 ``(x, y, w, h)`` boxes (``[0, 4]`` if none).
+
+    With a class CSV (``classes_csv``, or the Kaggle one beside ``labels_csv``) the labels go through
+    :func:`pneumodet.data.rsna.load_rsna`, checked by the same rules as for training. Without one,
+    the labels CSV is read alone with the same strictness on boxes. Either way a problem that would
+    drop a patient or a box is an error here: scoring against a partial truth would change the
+    score without a word.
+
+    Raises:
+        LabelsError: unreadable labels, or a row problem (the message names file and line).
+    """
+    labels_csv = Path(labels_csv)
+    if classes_csv is None:
+        classes_csv = next((p for p in (labels_csv.parent / n for n in _CLASS_CSV_NAMES) if p.is_file()), None)
+    if classes_csv is None:
+        return _read_labels_only(labels_csv)
+    from pneumodet.data.rsna import load_rsna
+
+    data = load_rsna(None, labels=labels_csv, classes=Path(classes_csv))
+    errors = [p for p in data.report.problems if p.severity == "error"]
+    if errors:
+        raise LabelsError(
+            f"{len(errors)} label problem(s) would drop patients from the ground truth; first: "
+            + "; ".join(str(p) for p in errors[:3])
+        )
+    return {r.patient_id: xyxy_to_xywh(r.boxes_array()).reshape(-1, 4) for r in data.records}
+
+
+def _read_labels_only(path: Path) -> dict[str, np.ndarray]:
+    """``patientId,x,y,width,height,Target`` rows -> ground truth; any unusable row is an error."""
     import pandas as pd
 
-    from pneumodet.errors import LabelsError
-
-    path = Path(labels_csv)
     try:
-        df = pd.read_csv(path, dtype={"patientId": str})
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (OSError, ValueError) as exc:
         raise LabelsError(f"{path}: cannot read labels: {exc}") from exc
-    cols = ["patientId", "x", "y", "width", "height", "Target"]
-    absent = [c for c in cols if c not in df.columns]
+    absent = [c for c in _LABELS_COLUMNS if c not in df.columns]
     if absent:
         raise LabelsError(f"{path}: missing column(s) {', '.join(absent)}")
-    boxes = df[["x", "y", "width", "height"]].to_numpy(np.float64)
+    text = df[list(_LABELS_COLUMNS[1:])].apply(lambda col: col.str.strip())
+    values = text.apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    boxes, target = values[:, :4], values[:, 4]
     has_box = np.isfinite(boxes).all(axis=1)
-    bad = (df["Target"].to_numpy() == 1) != has_box
-    if bad.any():
-        line = int(np.flatnonzero(bad)[0]) + 2
-        raise LabelsError(f"{path}: line {line}: Target and box disagree")
-    truth: dict[str, list[np.ndarray]] = {pid: [] for pid in df["patientId"]}
-    for pid, box in zip(df["patientId"].to_numpy()[has_box], boxes[has_box], strict=True):
+    problems = {
+        "a value is not a number": ((text != "").to_numpy() & ~np.isfinite(values)).any(axis=1),
+        "Target is not 0 or 1": ~np.isin(target, (0.0, 1.0)),
+        "Target 1 needs a box, Target 0 none": (target == 1) != has_box,
+        "width or height <= 0": has_box & (boxes[:, 2:] <= 0).any(axis=1),
+        "empty patientId": (df["patientId"].str.strip() == "").to_numpy(),
+    }
+    for what, bad in problems.items():
+        if bad.any():
+            raise LabelsError(f"{path}: line {int(np.flatnonzero(bad)[0]) + 2}: {what}")
+    ids = df["patientId"].str.strip().to_numpy()
+    truth: dict[str, list[np.ndarray]] = {pid: [] for pid in ids}
+    for pid, box in zip(ids[has_box], boxes[has_box], strict=True):
         truth[pid].append(box)
     return {pid: np.asarray(b, dtype=np.float64).reshape(-1, 4) for pid, b in truth.items()}
 
@@ -189,6 +229,7 @@ def score_submission(
     submission_csv: str | os.PathLike,
     labels_csv: str | os.PathLike,
     *,
+    classes_csv: str | os.PathLike | None = None,
     all_patients: bool = False,
 ) -> MapResult:
     """Score a submission against the labels with :func:`~pneumodet.metrics.rsna_map`.
@@ -196,6 +237,7 @@ def score_submission(
     Args:
         submission_csv: the submission.
         labels_csv: ``stage_2_train_labels.csv`` or a file like it.
+        classes_csv: see :func:`read_ground_truth`.
         all_patients: also score the labelled patients missing from the submission (as patients
             without predictions). Default: only the submission's patients.
 
@@ -203,7 +245,7 @@ def score_submission(
         SubmissionError: a malformed submission, or a patient that the labels do not have.
         LabelsError: unusable labels.
     """
-    truth = read_ground_truth(labels_csv)
+    truth = read_ground_truth(labels_csv, classes_csv)
     predictions = read_submission(submission_csv, known_ids=truth)
     if not all_patients:
         truth = {pid: truth[pid] for pid in predictions}
