@@ -1,0 +1,631 @@
+"""The RSNA labels: two CSVs and an image folder become one :class:`PatientRecord` per patient.
+
+The Kaggle download holds ``stage_2_train_labels.csv`` (``patientId,x,y,width,height,Target``, one row
+per box, one box-less row per negative patient), ``stage_2_detailed_class_info.csv`` (``patientId,class``,
+one row per labels row) and ``stage_2_train_images/<patientId>.dcm``; ``stage_1_*`` names are accepted too.
+Boxes are turned from ``x, y, width, height`` (top-left corner) into Pascal VOC ``(xmin, ymin, xmax, ymax)``.
+
+Every problem is reported as a :class:`Problem` naming the file and its 1-based line (header = line 1).
+What happens to the row and the patient depends on the kind; the rule is that a patient is kept only
+when all of its label rows are usable, because a positive patient with a box missing would teach the
+model (and score it) against a wrong truth. Nothing is clipped or repaired.
+
+==========================  ========  ================================================================
+kind                        severity  effect
+==========================  ========  ================================================================
+utf8_bom, crlf_line_endings note      read correctly (Excel re-save)
+semicolon_delimiter         note      read correctly, decimal commas accepted (Excel re-save)
+extra_columns               note      columns ignored
+empty_row                   note      row without any value skipped, nothing lost
+wrong_field_count           error     row skipped, its patient dropped
+missing_patient_id          error     row skipped
+non_numeric                 error     row skipped, patient dropped
+bad_target                  error     Target empty or not 0/1: row skipped, patient dropped
+missing_box                 error     Target 1 with an empty box: row skipped, patient dropped
+unexpected_box              error     Target 0 with a box: row skipped, patient dropped
+bad_box_size                error     width or height <= 0: row skipped, patient dropped
+box_off_image               error     box entirely outside the 1024 x 1024 image: patient dropped
+box_outside                 warning   box partly outside the image: kept unchanged, patient kept
+duplicate_row               warning   exact repeat of an earlier labels row: repeat skipped
+target_conflict             error     patient has Target 0 and Target 1 rows: patient dropped
+unknown_class               error     class not one of CLASS_NAMES: patient dropped
+class_conflict              error     patient has two different classes: patient dropped
+missing_class               error     patient in the labels CSV only: dropped
+missing_labels              error     patient in the class CSV only: dropped
+class_target_mismatch       error     Lung Opacity without Target 1 or vice versa: patient dropped
+image_missing               warning   images folder in use but no ``<patientId>.dcm``: patient kept
+image_unlabelled            warning   ``.dcm`` file of no labelled patient: file ignored
+==========================  ========  ================================================================
+
+The class CSV repeats a patient's row once per labels row by design, so repeats there are not problems.
+``strict=True`` turns any error or warning into a :class:`~pneumodet.errors.LabelsError`; notes never are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from pneumodet.data.records import CLASS_NAMES, RSNA_IMAGE_SIZE, PatientRecord
+from pneumodet.errors import LabelsError
+
+Severity = Literal["error", "warning", "note"]
+
+LABELS_COLUMNS: tuple[str, ...] = ("patientId", "x", "y", "width", "height", "Target")
+CLASSES_COLUMNS: tuple[str, ...] = ("patientId", "class")
+BOX_COLUMNS: tuple[str, ...] = ("x", "y", "width", "height")
+POSITIVE_CLASS = "Lung Opacity"
+
+#: Every problem kind, its severity and what happens to the row / patient.
+PROBLEM_KINDS: dict[str, tuple[Severity, str]] = {
+    "utf8_bom": ("note", "read correctly"),
+    "crlf_line_endings": ("note", "read correctly"),
+    "semicolon_delimiter": ("note", "read correctly"),
+    "extra_columns": ("note", "ignored"),
+    "empty_row": ("note", "row skipped"),
+    "wrong_field_count": ("error", "row skipped, patient dropped"),
+    "missing_patient_id": ("error", "row skipped"),
+    "non_numeric": ("error", "row skipped, patient dropped"),
+    "bad_target": ("error", "row skipped, patient dropped"),
+    "missing_box": ("error", "row skipped, patient dropped"),
+    "unexpected_box": ("error", "row skipped, patient dropped"),
+    "bad_box_size": ("error", "row skipped, patient dropped"),
+    "box_off_image": ("error", "row skipped, patient dropped"),
+    "box_outside": ("warning", "box kept unchanged"),
+    "duplicate_row": ("warning", "repeat skipped"),
+    "target_conflict": ("error", "patient dropped"),
+    "unknown_class": ("error", "row skipped, patient dropped"),
+    "class_conflict": ("error", "patient dropped"),
+    "missing_class": ("error", "patient dropped"),
+    "missing_labels": ("error", "patient dropped"),
+    "class_target_mismatch": ("error", "patient dropped"),
+    "image_missing": ("warning", "patient kept without image"),
+    "image_unlabelled": ("warning", "file ignored"),
+}
+
+_STAGES = ("stage_2", "stage_1")
+_BOM = b"\xef\xbb\xbf"
+_CHUNK_ROWS = 200_000
+_BAD_LINE = re.compile(r"Skipping line (\d+): ([^\n]*)")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong (or worth knowing) about an input file, at a 1-based line (``None``: whole file)."""
+
+    file: str
+    line: int | None
+    kind: str
+    message: str
+    patient_id: str | None = None
+
+    @property
+    def severity(self) -> Severity:
+        return PROBLEM_KINDS[self.kind][0]
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.kind}: {self.message}"
+
+
+@dataclass
+class ValidationReport:
+    """What :func:`load_rsna` read, kept, skipped and found wrong.
+
+    ``label_rows`` counts the data rows of the labels CSV (empty rows excluded); ``skipped_rows`` those
+    of them that did not become a box or a negative record, so ``label_rows - skipped_rows`` rows are used.
+    """
+
+    labels_file: str = ""
+    classes_file: str = ""
+    images_dir: str | None = None
+    label_rows: int = 0
+    class_rows: int = 0
+    patients: int = 0
+    boxes: int = 0
+    images_found: int = 0
+    images_missing: int = 0
+    images_unlabelled: int = 0
+    skipped_rows: int = 0
+    patients_dropped: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    def add(self, file: str, line: int | None, kind: str, message: str, patient_id: str | None = None) -> None:
+        if kind not in PROBLEM_KINDS:
+            raise ValueError(f"unknown problem kind {kind!r}")
+        self.problems.append(Problem(file, line, kind, message, patient_id))
+
+    def counts_by_kind(self) -> dict[str, int]:
+        """Problems per kind, in the order of :data:`PROBLEM_KINDS`."""
+        counts = Counter(p.kind for p in self.problems)
+        return {kind: counts[kind] for kind in PROBLEM_KINDS if counts[kind]}
+
+    def of_kind(self, kind: str) -> list[Problem]:
+        return [p for p in self.problems if p.kind == kind]
+
+    @property
+    def blocking(self) -> list[Problem]:
+        """Errors and warnings: the problems ``strict=True`` refuses."""
+        return [p for p in self.problems if p.severity != "note"]
+
+    def summary(self, examples: int = 3) -> str:
+        """A short human summary: counts, problems per kind and the first few of each with file:line."""
+        images = (f"images: {self.images_found} found, {self.images_missing} missing, "
+                  f"{self.images_unlabelled} unlabelled" if self.images_dir is not None
+                  else f"images: no folder (labels only, {self.images_missing} patients without image)")
+        lines = [
+            f"labels: {self.label_rows} rows ({self.skipped_rows} skipped) in {self.labels_file}",
+            f"patients: {self.patients} kept ({self.patients_dropped} dropped), {self.boxes} boxes",
+            images,
+        ]
+        by_kind: dict[str, list[Problem]] = {}
+        for p in self.problems:
+            by_kind.setdefault(p.kind, []).append(p)
+        for kind, count in self.counts_by_kind().items():
+            severity, effect = PROBLEM_KINDS[kind]
+            lines.append(f"{severity} {kind}: {count} ({effect})")
+            lines.extend(f"    {p}" for p in by_kind[kind][:examples])
+        if not self.problems:
+            lines.append("no problems")
+        return "\n".join(lines)
+
+
+@dataclass
+class RsnaData:
+    """The loaded dataset: records in labels-file order and the report of how they were read."""
+
+    records: list[PatientRecord]
+    report: ValidationReport
+
+
+@dataclass(frozen=True)
+class _Dialect:
+    sep: str
+    bom: bool
+    crlf: bool
+    columns: tuple[str, ...]
+
+
+# ------------------------------------------------------------------------------------------ reading
+def _sniff(path: Path, required: Sequence[str], report: ValidationReport) -> _Dialect:
+    """Delimiter, BOM and line endings from the header; fatal when the file is empty or lacks columns."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(1 << 16)
+    except OSError as exc:
+        raise LabelsError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    bom = head.startswith(_BOM)
+    body = head[len(_BOM):] if bom else head
+    if not body.strip():
+        raise LabelsError(f"{path}: file is empty (expected a header {','.join(required)} and data rows)")
+    first = body.split(b"\n", 1)[0]
+    header = first.decode("utf-8", errors="replace").rstrip("\r")
+    sep = ";" if ";" in header and "," not in header else ","
+    columns = tuple(c.strip().strip('"') for c in header.split(sep))
+    name = str(path)
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise LabelsError(f"{name}: missing column(s) {', '.join(missing)} "
+                          f"(header has: {', '.join(columns) or 'nothing'})")
+    if bom:
+        report.add(name, 1, "utf8_bom", "file starts with a UTF-8 byte-order mark (Excel re-save)")
+    if first.endswith(b"\r"):
+        report.add(name, 1, "crlf_line_endings", "lines end with CR LF (Excel/Windows re-save)")
+    if sep == ";":
+        report.add(name, 1, "semicolon_delimiter",
+                   "fields are separated by ';' (Excel re-save); decimal commas accepted")
+    extra = [c for c in columns if c not in required]
+    if extra:
+        report.add(name, 1, "extra_columns", f"column(s) {', '.join(extra)} ignored")
+    return _Dialect(sep, bom, first.endswith(b"\r"), columns)
+
+
+def _raw_lines(path: Path, line_numbers: set[int]) -> dict[int, str]:
+    """The text of the given 1-based lines, read in one streaming pass."""
+    found: dict[int, str] = {}
+    last = max(line_numbers, default=0)
+    with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as f:
+        for number, text in enumerate(f, start=1):
+            if number in line_numbers:
+                found[number] = text.rstrip("\r\n")
+            if number >= last:
+                break
+    return found
+
+
+def _read_rows(path: Path, dialect: _Dialect, columns: Sequence[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """The file in chunks of string columns ``columns`` plus ``line`` (1-based) and ``field_error``.
+
+    Rows with more fields than the header are skipped by the parser; they come back, with the
+    patient id of their first field, as rows whose ``field_error`` says what was wrong, so that
+    their patient can be dropped rather than silently lose a box.
+    """
+    bad: dict[int, str] = {}
+    start = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", pd.errors.ParserWarning)
+        try:
+            reader = pd.read_csv(path, sep=dialect.sep, dtype=object, keep_default_na=False, skip_blank_lines=False,
+                                 on_bad_lines="warn", index_col=False, encoding="utf-8-sig",
+                                 encoding_errors="replace", chunksize=chunk_rows)
+            for chunk in reader:
+                for w in caught:
+                    for m in _BAD_LINE.finditer(str(w.message)):
+                        bad[int(m.group(1))] = m.group(2)
+                caught.clear()
+                lines = np.arange(start, start + len(chunk), dtype=np.int64) + 2
+                for b in sorted(bad):  # each skipped line shifts every later row down one line
+                    lines += lines >= b
+                start += len(chunk)
+                frame = chunk.loc[:, list(columns)].fillna("").reset_index(drop=True)
+                frame["line"] = lines
+                frame["field_error"] = ""
+                yield frame
+        except (pd.errors.ParserError, UnicodeError, ValueError) as exc:
+            raise LabelsError(f"{path}: not a readable CSV: {exc}".replace("\n", " ")) from exc
+    if bad:
+        raw = _raw_lines(path, set(bad))
+        rows = []
+        for number in sorted(bad):
+            first_field = raw.get(number, "").split(dialect.sep, 1)[0].strip().strip('"')
+            rows.append({**dict.fromkeys(columns, ""), columns[0]: first_field, "line": number,
+                         "field_error": bad[number]})
+        yield pd.DataFrame(rows, columns=[*columns, "line", "field_error"])
+
+
+def _numbers(text: pd.Series, decimal_comma: bool) -> pd.Series:
+    """Strings to floats; empty and unparsable become NaN (the caller tells the two apart)."""
+    if decimal_comma:
+        text = text.str.replace(",", ".", regex=False)
+    values = pd.to_numeric(text.where(text != ""), errors="coerce").astype(np.float64)
+    return values.where(np.isfinite(values))
+
+
+# ------------------------------------------------------------------------------------------ checks
+def _label_row_kinds(rows: pd.DataFrame, decimal_comma: bool) -> tuple[pd.DataFrame, np.ndarray]:
+    """Parsed values of a labels chunk and, per row, the first problem kind ("" when none)."""
+    raw = rows[list(BOX_COLUMNS) + ["Target"]]
+    values = pd.DataFrame({c: _numbers(raw[c], decimal_comma) for c in raw.columns})
+    filled = raw != ""  # a blank-looking " " is filled and then fails to parse: reported, not ignored
+    unparsable = (filled & values.isna()).any(axis=1)
+    target = values["Target"]
+    has_box = filled[list(BOX_COLUMNS)]
+    x, y, w, h = (values[c] for c in BOX_COLUMNS)
+    xmax, ymax = x + w, y + h
+    size = RSNA_IMAGE_SIZE
+    off = (x >= size) | (y >= size) | (xmax <= 0) | (ymax <= 0)
+    partly = (x < 0) | (y < 0) | (xmax > size) | (ymax > size)
+    positive = target == 1
+    no_pid = rows["patientId"].str.strip() == ""
+    conditions = [
+        rows["field_error"] != "",
+        no_pid,
+        unparsable,
+        ~target.isin([0, 1]),
+        positive & ~has_box.all(axis=1),
+        ~positive & has_box.any(axis=1),
+        positive & ((w <= 0) | (h <= 0)),
+        positive & off,
+        positive & partly,
+    ]
+    kinds = ["wrong_field_count", "missing_patient_id", "non_numeric", "bad_target", "missing_box",
+             "unexpected_box", "bad_box_size", "box_off_image", "box_outside"]
+    kind = np.select([c.to_numpy(dtype=bool) for c in conditions], kinds, default="")
+    empty = ~filled.any(axis=1) & no_pid & (rows["field_error"] == "")
+    kind[empty.to_numpy()] = "empty_row"
+    parsed = pd.DataFrame({
+        "patientId": rows["patientId"], "line": rows["line"],
+        "target": target, "xmin": x, "ymin": y, "xmax": xmax, "ymax": ymax,
+    })
+    return parsed, kind
+
+
+def _label_message(kind: str, row: pd.Series, parsed: pd.Series) -> str:
+    pid = row["patientId"]
+    box = ", ".join(f"{c}={row[c]!r}" for c in BOX_COLUMNS)
+    if kind == "wrong_field_count":
+        return f"{row['field_error']} (patient {pid or '?'})"
+    if kind == "missing_patient_id":
+        return "patientId is empty"
+    if kind == "non_numeric":
+        bad = [f"{c}={row[c]!r}" for c in (*BOX_COLUMNS, "Target")
+               if row[c] and not np.isfinite(_numbers(pd.Series([row[c]]), False).iloc[0])]
+        return f"patient {pid}: not a number: {', '.join(bad) or box}"
+    if kind == "bad_target":
+        return f"patient {pid}: Target={row['Target']!r} is not 0 or 1"
+    if kind == "missing_box":
+        return f"patient {pid}: Target 1 but the box is incomplete ({box})"
+    if kind == "unexpected_box":
+        return f"patient {pid}: Target 0 but a box is given ({box})"
+    if kind == "bad_box_size":
+        return f"patient {pid}: width and height must be > 0 ({box})"
+    extent = (f"[{parsed['xmin']:g}, {parsed['ymin']:g}, {parsed['xmax']:g}, {parsed['ymax']:g}] "
+              f"vs image 0..{RSNA_IMAGE_SIZE}")
+    if kind == "box_off_image":
+        return f"patient {pid}: box lies entirely outside the image: {extent}"
+    if kind == "box_outside":
+        return f"patient {pid}: box extends past the image edge (kept unchanged): {extent}"
+    return "row has no values"
+
+
+def _report_rows(report: ValidationReport, file: str, kinds: np.ndarray, rows: pd.DataFrame,
+                 message: Callable[[str, int], str]) -> None:
+    """One problem per flagged row; only flagged rows are visited, so clean files cost nothing here."""
+    for i in np.flatnonzero(kinds != ""):
+        kind = str(kinds[i])
+        pid = rows["patientId"].iat[i].strip() or None
+        report.add(file, int(rows["line"].iat[i]), kind, message(kind, i), pid)
+
+
+def _read_labels(path: Path, report: ValidationReport, chunk_rows: int) -> pd.DataFrame:
+    """All labels rows as parsed values plus ``kind``; problems of single rows go to the report."""
+    name = str(path)
+    dialect = _sniff(path, LABELS_COLUMNS, report)
+    parts = []
+    for rows in _read_rows(path, dialect, LABELS_COLUMNS, chunk_rows):
+        parsed, kinds = _label_row_kinds(rows, dialect.sep == ";")
+        _report_rows(report, name, kinds, rows,
+                     lambda kind, i, rows=rows, parsed=parsed: _label_message(kind, rows.iloc[i], parsed.iloc[i]))
+        parsed["kind"] = kinds
+        parts.append(parsed[kinds != "empty_row"])
+    labels = pd.concat(parts, ignore_index=True).sort_values("line", kind="stable", ignore_index=True)
+    report.label_rows = len(labels)
+    if not len(labels):
+        raise LabelsError(f"{name}: has a header but no data rows")
+    return labels
+
+
+def _read_classes(path: Path, report: ValidationReport, chunk_rows: int) -> pd.DataFrame:
+    """All class rows (``patientId, class, line, kind``); problems of single rows go to the report."""
+    name = str(path)
+    dialect = _sniff(path, CLASSES_COLUMNS, report)
+    parts = []
+    for rows in _read_rows(path, dialect, CLASSES_COLUMNS, chunk_rows):
+        pid_empty = rows["patientId"].str.strip() == ""
+        cls_empty = rows["class"].str.strip() == ""
+        kinds = np.select(
+            [(rows["field_error"] != "").to_numpy(), (pid_empty & cls_empty).to_numpy(), pid_empty.to_numpy(),
+             (~rows["class"].isin(CLASS_NAMES)).to_numpy()],
+            ["wrong_field_count", "empty_row", "missing_patient_id", "unknown_class"], default="")
+
+        def message(kind: str, i: int, rows: pd.DataFrame = rows) -> str:
+            pid, cls = rows["patientId"].iat[i], rows["class"].iat[i]
+            if kind == "wrong_field_count":
+                return f"{rows['field_error'].iat[i]} (patient {pid or '?'})"
+            if kind == "unknown_class":
+                return f"patient {pid}: class {cls!r} is not one of {', '.join(CLASS_NAMES)}"
+            return "patientId is empty" if kind == "missing_patient_id" else "row has no values"
+
+        _report_rows(report, name, kinds, rows, message)
+        frame = rows[["patientId", "class", "line"]].copy()
+        frame["kind"] = kinds
+        parts.append(frame[kinds != "empty_row"])
+    classes = pd.concat(parts, ignore_index=True).sort_values("line", kind="stable", ignore_index=True)
+    report.class_rows = len(classes)
+    if not len(classes):
+        raise LabelsError(f"{name}: has a header but no data rows")
+    return classes
+
+
+def _scan_images(images_dir: Path) -> dict[str, Path]:
+    """``patientId -> path`` of every ``*.dcm`` file in the folder, from one directory listing."""
+    try:
+        with os.scandir(images_dir) as it:
+            return {e.name[:-4]: Path(e.path) for e in it if e.name.lower().endswith(".dcm") and e.is_file()}
+    except OSError as exc:
+        raise LabelsError(f"{images_dir}: cannot list the images folder: {exc.strerror or exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------ public
+def _resolve(data_dir: Path | None, override: Path | None, pattern: str) -> Path | None:
+    """The override, else the first ``stage_2_*`` / ``stage_1_*`` candidate that exists in ``data_dir``."""
+    if override is not None:
+        return Path(override)
+    if data_dir is None:
+        return None
+    for stage in _STAGES:
+        candidate = Path(data_dir) / pattern.format(stage=stage)
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _resolve_inputs(data_dir: Path | None, labels: Path | None, classes: Path | None,
+                    images: Path | None) -> tuple[Path, Path, Path | None]:
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise LabelsError(f"{data_dir}: not a folder")
+    found = []
+    for what, override, pattern in (("labels", labels, "{stage}_train_labels.csv"),
+                                    ("class", classes, "{stage}_detailed_class_info.csv")):
+        path = _resolve(data_dir, override, pattern)
+        if path is None:
+            where = f"in {data_dir}" if data_dir is not None else "(no data folder given)"
+            raise LabelsError(f"no {what} CSV {where}: expected {pattern.format(stage='stage_2')} "
+                              f"or {pattern.format(stage='stage_1')}")
+        if not path.is_file():
+            raise LabelsError(f"{path}: {what} CSV not found")
+        found.append(path)
+    images_dir = _resolve(data_dir, images, "{stage}_train_images")
+    if images is not None and not Path(images).is_dir():
+        raise LabelsError(f"{images}: images folder not found")
+    return found[0], found[1], images_dir.resolve() if images_dir is not None else None
+
+
+def load_rsna(data_dir: Path | None, *, labels: Path | None = None, classes: Path | None = None,
+              images: Path | None = None, strict: bool = False, chunk_rows: int = _CHUNK_ROWS) -> RsnaData:
+    """Read the RSNA labels and class CSVs (and list the image folder) into one record per patient.
+
+    Args:
+        data_dir: folder laid out as the Kaggle download; may be ``None`` when ``labels`` and
+            ``classes`` are given.
+        labels, classes, images: override the labels CSV, class CSV and DICOM folder of ``data_dir``.
+            Without an images folder every record has ``image_path=None`` (labels only).
+        strict: raise :class:`LabelsError` on any error or warning instead of skipping and reporting.
+        chunk_rows: rows read at a time, which bounds the memory used by parsing.
+
+    Returns:
+        :class:`RsnaData`: records in order of first appearance in the labels CSV (image paths are
+        absolute) and the :class:`ValidationReport`.
+
+    Raises:
+        LabelsError: a CSV is missing, empty, header-only or lacks a required column; or, under
+            ``strict``, any problem was found.
+    """
+    labels_path, classes_path, images_dir = _resolve_inputs(data_dir, labels, classes, images)
+    report = ValidationReport(labels_file=str(labels_path), classes_file=str(classes_path),
+                              images_dir=str(images_dir) if images_dir is not None else None)
+    label_rows = _read_labels(labels_path, report, chunk_rows)
+    class_rows = _read_classes(classes_path, report, chunk_rows)
+    records = _merge(label_rows, class_rows, report)
+    if images_dir is not None:
+        records = _attach_images(records, _scan_images(images_dir), label_rows, class_rows, report)
+    else:
+        report.images_missing = len(records)
+    report.patients = len(records)
+    report.boxes = sum(len(r.boxes) for r in records)
+    if strict and report.blocking:
+        blocking = report.blocking
+        first = "; ".join(str(p) for p in blocking[:5])
+        raise LabelsError(f"{len(blocking)} label problem(s) under --strict; first: {first}")
+    return RsnaData(records=records, report=report)
+
+
+def _merge(label_rows: pd.DataFrame, class_rows: pd.DataFrame, report: ValidationReport) -> list[PatientRecord]:
+    """Cross-row and cross-file checks, then one record per patient whose rows are all usable."""
+    lname, cname = report.labels_file, report.classes_file
+    label_rows = label_rows[label_rows["patientId"].str.strip() != ""]  # reported, belong to nobody
+    class_rows = class_rows[class_rows["patientId"].str.strip() != ""]
+    first_line = label_rows.groupby("patientId", sort=False)["line"].first()
+    class_first_line = class_rows.groupby("patientId", sort=False)["line"].first()
+    dropped: set[str] = set(label_rows.loc[~label_rows["kind"].isin(["", "box_outside"]), "patientId"])
+    dropped |= set(class_rows.loc[class_rows["kind"] != "", "patientId"])
+
+    usable = label_rows[label_rows["kind"].isin(["", "box_outside"])]
+    keys = ["patientId", "target", "xmin", "ymin", "xmax", "ymax"]
+    dup = usable.duplicated(subset=keys, keep="first").to_numpy()
+    if dup.any():
+        original = usable.groupby(keys, dropna=False, sort=False)["line"].transform("first")
+        for i in np.flatnonzero(dup):
+            pid = usable["patientId"].iat[i]
+            report.add(lname, int(usable["line"].iat[i]), "duplicate_row",
+                       f"patient {pid}: repeats line {int(original.iat[i])}", pid)
+        usable = usable[~dup]
+
+    targets = usable.groupby("patientId", sort=False)["target"].agg(["min", "max"])
+    for pid in targets.index[targets["min"] != targets["max"]]:
+        report.add(lname, int(first_line[pid]), "target_conflict",
+                   f"patient {pid}: has both Target 0 and Target 1 rows", pid)
+        dropped.add(pid)
+
+    distinct = class_rows.loc[class_rows["kind"] == "", ["patientId", "class"]].drop_duplicates()
+    conflicting = distinct["patientId"].duplicated(keep=False).to_numpy()
+    for pid, group in distinct[conflicting].groupby("patientId", sort=False)["class"]:
+        report.add(cname, int(class_first_line[pid]), "class_conflict",
+                   f"patient {pid}: classes {', '.join(sorted(group))}", pid)
+        dropped.add(pid)
+
+    for pid in first_line.index.difference(class_first_line.index, sort=False):
+        report.add(lname, int(first_line[pid]), "missing_class", f"patient {pid}: not in {cname}", pid)
+        dropped.add(pid)
+    for pid in class_first_line.index.difference(first_line.index, sort=False):
+        report.add(cname, int(class_first_line[pid]), "missing_labels", f"patient {pid}: not in {lname}", pid)
+        dropped.add(pid)
+
+    class_of = dict(zip(distinct["patientId"], distinct["class"], strict=True))
+    target_of = targets["max"].to_dict()
+    for pid in first_line.index.tolist():
+        if pid in dropped or pid not in class_of or pid not in target_of:
+            continue
+        if (class_of[pid] == POSITIVE_CLASS) != (target_of[pid] == 1):
+            report.add(lname, int(first_line[pid]), "class_target_mismatch",
+                       f"patient {pid}: Target {int(target_of[pid])} but class {class_of[pid]!r} "
+                       f"({cname}:{int(class_first_line[pid])})", pid)
+            dropped.add(pid)
+
+    kept = usable[~usable["patientId"].isin(dropped)]
+    report.skipped_rows = report.label_rows - len(kept)
+    report.patients_dropped = len(dropped)
+    boxes: dict[str, list[tuple[float, float, float, float]]] = {}
+    positive = kept[kept["target"] == 1]
+    coords = positive[["xmin", "ymin", "xmax", "ymax"]].to_numpy(dtype=np.float64).tolist()
+    for pid, box in zip(positive["patientId"].to_numpy(), coords, strict=True):
+        boxes.setdefault(pid, []).append(tuple(box))
+    return [PatientRecord(pid, class_of[pid], int(target_of[pid]), tuple(boxes.get(pid, ())))
+            for pid in first_line.index.tolist() if pid not in dropped]
+
+
+def _attach_images(records: list[PatientRecord], files: dict[str, Path], label_rows: pd.DataFrame,
+                   class_rows: pd.DataFrame, report: ValidationReport) -> list[PatientRecord]:
+    """Records with ``image_path`` set where ``<patientId>.dcm`` exists; missing and unlabelled reported."""
+    first_line = label_rows.groupby("patientId", sort=False)["line"].first().to_dict()
+    out = []
+    for r in records:
+        path = files.get(r.patient_id)
+        if path is None:
+            report.add(report.labels_file, int(first_line[r.patient_id]), "image_missing",
+                       f"patient {r.patient_id}: no {r.patient_id}.dcm in {report.images_dir}", r.patient_id)
+        out.append(PatientRecord(r.patient_id, r.label_class, r.target, r.boxes, path))
+    report.images_found = sum(r.image_path is not None for r in out)
+    report.images_missing = len(out) - report.images_found
+    known = set(label_rows["patientId"].to_numpy()) | set(class_rows["patientId"].to_numpy())
+    for stem in sorted(files.keys() - known):
+        report.add(str(files[stem]), None, "image_unlabelled", f"{stem}.dcm has no labels row", stem)
+    report.images_unlabelled = len(files.keys() - known)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ frames
+FRAME_COLUMNS: tuple[str, ...] = ("patientId", "class", "Target", "n_boxes", "boxes", "image_path")
+
+
+def records_to_frame(records: Sequence[PatientRecord]) -> pd.DataFrame:
+    """One row per patient: ``patientId, class, Target, n_boxes, boxes, image_path``.
+
+    ``boxes`` is a JSON list of ``[xmin, ymin, xmax, ymax]`` (exact float round trip); ``image_path``
+    is ``""`` for a patient without an image.
+    """
+    return pd.DataFrame({
+        "patientId": [r.patient_id for r in records],
+        "class": [r.label_class for r in records],
+        "Target": np.array([r.target for r in records], dtype=np.int64),
+        "n_boxes": np.array([len(r.boxes) for r in records], dtype=np.int64),
+        "boxes": [json.dumps([list(b) for b in r.boxes]) for r in records],
+        "image_path": ["" if r.image_path is None else str(r.image_path) for r in records],
+    }, columns=list(FRAME_COLUMNS))
+
+
+def frame_to_records(frame: pd.DataFrame, source: str = "<frame>") -> list[PatientRecord]:
+    """The inverse of :func:`records_to_frame`; ``source`` names the file in error messages.
+
+    Raises:
+        LabelsError: a column is missing or a row is malformed (naming ``source`` and the 1-based line).
+    """
+    missing = [c for c in FRAME_COLUMNS if c not in frame.columns]
+    if missing:
+        raise LabelsError(f"{source}: missing column(s) {', '.join(missing)}")
+    records = []
+    for i, (pid, cls, target, n_boxes, boxes, image) in enumerate(
+            zip(*(frame[c] for c in FRAME_COLUMNS), strict=True)):
+        where = f"{source}:{i + 2}"
+        try:
+            parsed = tuple(tuple(float(v) for v in b) for b in json.loads(boxes))
+            target, n_boxes = int(target), int(n_boxes)
+        except (TypeError, ValueError) as exc:
+            raise LabelsError(f"{where}: malformed row: {exc}") from exc
+        if cls not in CLASS_NAMES or target not in (0, 1) or not pid:
+            raise LabelsError(f"{where}: bad patientId/class/Target ({pid!r}, {cls!r}, {target})")
+        if len(parsed) != n_boxes or any(len(b) != 4 for b in parsed):
+            raise LabelsError(f"{where}: n_boxes={n_boxes} but boxes holds {boxes}")
+        image_path = Path(image) if isinstance(image, str) and image else None
+        records.append(PatientRecord(str(pid), str(cls), target, parsed, image_path))
+    return records
