@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pneumodet.data.records import CLASS_INDEX, CLASS_NAMES
@@ -290,7 +292,7 @@ def resolve_checkpoint(model_source: Path | str) -> Path:
 
 def load_for_inference(model_source: Path | str) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load a checkpoint (``weights_only``) and put the model in eval mode; returns ``(model, extra)``."""
-    from pneumodet.model import load_checkpoint
+    from pneumodet.model.checkpoint import load_checkpoint
 
     model, extra = load_checkpoint(resolve_checkpoint(model_source))
     return model.eval(), dict(extra or {})
@@ -364,7 +366,7 @@ class DicomImageStream(Dataset):
             image = prepare_image(pixels, self.image_size)
         except DicomReadError as exc:
             return _Item(index, path, error=exc.cause)
-        except (ValueError, OSError, RuntimeError, MemoryError) as exc:  # one bad file must not end the run
+        except Exception as exc:  # one bad file must never end the run: its cause is listed instead
             return _Item(index, path, error=f"{type(exc).__name__}: {exc}")
         pid = meta.get("PatientID") if isinstance(meta, dict) else None
         return _Item(index, path, image, (int(pixels.shape[0]), int(pixels.shape[1])),
@@ -420,8 +422,7 @@ class Predictor:
         images = images.to(self.device, memory_format=torch.channels_last)
         with self._autocast():
             outputs = self.model(images)
-        outputs = _to_float32(outputs)
-        return self.model.detect(outputs)
+        return self.model.detect(outputs)  # decodes in fp32 whatever the head's dtype
 
     def __call__(self, images: torch.Tensor) -> list[_RawPrediction]:
         """images: float ``[B, 1, S, S]`` in ``[0, 1]`` -> ``B`` raw predictions in input pixels."""
@@ -444,21 +445,6 @@ class Predictor:
                 scores = scores * probs[OPACITY_INDEX]
             out.append(_RawPrediction(boxes.reshape(-1, 4), scores.reshape(-1), probs))
         return out
-
-
-def _to_float32(outputs: Any) -> Any:
-    """Cast every floating tensor of the model's output container to float32 (after bf16 autocast)."""
-    def cast(v: Any) -> Any:
-        return v.float() if torch.is_tensor(v) and v.is_floating_point() else v
-
-    if hasattr(outputs, "_replace"):  # NamedTuple
-        return outputs._replace(**{k: cast(v) for k, v in outputs._asdict().items()})
-    if hasattr(outputs, "__dataclass_fields__"):
-        import dataclasses
-
-        return dataclasses.replace(outputs, **{f: cast(getattr(outputs, f))
-                                               for f in outputs.__dataclass_fields__})
-    return outputs
 
 
 def predict(
@@ -646,3 +632,152 @@ def write_prediction_submission(result: PredictionResult, path: Path | str) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     write_submission(path, result.submission_boxes(), patient_ids=list(result.predictions))
     return path
+
+
+# ---------------------------------------------------------------- ONNX
+#: Output names of the exported graph, in order.
+ONNX_OUTPUTS: tuple[str, ...] = ("cls_logits", "box_deltas", "global_logits", "anchors")
+ONNX_FORMAT = "pneumodet-onnx-1"
+
+
+class OnnxNetwork(nn.Module):
+    """The network with plain tensor outputs, for export; the anchors (fixed by ``S``) are a constant."""
+
+    def __init__(self, model: nn.Module, image_size: int) -> None:
+        super().__init__()
+        self.model = model
+        anchors, per_level = model.anchor_generator(image_size, image_size, torch.device("cpu"))
+        self.register_buffer("anchors", anchors.clone(), persistent=False)
+        self.anchors_per_level = tuple(int(n) for n in per_level)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """images ``[B, 1, S, S]`` -> cls_logits ``[B, A]``, box_deltas ``[B, A, 4]``, global_logits ``[B, C]``,
+        anchors ``[A, 4]``."""
+        out = self.model(images)
+        return out.cls_logits, out.box_deltas, out.global_logits, self.anchors.clone()  # an op: the tracer needs one
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """Where :func:`export_onnx` wrote the graph and its side file, and the input side it fixed."""
+
+    path: Path
+    side_file: Path
+    image_size: int
+    num_anchors: int
+
+    def summary(self) -> str:
+        return (f"wrote {self.path} (input images [B, 1, {self.image_size}, {self.image_size}] in [0, 1], "
+                f"{self.num_anchors} anchors) and {self.side_file}")
+
+
+def onnx_side_file(onnx_path: Path | str) -> Path:
+    """``model.onnx`` -> ``model.onnx.json``."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(onnx_path.name + ".json")
+
+
+def export_onnx(model_source: Path | str, out_path: Path | str, *, image_size: int | None = None,
+                opset: int = 17) -> OnnxExport:
+    """Export the network (no decoding) to ONNX with a dynamic batch axis; see the module docstring.
+
+    Args:
+        model_source: a training run directory (its ``best_model.pt``) or a checkpoint file.
+        out_path: the ``.onnx`` file; the side file :func:`onnx_side_file` goes next to it.
+        image_size: input side ``S`` (default: the size the model was trained at).
+    """
+    model, extra = load_for_inference(model_source)
+    size = int(image_size) if image_size is not None else model_image_size(model, extra)
+    if size < 2 ** max(model.config.pyramid_levels):
+        raise ConfigError(f"image_size {size} is smaller than the coarsest pyramid stride "
+                          f"{2 ** max(model.config.pyramid_levels)}")
+    network = OnnxNetwork(model.float().eval(), size).eval()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    batch_axes = {name: {0: "batch"} for name in ("images", *ONNX_OUTPUTS[:3])}
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of torch.export's, which needs onnxscript.
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message=".*feature will be removed.*")
+        # The anchors are meant to be constants of the graph: S is fixed at export.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(network, (torch.rand(2, 1, size, size),), str(out_path), dynamo=False,
+                          input_names=["images"], output_names=list(ONNX_OUTPUTS), dynamic_axes=batch_axes,
+                          opset_version=opset, do_constant_folding=True)
+    side = {
+        "format": ONNX_FORMAT,
+        "image_size": size,
+        "input": f"images: float32 [B, 1, {size}, {size}], grey pixels / 255 after area resize",
+        "outputs": list(ONNX_OUTPUTS),
+        "anchors_per_level": list(network.anchors_per_level),
+        "class_names": list(CLASS_NAMES),
+        "threshold": extra.get("threshold"),
+        "model_config": model.config.to_dict(),
+    }
+    side_file = onnx_side_file(out_path)
+    side_file.write_text(json.dumps(side, indent=1) + "\n", encoding="utf-8")
+    return OnnxExport(out_path, side_file, size, int(network.anchors.shape[0]))
+
+
+def _read_side_file(side: Path | str | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(side, dict):
+        return side
+    try:
+        meta = json.loads(Path(side).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{side}: cannot read the ONNX side file: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != ONNX_FORMAT:
+        raise ConfigError(f"{side}: not a pneumodet ONNX side file (format {ONNX_FORMAT!r} expected)")
+    return meta
+
+
+def decode_onnx_outputs(
+    outputs: Sequence[np.ndarray | torch.Tensor],
+    side: Path | str | dict[str, Any],
+    *,
+    score_thresh: float | None = None,
+    nms_thresh: float | None = None,
+    max_detections: int | None = None,
+) -> list[Any]:
+    """Boxes from the four ONNX outputs, by the same decoding as :meth:`PneumoRetinaNet.detect`.
+
+    Args:
+        outputs: ``cls_logits [B, A]``, ``box_deltas [B, A, 4]``, ``global_logits [B, C]``,
+            ``anchors [A, 4]`` (numpy or torch), in :data:`ONNX_OUTPUTS` order.
+        side: the side file written by :func:`export_onnx` (path or its parsed dict).
+        score_thresh, nms_thresh, max_detections: override the model configuration's values.
+
+    Returns:
+        One :class:`~pneumodet.model.Detections` per image: boxes ``[N, 4]`` xyxy in ``S x S`` input
+        pixels, scores ``[N]``, class probabilities ``[C]``.
+    """
+    from pneumodet.model import BoxCoder, HeadOutputs, ModelConfig
+    from pneumodet.model.retinanet import postprocess
+
+    meta = _read_side_file(side)
+    config = ModelConfig.from_dict(meta["model_config"])
+    if len(outputs) != len(ONNX_OUTPUTS):
+        raise ConfigError(f"expected the {len(ONNX_OUTPUTS)} ONNX outputs {ONNX_OUTPUTS}, got {len(outputs)}")
+    cls_logits, box_deltas, global_logits, anchors = (torch.as_tensor(np.asarray(o)) for o in outputs)
+    size = int(meta["image_size"])
+    head = HeadOutputs(cls_logits, box_deltas, global_logits, anchors.float(),
+                       tuple(meta["anchors_per_level"]), (size, size))
+    return postprocess(
+        head, BoxCoder(),
+        score_thresh=config.score_thresh if score_thresh is None else score_thresh,
+        nms_thresh=config.nms_thresh if nms_thresh is None else nms_thresh,
+        topk_per_level=config.topk_per_level,
+        max_detections=config.max_detections if max_detections is None else max_detections,
+    )
+
+
+def run_onnx(onnx_path: Path | str, images: np.ndarray, **decode_options: Any) -> list[Any]:
+    """End to end with onnxruntime: ``images`` float32 ``[B, 1, S, S]`` in ``[0, 1]`` -> detections
+    (see :func:`decode_onnx_outputs`)."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ConfigError("running an ONNX model needs onnxruntime (pip install onnxruntime)") from exc
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    outputs = session.run(list(ONNX_OUTPUTS), {"images": np.ascontiguousarray(images, dtype=np.float32)})
+    return decode_onnx_outputs(outputs, onnx_side_file(onnx_path), **decode_options)

@@ -1,0 +1,99 @@
+"""ONNX export: onnxruntime agrees with PyTorch on the raw outputs and, after decoding, on the boxes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pneumodet.cli import main
+from pneumodet.errors import CheckpointError, ConfigError
+from pneumodet.inference import ONNX_OUTPUTS, decode_onnx_outputs, export_onnx, onnx_side_file, run_onnx
+from pneumodet.model import ModelConfig, build_model
+from pneumodet.model.checkpoint import save_checkpoint
+
+onnxruntime = pytest.importorskip("onnxruntime")
+
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory with a small random model whose scores spread (so NMS and top-k matter)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(encoder="resnet18", image_size=SIZE)).eval()
+    with torch.no_grad():
+        model.cls_head.logits.weight.normal_(std=0.3)
+        model.cls_head.logits.bias.zero_()  # scores around 0.5 rather than the 0.01 prior
+        model.box_head.deltas.weight.normal_(std=0.05)
+    out = tmp_path_factory.mktemp("export_run")
+    save_checkpoint(out / "best_model.pt", model, extra={"threshold": 0.4, "image_size": SIZE})
+    return out, model
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory):
+    out, _ = run_dir
+    return export_onnx(out, tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+def _images(batch: int, seed: int = 1) -> torch.Tensor:
+    return torch.rand(batch, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def test_onnxruntime_matches_pytorch_on_every_output_with_a_dynamic_batch(run_dir, exported):
+    _, model = run_dir
+    session = onnxruntime.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == list(ONNX_OUTPUTS)
+    for batch in (1, 3):  # exported with batch 2: other sizes must work too
+        images = _images(batch)
+        with torch.no_grad():
+            ref = model(images)
+        got = dict(zip(ONNX_OUTPUTS, session.run(None, {"images": images.numpy()}), strict=True))
+        for name in ("cls_logits", "global_logits", "box_deltas"):
+            expected = getattr(ref, name).numpy()
+            assert got[name].shape == expected.shape
+            np.testing.assert_allclose(got[name], expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+        np.testing.assert_array_equal(got["anchors"], ref.anchors.numpy())
+
+
+def test_decoded_onnx_boxes_match_model_detect(run_dir, exported):
+    _, model = run_dir
+    images = _images(2, seed=2)
+    with torch.no_grad():
+        expected = model.detect(model(images), score_thresh=0.3)
+    got = run_onnx(exported.path, images.numpy(), score_thresh=0.3)
+    assert len(got) == 2
+    assert sum(len(d.boxes) for d in expected) > 4, "the test model must produce boxes to compare"
+    for e, g in zip(expected, got, strict=True):
+        assert len(g.boxes) == len(e.boxes)
+        torch.testing.assert_close(g.boxes, e.boxes, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(g.scores, e.scores, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(g.class_probs, e.class_probs, rtol=1e-4, atol=1e-6)
+
+
+def test_side_file_records_what_decoding_needs(run_dir, exported):
+    side = json.loads(onnx_side_file(exported.path).read_text())
+    assert side["image_size"] == SIZE and side["threshold"] == 0.4
+    assert sum(side["anchors_per_level"]) == exported.num_anchors
+    assert side["class_names"][1] == "Lung Opacity"
+    with pytest.raises(ConfigError, match="expected the 4 ONNX outputs"):
+        decode_onnx_outputs([np.zeros((1, 3))], side)
+    bad = exported.path.with_name("bad.json")
+    bad.write_text("{}")
+    with pytest.raises(ConfigError, match="not a pneumodet ONNX side file"):
+        decode_onnx_outputs([np.zeros(1)] * 4, bad)
+
+
+def test_export_command_and_its_errors(run_dir, tmp_path, capsys):
+    out, _ = run_dir
+    target = tmp_path / "sub" / "m.onnx"
+    assert main(["export", str(out / "best_model.pt"), "--onnx", str(target), "--image-size", "64"]) == 0
+    assert "[B, 1, 64, 64]" in capsys.readouterr().out
+    assert target.is_file() and json.loads(onnx_side_file(target).read_text())["image_size"] == 64
+    assert main(["export", str(tmp_path / "nothing"), "--onnx", str(target)]) == 2
+    assert "no such checkpoint file or run directory" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="best_model.pt"):
+        export_onnx(tmp_path, tmp_path / "x.onnx")
