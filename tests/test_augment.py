@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -14,13 +16,17 @@ from pneumodet.data.augment import (
     AffineParams,
     Augmentation,
     PhotometricParams,
+    PreviewSample,
     adjust_gamma,
     affine_matrix,
     build_augmentation,
+    preview_figure,
+    preview_samples,
     transform_boxes,
     warp_image,
 )
-from pneumodet.errors import ConfigError
+from pneumodet.data.records import CLASS_NAMES, PatientRecord
+from pneumodet.errors import ConfigError, DicomReadError
 
 SIZE = 128
 FAST = settings(max_examples=40, deadline=None)
@@ -301,3 +307,59 @@ def test_noise_salt_pepper_and_blur_do_what_they_say():
     blurred, _ = Augmentation("heavy", 64).apply(step, np.zeros((0, 4)), AffineParams(),
                                                  PhotometricParams(blur_sigma=2.0), rng)
     assert 0 < blurred[0, 31] < 255 and 0 < blurred[0, 32] < 255 and blurred[0, 0] == 0
+
+
+# ---------------------------------------------------------------- preview
+def _record(pid: str, boxes=(), path: str | None = "x.dcm") -> PatientRecord:
+    target = int(bool(boxes))
+    return PatientRecord(pid, CLASS_NAMES[1] if target else CLASS_NAMES[0], target, tuple(boxes),
+                         Path(f"/data/{pid}.dcm") if path else None)
+
+
+def _fake_read(path: Path):
+    if "broken" in path.name:
+        raise DicomReadError(path, "not a DICOM file")
+    return np.full((256, 256), 100, np.uint8), None
+
+
+def test_preview_samples_prefer_boxes_and_skip_unreadable_images():
+    records = [_record("n1"), _record("b1", [(10.0, 10.0, 50.0, 60.0)]), _record("n2"),
+               _record("broken", [(1.0, 1.0, 9.0, 9.0)]), _record("b2", [(5.0, 5.0, 30.0, 40.0)]),
+               _record("noimage", [(1.0, 1.0, 9.0, 9.0)], path=None)]
+    samples, skipped = preview_samples(records, 3, seed=0, read=_fake_read)
+    names = [s.name for s in samples]
+    assert set(names[:2]) == {"b1", "b2"} and names[2] in {"n1", "n2"}
+    assert len(skipped) == 1 and "broken.dcm: not a DICOM file" in skipped[0]
+    b1 = samples[names.index("b1")]
+    np.testing.assert_array_equal(b1.boxes, [[10, 10, 50, 60]])
+    assert [s.name for s in preview_samples(records, 3, seed=0, read=_fake_read)[0]] == names
+
+
+def test_preview_samples_errors_are_clear():
+    with pytest.raises(ConfigError, match="n=0"):
+        preview_samples([_record("a")], 0, read=_fake_read)
+    with pytest.raises(DicomReadError, match="none of the 1 patients has an image"):
+        preview_samples([_record("a", path=None)], 2, read=_fake_read)
+    with pytest.raises(DicomReadError, match="none of the 1 images could be read"):
+        preview_samples([_record("broken")], 2, read=_fake_read)
+
+
+def test_preview_figure_shows_every_level_with_its_boxes():
+    image = np.zeros((200, 200), np.uint8)
+    image[50:120, 40:100] = 200
+    samples = [PreviewSample("p1", image, np.array([[40, 50, 100, 120]], np.float32))]
+    fig = preview_figure(samples, LEVELS, 64, seed=1)
+    axes = fig.axes
+    assert len(axes) == 1 + len(LEVELS)
+    assert "original 200x200, 1 box(es)" in axes[0].get_title()
+    for ax, level in zip(axes[1:], LEVELS, strict=True):
+        assert ax.get_title().startswith(f"{level}, 1 box(es)")
+        (rect,) = ax.patches  # the box, drawn where the augmentation put it
+        assert rect.get_edgecolor()[:3] == (0.0, 1.0, 0.0)
+    np.testing.assert_allclose(axes[1].patches[0].get_bbox().bounds, (12.8, 16.0, 19.2, 22.4), atol=1e-4)
+    assert "all levels at 64 px, seed 1" in fig._suptitle.get_text()
+    again = preview_figure(samples, LEVELS, 64, seed=1)
+    for a, b in zip(fig.axes, again.axes, strict=True):
+        np.testing.assert_array_equal(a.images[0].get_array(), b.images[0].get_array())
+    three = preview_figure(samples, ["heavy"], 64, seed=1, draws=3)
+    assert [ax.get_title().split(",")[0] for ax in three.axes[1:]] == ["heavy #1", "heavy #2", "heavy #3"]

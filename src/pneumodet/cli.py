@@ -351,12 +351,42 @@ def _run_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, patients=args.patients, seed=args.seed)
 
 
+# ---------------------------------------------------------------- augment-preview
+def _add_augment_preview(p: argparse.ArgumentParser) -> None:
+    _add_data_source(p)
+    p.add_argument("--level", default="heavy",
+                   help="resize_only, light, heavy, heavy_with_rotations, or all (default heavy)")
+    p.add_argument("--n", type=int, default=4, help="patients to show, those with boxes first (default 4)")
+    p.add_argument("--out", type=Path, default=Path("augment_preview.png"), help="PNG to write")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same picture")
+    p.add_argument("--size", type=int, default=512, help="training image side in pixels (default 512)")
+    p.add_argument("--draws", type=int, default=3, help="augmented versions per image for one level (default 3)")
+
+
+def _run_augment_preview(args: argparse.Namespace) -> None:
+    from pneumodet.data.augment import LEVELS, build_augmentation, preview_figure, preview_samples
+
+    levels = LEVELS if args.level == "all" else (args.level,)
+    build_augmentation(levels[0], args.size)  # an unknown level fails before any image is read
+    data = _load_records(args)
+    samples, skipped = preview_samples(data.records, args.n, seed=args.seed)
+    for line in skipped:
+        print(f"skipped unreadable image {line}", file=sys.stderr)
+    fig = preview_figure(samples, levels, args.size, seed=args.seed, draws=1 if args.level == "all" else args.draws)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}: {len(samples)} patient(s) x {', '.join(levels)}"
+          + (f"; {len(skipped)} unreadable image(s) skipped" if skipped else ""))
+
+
 _Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]
 
 COMMANDS: list[_Command] = [
     ("synth", "write a synthetic RSNA-format dataset (Kaggle layout)", _add_synth, _run_synth),
     ("split", "split patients into train/val/test (patient level, stratified)", _add_split, _run_split),
     ("cache", "decode every DICOM once into a memory-mapped image cache", _add_cache, _run_cache),
+    ("augment-preview", "before/after grid of an augmentation level on real images, boxes drawn",
+     _add_augment_preview, _run_augment_preview),
     ("score", "score a Kaggle submission CSV against the labels (RSNA mAP)", _add_score, _run_score),
     ("predict", "predict boxes for DICOM files: Kaggle submission, JSON, overlays", _add_predict, _run_predict),
     ("export", "export the network to ONNX (decoding documented and provided in Python)", _add_export,
