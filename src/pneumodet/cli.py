@@ -321,6 +321,8 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", choices=["val", "test"], help="set to evaluate (default test)")
     p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 where the hardware has it")
+    p.add_argument("--tta", choices=["hflip"], help="test-time augmentation, as predict's")
+    p.add_argument("--gate", action="store_true", help="scale box scores by P(Lung Opacity), as predict's")
     p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval_<split>)")
 
 
@@ -328,7 +330,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     from pneumodet.evaluation import evaluate
 
     metrics = evaluate(args.run_dir, split=args.split, batch_size=args.batch_size, precision=args.precision,
-                       out_dir=args.out)
+                       tta=args.tta, gate=args.gate, out_dir=args.out)
     gc = metrics["global_class"]
     print(f"{args.split}: RSNA mAP {metrics['rsna_map']:.4f} over {metrics['images_scored']} images at "
           f"confidence threshold {metrics['threshold']:.2f} (chosen on validation)")

@@ -26,11 +26,11 @@ def run_demo(out: Path, *, patients: int = 300, seed: int = 0, epochs: int | Non
     from pneumodet.data.split import split_patients, write_split
     from pneumodet.data.synth import make_synthetic_dataset
     from pneumodet.evaluation import evaluate
-    from pneumodet.inference import predict
+    from pneumodet.inference import predict, write_prediction_submission
     from pneumodet.metrics import rsna_map
     from pneumodet.reports.eda import build_eda_report
     from pneumodet.reports.runs import write_run_report
-    from pneumodet.submission import read_ground_truth, write_submission
+    from pneumodet.submission import read_ground_truth
     from pneumodet.training import train
 
     out = Path(out)
@@ -65,11 +65,10 @@ def run_demo(out: Path, *, patients: int = 300, seed: int = 0, epochs: int | Non
 
     test_records = read_split(split_dir)["test"]
     prediction = predict(run_dir, [r.image_path for r in test_records if r.image_path], progress=progress)
-    submission = out / "submission.csv"
-    write_submission(submission, prediction.submission_rows())
+    submission = write_prediction_submission(prediction, out / "submission.csv")
     ground_truth = read_ground_truth(data_dir / "stage_2_train_labels.csv")
     scored = rsna_map({r.patient_id: ground_truth[r.patient_id] for r in test_records},
-                      prediction.submission_rows())
+                      prediction.submission_boxes())
     step("reports")
     run_report = write_run_report(run_dir)
     summary = {

@@ -7,7 +7,6 @@ the evaluated split is drawn for information only, with the chosen threshold mar
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -22,45 +21,27 @@ from pneumodet.config import TrainConfig
 from pneumodet.data.records import CLASS_INDEX, CLASS_NAMES
 from pneumodet.errors import ConfigError
 from pneumodet.metrics import rsna_map, sweep_thresholds, xyxy_to_xywh
-from pneumodet.training import VALIDATION_SCORE_THRESHOLD, hardware_has_bf16
 
 #: Sets that can be evaluated (the training set is augmented, so it is not one of them).
 SPLITS = ("val", "test")
 
 
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on the device when asked (``precision='bf16'``), else a no-op context."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def default_precision(device: torch.device) -> str:
-    return "bf16" if hardware_has_bf16("gpu" if device.type == "cuda" else "cpu") else "fp32"
-
-
 @dataclass
 class BatchOutput:
-    """One batch through the model: detections in the input frame and class probabilities."""
+    """One batch through the predictor: boxes (xyxy, input frame) and scores per image, class probabilities."""
 
     batch: dict[str, Any]
-    detections: list[Any]
+    predictions: list[Any]
     class_probs: np.ndarray  # [B, C]
 
 
-@torch.inference_mode()
-def run_batches(model: torch.nn.Module, loader: Any, *, device: torch.device, precision: str,
-                score_thresh: float = VALIDATION_SCORE_THRESHOLD) -> Iterator[BatchOutput]:
-    """Run ``model`` over collated batches (``images`` uint8 ``[B,1,S,S]``) with channels_last and the
-    chosen precision; boxes are decoded in fp32 by the model."""
-    model.eval().to(device).to(memory_format=torch.channels_last)
+def run_batches(predictor: Any, loader: Any) -> Iterator[BatchOutput]:
+    """Run a :class:`pneumodet.inference.Predictor` over collated batches (``images`` uint8
+    ``[B,1,S,S]``): the same precision, TTA and gating as ``predict``."""
     for batch in loader:
-        images = batch["images"].to(device).float().div_(255.0).contiguous(memory_format=torch.channels_last)
-        with autocast_for(device, precision):
-            outputs = model(images)
-        detections = model.detect(outputs, score_thresh=score_thresh)
-        probs = np.stack([d.class_probs.float().cpu().numpy() for d in detections])
-        yield BatchOutput(batch=batch, detections=detections, class_probs=probs)
+        predictions = predictor(batch["images"].float().div_(255.0))
+        probs = np.stack([p.class_probs.numpy() for p in predictions])
+        yield BatchOutput(batch=batch, predictions=predictions, class_probs=probs)
 
 
 def binary_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -87,30 +68,33 @@ def confusion_matrix(true: np.ndarray, pred: np.ndarray, n_classes: int) -> np.n
 
 
 def evaluate(run_dir: Path, *, split: str = "test", batch_size: int = 16, num_workers: int = 0,
-             precision: str | None = None, device: str = "auto", out_dir: Path | None = None) -> dict[str, Any]:
+             precision: str | None = None, device: str = "auto", tta: str | None = None, gate: bool = False,
+             out_dir: Path | None = None) -> dict[str, Any]:
     """Score a run's best model on ``split`` and write ``metrics.json`` and plots to
-    ``RUN_DIR/eval_<split>/`` (or ``out_dir``). Returns the metrics dict."""
+    ``RUN_DIR/eval_<split>/`` (or ``out_dir``). ``precision``, ``tta`` and ``gate`` are ``predict``'s.
+    Returns the metrics dict."""
+    from pneumodet.inference import Predictor
+
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     run_dir = Path(run_dir)
     model, extra, config = load_run(run_dir)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    precision = precision or default_precision(dev)
+    predictor = Predictor(model, config.image_size, tta=tta, gate=gate, device=dev, precision=precision)
     loader = split_loader(config, split, batch_size=batch_size, num_workers=num_workers)
 
     gt: dict[str, np.ndarray] = {}
     preds: dict[str, np.ndarray] = {}
     true_class: list[int] = []
     probs: list[np.ndarray] = []
-    for out in run_batches(model, loader, device=dev, precision=precision):
+    for out in run_batches(predictor, loader):
         batch = out.batch
         boxes = batch["boxes"].float().numpy()
         for i, pid in enumerate(batch["patient_ids"]):
             gt[pid] = xyxy_to_xywh(boxes[i, : int(batch["num_boxes"][i])])
-            det = out.detections[i]
-            preds[pid] = np.concatenate([det.scores.float().cpu().numpy()[:, None],
-                                         xyxy_to_xywh(det.boxes.float().cpu().numpy())], axis=1)
+            pred = out.predictions[i]
+            preds[pid] = np.concatenate([pred.scores.numpy()[:, None], xyxy_to_xywh(pred.boxes.numpy())], axis=1)
         true_class.extend(batch["classes"].tolist())
         probs.append(out.class_probs)
 
@@ -123,7 +107,8 @@ def evaluate(run_dir: Path, *, split: str = "test", batch_size: int = 16, num_wo
     opacity = CLASS_INDEX["Lung Opacity"]
     curve = _threshold_curve(gt, preds)
     metrics = {
-        "run": str(run_dir), "split": split, "images": len(gt), "precision": precision,
+        "run": str(run_dir), "split": split, "images": len(gt), "precision": predictor.precision,
+        "tta": tta, "gate": gate,
         "threshold": threshold, "threshold_source": "chosen on the validation set during training",
         "rsna_map": result.score, "rsna_map_per_iou_threshold": result.to_dict()["per_threshold"],
         "images_scored": result.n_images, "images_excluded": result.n_excluded,
@@ -152,7 +137,7 @@ def _threshold_curve(gt: dict[str, np.ndarray], preds: dict[str, np.ndarray]) ->
 
 def load_run(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any], TrainConfig]:
     """The best model of a run, its stored extras (validation threshold) and its training config."""
-    from pneumodet.model import load_checkpoint
+    from pneumodet.model.checkpoint import load_checkpoint
 
     run_dir = Path(run_dir)
     for needed in ("config.yaml", "best_model.pt"):

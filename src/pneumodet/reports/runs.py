@@ -69,7 +69,7 @@ def _split_samples(split_dir: Path) -> int | None:
         info = json.loads((split_dir / "split.json").read_text())
     except (OSError, ValueError):
         return None
-    return info.get("samples") or info.get("patients_total") or None
+    return info.get("samples") or sum(info.get("patients", {}).values()) or None
 
 
 # ------------------------------------------------------------------------------------------ one run
@@ -113,21 +113,19 @@ def _map_figure(metrics: pd.DataFrame) -> plt.Figure:
 
 def _sample_predictions(run_dir: Path, n: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
     """``(image, gt boxes, kept predicted boxes with scores, caption)`` for the first validation images."""
-    import torch
-
-    from pneumodet.evaluation import default_precision, load_run, run_batches, split_loader
+    from pneumodet.evaluation import load_run, run_batches, split_loader
+    from pneumodet.inference import Predictor
 
     model, extra, config = load_run(run_dir)
     loader = split_loader(config, "val", batch_size=min(n, 8))
     threshold = float(extra["threshold"])
     samples = []
-    for out in run_batches(model, loader, device=torch.device("cpu"),
-                           precision=default_precision(torch.device("cpu"))):
+    for out in run_batches(Predictor(model, config.image_size), loader):
         batch = out.batch
         for i, pid in enumerate(batch["patient_ids"]):
-            det = out.detections[i]
-            keep = det.scores.float().numpy() >= threshold
-            boxes = np.concatenate([det.scores.float().numpy()[keep, None], det.boxes.float().numpy()[keep]], 1)
+            pred = out.predictions[i]
+            keep = pred.scores.numpy() >= threshold
+            boxes = np.concatenate([pred.scores.numpy()[keep, None], pred.boxes.numpy()[keep]], 1)
             gt = batch["boxes"][i, : int(batch["num_boxes"][i])].numpy()
             probs = out.class_probs[i]
             samples.append((batch["images"][i, 0].numpy(), gt, boxes,
