@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 from tqdm.auto import tqdm
 
 from pneumodet.data.records import CLASS_NAMES, RSNA_IMAGE_SIZE, PatientRecord
+from pneumodet.data.rsna import PROBLEM_KINDS, Problem, ValidationReport, load_rsna
 from pneumodet.errors import DicomReadError
 from pneumodet.reports.html import HtmlReport, Section
 
@@ -48,6 +49,7 @@ _POOL_MIN_FILES = 512
 _THUMB_SIZE = 360
 _CLASS_COLORS = {"Normal": "#4c9f70", "Lung Opacity": "#d1495b", "No Lung Opacity / Not Normal": "#edae49"}
 _VIEW_COLORS = {"AP": "#3066be", "PA": "#e07a5f"}
+_IMAGE_KINDS = ("image_missing", "image_unlabelled")
 _META_COLUMNS = ("patient_id", "age", "sex", "view_position", "modality", "body_part", "rows", "columns")
 
 
@@ -189,13 +191,23 @@ def _field_by_class(meta: pd.DataFrame, field: str) -> pd.DataFrame:
     return table.rename_axis(columns=None).reset_index()
 
 
-def _box_stats(boxes: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
-    cols = ["x", "y", "width", "height", "area", "aspect"]
-    if by is None:
-        stats = boxes[cols].describe().T
-        return stats.rename_axis("quantity").reset_index()
-    stats = boxes.groupby(by)[cols].describe().stack(level=0, future_stack=True)
-    return stats.rename_axis([by, "quantity"]).reset_index()
+_BOX_QUANTITIES = ["x", "y", "width", "height", "area", "aspect"]
+
+
+def _box_stats(boxes: pd.DataFrame) -> pd.DataFrame:
+    """count, mean, std, min, quartiles and max of each box quantity (one row per quantity)."""
+    stats = boxes[_BOX_QUANTITIES].describe().T
+    stats["count"] = stats["count"].astype(int)
+    return stats.rename_axis("quantity").reset_index()
+
+
+def _box_medians(boxes: pd.DataFrame, by: str) -> pd.DataFrame:
+    """Boxes, patients and the median of each box quantity, per value of ``by``."""
+    groups = boxes.groupby(by)
+    table = groups[_BOX_QUANTITIES].median().add_prefix("median_")
+    table.insert(0, "patients", groups["patient_id"].nunique())
+    table.insert(0, "boxes", groups.size())
+    return table.reset_index()
 
 
 # ---------------------------------------------------------------- figures
@@ -220,7 +232,7 @@ def _class_share_figure(classes: pd.DataFrame) -> Figure:
         ax.xaxis.set_major_formatter(PercentFormatter())
         ax.set_xlabel("share (%)")
         ax.set_title(title)
-        ax.invert_yaxis()
+    axes[0].invert_yaxis()  # shared y: inverting once flips both
     fig.suptitle("Class shares")
     return fig
 
@@ -242,7 +254,7 @@ def _targets_within_class_figure(class_by_target: pd.DataFrame) -> Figure:
     ax.invert_yaxis()
     ax.set_xlabel("patients")
     ax.set_title("Target within each class (patients)")
-    ax.legend(loc="lower right", frameon=False)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     return fig
 
 
@@ -271,8 +283,9 @@ def _age_figure(meta: pd.DataFrame) -> Figure:
                          label=f"{name} (n={len(ages)})")
     axes[0].set_xlabel("age (years)")
     axes[0].set_ylabel("patients")
+    axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_title(f"Age by class (ages ≤ {IMPOSSIBLE_AGE:g})")
-    axes[0].legend(frameon=False, fontsize=8)
+    axes[0].legend(frameon=False, fontsize=8, loc="upper right")
     groups = [valid.loc[valid["class"] == n, "age"].to_numpy() for n in CLASS_NAMES]
     present = [i for i, g in enumerate(groups) if len(g)]
     if present:
@@ -334,6 +347,7 @@ def _centre_density_figure(boxes: pd.DataFrame) -> Figure:
 
 def _shape_figure(boxes: pd.DataFrame) -> Figure:
     fig = _fig(12, 3.6)
+    fig.get_layout_engine().set(wspace=0.06)  # room between the colour bar and the next panel
     axes = fig.subplots(1, 3)
     area_k = boxes["area"] / 1000
     hb = axes[0].hexbin(area_k, boxes["aspect"], gridsize=35, cmap="viridis", mincnt=1, bins="log")
@@ -394,8 +408,8 @@ def _thumbnail(image: np.ndarray, boxes: Sequence[Sequence[float]] = ()) -> np.n
 def _caption(record: PatientRecord, meta: dict[str, Any]) -> str:
     age = meta.get("age")
     age_text = "?" if age is None or pd.isna(age) else f"{age:g}"
-    return (f"`{record.patient_id}` · {meta.get('modality') or '?'} · age {age_text} · "
-            f"sex {meta.get('sex') or '?'} · {meta.get('view_position') or '?'} · "
+    return (f"`{record.patient_id}`\n{meta.get('modality') or '?'} · age {age_text} · "
+            f"sex {meta.get('sex') or '?'} · {meta.get('view_position') or '?'}\n"
             f"Target {record.target} · {record.label_class}")
 
 
@@ -428,20 +442,39 @@ def _sample(records: Sequence[PatientRecord], n: int, rng: np.random.Generator) 
 
 
 # ---------------------------------------------------------------- the report
-def _overview(report: Any, patients: pd.DataFrame, scan: MetadataScan) -> pd.DataFrame:
-    multi = int((patients["label_rows"] > 1).sum())
+def _label_problems(report: ValidationReport) -> list[Problem]:
+    """Problems of the labels themselves: everything but the per-image kinds (counted on their own)."""
+    return [p for p in report.problems if p.kind not in _IMAGE_KINDS]
+
+
+def _overview(report: ValidationReport, patients: pd.DataFrame, scan: MetadataScan) -> pd.DataFrame:
     rows = [
         ("label rows (CSV lines)", report.label_rows),
+        ("label rows skipped", report.skipped_rows),
         ("unique patients (images)", report.patients),
-        ("patients with several rows (multi-box)", multi),
+        ("patients dropped (unusable rows)", report.patients_dropped),
+        ("patients with several rows (multi-box)", int((patients["label_rows"] > 1).sum())),
         ("boxes in total", report.boxes),
         ("images found", report.images_found),
         ("images missing", report.images_missing),
-        ("label problems found", len(report.problems)),
+        ("image files without labels", report.images_unlabelled),
+        ("label problems found", len(_label_problems(report))),
         ("DICOM headers read", len(scan.frame)),
         ("DICOM files unreadable", len(scan.failed)),
     ]
     return pd.DataFrame(rows, columns=["quantity", "value"])
+
+
+def _problem_kinds(report: ValidationReport) -> pd.DataFrame:
+    rows = [(kind, PROBLEM_KINDS[kind][0], PROBLEM_KINDS[kind][1], n) for kind, n in report.counts_by_kind().items()]
+    return pd.DataFrame(rows, columns=["kind", "severity", "effect", "count"])
+
+
+def _problem_list(problems: Sequence[Problem]) -> pd.DataFrame:
+    rows = [(p.file, p.line, p.kind, p.severity, p.patient_id, p.message) for p in problems]
+    frame = pd.DataFrame(rows, columns=["file", "line", "kind", "severity", "patient_id", "message"])
+    frame["line"] = frame["line"].astype("Int64")
+    return frame
 
 
 def _with_class(meta: pd.DataFrame, patients: pd.DataFrame) -> pd.DataFrame:
@@ -484,8 +517,6 @@ def build_eda_report(data_dir: str | os.PathLike[str], out_dir: str | os.PathLik
         patients_per_target, boxes_per_patient`` (``{"0": n, ...}``), ``age`` (``min, median, max,
         impossible``), ``sex``, ``view_position``, ``headers_read``, ``headers_failed``, ``tables``.
     """
-    from pneumodet.data.rsna import load_rsna
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = load_rsna(data_dir, labels=labels, classes=classes, images=images, strict=strict)
@@ -504,7 +535,7 @@ def build_eda_report(data_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     _boxes_section(html, writer, patients, bpp)
     class_table, target_table, class_by_target = (_class_table(patients), _target_table(patients),
                                                   _class_by_target(patients))
-    _classes_section(html, writer, class_table, target_table, class_by_target)
+    _classes_section(html, writer, vreport, class_table, target_table, class_by_target)
     impossible = _metadata_section(html, writer, records, meta, scan)
     image_failures = _images_section(html, records, rng, samples_per_class, opacity_grid)
     _box_section(html, writer, boxes, meta)
@@ -522,16 +553,22 @@ def build_eda_report(data_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     return summary
 
 
-def _overview_section(html: HtmlReport, writer: _Writer, overview: pd.DataFrame, vreport: Any) -> None:
+def _overview_section(html: HtmlReport, writer: _Writer, overview: pd.DataFrame,
+                      vreport: ValidationReport) -> None:
     sec = html.section("Overview", "overview")
     sec.text("A **label row** is one line of the labels CSV: a Lung Opacity patient has one row per box, "
              "every other patient one row without coordinates. A **patient** is one image.")
     writer.table(sec, "overview", overview, "Dataset at a glance")
-    problems = list(vreport.problems)
+    if vreport.images_dir is None:
+        sec.note("No images folder: a labels-only run. The image sections below say so.")
+    kinds = _problem_kinds(vreport)
+    if len(kinds):
+        sec.heading("What the label check found")
+        writer.table(sec, "problem_kinds", kinds, "Problems per kind, with their effect on rows and patients")
+    problems = _label_problems(vreport)
     if problems:
-        sec.heading(f"Label problems ({len(problems)})")
-        writer.table(sec, "label_problems", pd.DataFrame({"problem": [str(p) for p in problems]}),
-                     "Problems found while reading the labels (rows kept or skipped as stated)")
+        writer.table(sec, "label_problems", _problem_list(problems),
+                     f"The {len(problems):,} label problem(s), each with its file and line", max_rows=25)
     else:
         sec.note("No label problems found: every row parsed, classes and targets agree.")
 
@@ -545,11 +582,15 @@ def _boxes_section(html: HtmlReport, writer: _Writer, patients: pd.DataFrame, bp
         sec.figure(_boxes_per_patient_figure(patients), "Boxes per Lung Opacity patient.")
 
 
-def _classes_section(html: HtmlReport, writer: _Writer, class_table: pd.DataFrame,
+def _classes_section(html: HtmlReport, writer: _Writer, vreport: ValidationReport, class_table: pd.DataFrame,
                      target_table: pd.DataFrame, class_by_target: pd.DataFrame) -> None:
     sec = html.section("Classes and targets", "classes")
     sec.text("`patients` counts images; `label_rows` counts CSV lines. The two differ only for "
              "Lung Opacity, whose patients have one row per box.")
+    used = int(class_table["label_rows"].sum())
+    if used != vreport.label_rows:
+        sec.note(f"Row counts cover the {used:,} rows of the patients kept; the labels CSV has "
+                 f"{vreport.label_rows:,} rows, {vreport.skipped_rows:,} of them skipped (see the overview).")
     writer.table(sec, "patients_per_class", class_table, "Patients and label rows per class")
     writer.table(sec, "patients_per_target", target_table, "Patients and label rows per Target")
     writer.table(sec, "class_by_target", class_by_target, "Patients per class × Target")
@@ -652,8 +693,8 @@ def _box_section(html: HtmlReport, writer: _Writer, boxes: pd.DataFrame, meta: p
     if by_view.empty:
         sec.note("No box belongs to an image whose header was read: no split by view position.")
         return
-    writer.table(sec, "box_stats_by_view", _box_stats(by_view, "view_position"),
-                 "Box geometry by view position (boxes of images present only)")
+    writer.table(sec, "box_medians_by_view", _box_medians(by_view, "view_position"),
+                 "Box counts and median geometry by view position (images present only; px, px²)")
     sec.figure(_geometry_figure(by_view, by="view_position"),
                "Box position and size by view position (each curve normalised to unit area).")
 
@@ -662,7 +703,7 @@ def _count_dict(series: pd.Series) -> dict[str, int]:
     return {str(k): int(v) for k, v in series.items()}
 
 
-def _summary(vreport: Any, patients: pd.DataFrame, class_table: pd.DataFrame, target_table: pd.DataFrame,
+def _summary(vreport: ValidationReport, patients: pd.DataFrame, class_table: pd.DataFrame, target_table: pd.DataFrame,
              meta: pd.DataFrame, impossible: pd.DataFrame, scan: MetadataScan,
              unreadable: int) -> dict[str, Any]:
     valid_age = meta.loc[meta["age"] <= IMPOSSIBLE_AGE, "age"]
@@ -677,7 +718,7 @@ def _summary(vreport: Any, patients: pd.DataFrame, class_table: pd.DataFrame, ta
         "boxes": int(vreport.boxes),
         "images_found": int(vreport.images_found),
         "images_missing": int(vreport.images_missing),
-        "label_problems": len(vreport.problems),
+        "label_problems": len(_label_problems(vreport)),
         "patients_per_class": _count_dict(class_table.set_index("class")["patients"]),
         "rows_per_class": _count_dict(class_table.set_index("class")["label_rows"]),
         "patients_per_target": _count_dict(target_table.set_index("target")["patients"]),

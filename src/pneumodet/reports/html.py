@@ -24,11 +24,11 @@ import html
 import io
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from pandas.api import types as pd_types
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -76,7 +76,7 @@ pre { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fon
 figure { margin: 14px 0; }
 figure img { max-width: 100%; height: auto; display: block; border: 1px solid var(--line);
              border-radius: 4px; background: #fff; }
-figcaption { color: var(--muted); font-size: 13.5px; margin-top: 5px; }
+figcaption { color: var(--muted); font-size: 13.5px; margin-top: 5px; white-space: pre-line; }
 .table-wrap { overflow-x: auto; margin: 12px 0; }
 table.data { border-collapse: collapse; font-size: 14px; font-variant-numeric: tabular-nums; }
 table.data caption { caption-side: top; text-align: left; color: var(--muted); font-size: 13.5px;
@@ -135,7 +135,7 @@ def encode_png(image: bytes | np.ndarray) -> bytes:
         raise ValueError(f"image array must be uint8, got {arr.dtype}")
     if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4)):
         buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="PNG", optimize=True)
+        Image.fromarray(arr).save(buf, format="PNG")
         return buf.getvalue()
     raise ValueError(f"image array must be [H, W], [H, W, 3] or [H, W, 4], got shape {arr.shape}")
 
@@ -153,7 +153,7 @@ def figure_to_png(fig: Figure, *, dpi: int = 110) -> bytes:
 
 def _png_tag(png: bytes, alt: str) -> str:
     b64 = base64.b64encode(png).decode("ascii")
-    return f'<img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}" loading="lazy">'
+    return f'<img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}">'
 
 
 def _figure_block(png: bytes, caption: str | None) -> str:
@@ -218,8 +218,10 @@ class Section(_Blocks):
               max_rows: int = 60, float_format: str = "{:,.2f}") -> None:
         """A pandas table; longer tables show their first ``max_rows`` rows and say so."""
         shown = frame.head(max_rows)
+        thousands = {col: "{:,}".format for col in shown.columns
+                     if pd_types.is_integer_dtype(shown[col]) and not pd_types.is_bool_dtype(shown[col])}
         body = shown.to_html(index=index, border=0, classes="data", escape=True, na_rep="–",
-                             float_format=float_format.format)
+                             float_format=float_format.format, formatters=thousands)
         body = body.replace('class="dataframe data"', 'class="data"')
         if caption:
             body = body.replace('<table class="data">', f'<table class="data">\n<caption>{_inline(caption)}'
@@ -292,12 +294,13 @@ class HtmlReport:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # a plain open() (not mkstemp, which makes 0600 files) so the report gets the usual permissions
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
