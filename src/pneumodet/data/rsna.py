@@ -493,6 +493,8 @@ def load_rsna(data_dir: Path | None, *, labels: Path | None = None, classes: Pat
         report.images_missing = len(records)
     report.patients = len(records)
     report.boxes = sum(len(r.boxes) for r in records)
+    rank = {report.labels_file: 0, report.classes_file: 1}
+    report.problems.sort(key=lambda p: (rank.get(p.file, 2), p.file, p.line or 0))
     if strict and report.blocking:
         blocking = report.blocking
         first = "; ".join(str(p) for p in blocking[:5])
