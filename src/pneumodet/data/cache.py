@@ -86,7 +86,7 @@ class CacheReport:
 
     @property
     def decoded(self) -> int:
-        """Images decoded in this run (new, rebuilt and failed-while-trying are not separated)."""
+        """Images decoded and stored by this run (cached + rebuilt; failures not included)."""
         return self.cached + self.rebuilt
 
     @property
@@ -225,6 +225,13 @@ def _decode_row(task: _Task) -> _Result:
     return _Result(task.row, pixels.shape[0], pixels.shape[1], _row_crc(resized))
 
 
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _run_tasks(tasks: Sequence[_Task], workers: int) -> Iterator[_Result]:
     if workers <= 1 or len(tasks) <= 1:
         yield from map(_decode_row, tasks)
@@ -283,7 +290,7 @@ def build_cache(
     was_good = {entry.row for entry, rebuild in jobs if rebuild}
     try:
         with tqdm(total=len(tasks), disable=not progress, unit="img", desc="cache") as bar:
-            for done, result in enumerate(_run_tasks(tasks, workers or os.cpu_count() or 1), start=1):
+            for done, result in enumerate(_run_tasks(tasks, workers or _usable_cores()), start=1):
                 _record(entries[result.row], result, result.row in was_good, report)
                 bar.update()
                 if done % flush_every == 0:
@@ -349,11 +356,15 @@ def _plan(
     by_id = {entry.patient_id: entry for entry in entries}
     array = np.load(array_path, mmap_mode="r")
     jobs: list[tuple[CacheEntry, bool]] = []
-    seen: set[str] = set()
+    seen: dict[str, str | None] = {}
     for record in records:
+        path = None if record.image_path is None else str(record.image_path)
         if record.patient_id in seen:
+            if seen[record.patient_id] != path:
+                report.notes.append(f"{record.patient_id} listed again with another image ({path}); "
+                                    f"the first ({seen[record.patient_id]}) is cached")
             continue
-        seen.add(record.patient_id)
+        seen[record.patient_id] = path
         source = str(Path(record.image_path).absolute()) if record.image_path is not None else ""
         try:
             stat = os.stat(source) if source else None
