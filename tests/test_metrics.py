@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from pneumodet import metrics
 from pneumodet.metrics import (
     RSNA_IOU_THRESHOLDS,
     box_iou_xywh,
@@ -235,6 +236,34 @@ def test_agrees_with_plain_ground_truth_centric_loop(seed):
         p = preds.get(pid, np.zeros((0, 5)))
         expected = plain_map_iou(truth[pid].tolist(), p[:, 1:].tolist(), p[:, 0].tolist())
         assert ap == (None if expected is None else pytest.approx(expected, abs=1e-12))
+
+
+def test_whole_dataset_matching_equals_the_per_image_greedy_loop_on_crowded_images(monkeypatch):
+    # Boxes crowded into a 160-px square: predictions compete for several boxes, so both the
+    # vectorised shortcut (lone pairs) and the greedy loop (competing pairs) run.
+    rng = np.random.default_rng(11)
+    thresholds = np.asarray(RSNA_IOU_THRESHOLDS)
+    truth, preds, expected = {}, {}, {}
+    for i in range(150):
+        n_gt, n_pred = rng.integers(0, 5), rng.integers(0, 8)
+        g = np.column_stack([rng.uniform(0, 80, (n_gt, 2)), rng.uniform(50, 80, (n_gt, 2))])
+        p = np.column_stack([rng.choice([0.2, 0.5, 0.9], n_pred), rng.uniform(0, 80, (n_pred, 2)),
+                             rng.uniform(50, 80, (n_pred, 2))])
+        truth[f"p{i}"], preds[f"p{i}"] = g, p
+        if n_gt == 0 and n_pred == 0:
+            expected[f"p{i}"] = None
+            continue
+        order = np.argsort(-p[:, 0], kind="stable")  # tied confidences: input order
+        tp = greedy_matches(box_iou_xywh(p[order, 1:], g), thresholds).sum(axis=0)
+        expected[f"p{i}"] = float(np.mean(tp / (n_pred + n_gt - tp)))
+
+    looped = []
+    monkeypatch.setattr(metrics, "greedy_matches", lambda iou, t: looped.append(iou.shape) or greedy_matches(iou, t))
+    per_image = rsna_map(truth, preds).per_image
+    assert 20 < len(looped) < 100  # some images need the loop, many do not
+    assert sum(v is not None and 0 < v < 1 for v in per_image.values()) > 50
+    for pid, value in expected.items():
+        assert per_image[pid] == (None if value is None else pytest.approx(value, abs=1e-12))
 
 
 def test_ground_truth_and_prediction_order_do_not_matter():

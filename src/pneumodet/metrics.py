@@ -60,21 +60,24 @@ def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
     return np.concatenate([b[..., :2], b[..., 2:4] - b[..., :2]], axis=-1)
 
 
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of broadcastable ``[..., 4]`` xywh boxes -> ``[...]``; 0 where the union has no area."""
+    lo = np.maximum(a[..., :2], b[..., :2])
+    hi = np.minimum(a[..., :2] + a[..., 2:], b[..., :2] + b[..., 2:])
+    wh = np.clip(hi - lo, 0.0, None)
+    inter = wh[..., 0] * wh[..., 1]
+    union = a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
 def box_iou_xywh(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
     """Pairwise IoU of ``[M, 4]`` and ``[N, 4]`` xywh boxes -> ``[M, N]`` float64.
 
     A pair whose union has zero area (two degenerate boxes) has IoU 0.
     """
-    a = xywh_to_xyxy(np.asarray(boxes_a, dtype=np.float64).reshape(-1, 4))
-    b = xywh_to_xyxy(np.asarray(boxes_b, dtype=np.float64).reshape(-1, 4))
-    lo = np.maximum(a[:, None, :2], b[None, :, :2])
-    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = np.clip(hi - lo, 0.0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    a = np.asarray(boxes_a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(boxes_b, dtype=np.float64).reshape(-1, 4)
+    return _iou(a[:, None, :], b[None, :, :])
 
 
 # ------------------------------------------------------------------ input checks
@@ -92,9 +95,27 @@ def _check_boxes(patient_id: str, boxes: np.ndarray, columns: int, what: str) ->
     return arr
 
 
+def _flatten(
+    boxes: Mapping[str, np.ndarray], ids: list[str], columns: int, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every image's array stacked -> ``[K, columns]`` float64 and ``[I]`` counts, checked as a whole."""
+    arrays = [np.asarray(boxes.get(pid, ()), dtype=np.float64) for pid in ids]
+    for pid, arr in zip(ids, arrays, strict=True):
+        if arr.size and (arr.ndim != 2 or arr.shape[1] != columns):
+            _check_boxes(pid, arr, columns, what)  # raises, naming the patient
+    arrays = [arr.reshape(-1, columns) for arr in arrays]
+    counts = np.array([len(arr) for arr in arrays], dtype=np.int64)
+    flat = np.concatenate(arrays) if arrays else np.zeros((0, columns))
+    bad = ~np.isfinite(flat).all(axis=1) | (flat[:, -2:] < 0).any(axis=1)
+    if bad.any():
+        image = int(np.searchsorted(np.cumsum(counts), np.flatnonzero(bad)[0], side="right"))
+        _check_boxes(ids[image], arrays[image], columns, what)  # raises, naming the patient
+    return flat, counts
+
+
 # ------------------------------------------------------------------ matching
 def greedy_matches(iou: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Which predictions are true positives at each IoU threshold.
+    """Which predictions of one image are true positives at each IoU threshold.
 
     Args:
         iou: ``[M, N]`` IoU of M predictions, **sorted by descending confidence**, with N
@@ -122,21 +143,27 @@ def greedy_matches(iou: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return tp
 
 
+def _segment_starts(counts: np.ndarray) -> np.ndarray:
+    return np.cumsum(counts) - counts
+
+
 @dataclass(frozen=True)
 class _MatchTable:
     """Every image's matching, laid out flat so that any confidence cut-off is a few numpy ops.
 
-    Image ``i`` owns predictions ``pred_start[i] : pred_start[i+1]`` of ``confidence`` (sorted
-    descending) and rows ``tp_start[i] : tp_start[i] + M_i + 1`` of ``tp_cumsum``, where row ``k``
-    is the TP count per threshold when only its ``k`` most confident predictions are kept.
+    Predictions are stacked image after image, each image's sorted by descending confidence
+    (ties in input order); image ``i`` owns rows ``pred_start[i] : pred_start[i] + M_i``. Row ``j``
+    of ``tp_cumsum`` counts, per IoU threshold, the true positives among stacked predictions
+    ``0 .. j-1``, so an image keeping its ``k`` most confident predictions has
+    ``tp_cumsum[pred_start + k] - tp_cumsum[pred_start]`` true positives.
     """
 
     patient_ids: list[str]
     n_gt: np.ndarray  # [I]
     confidence: np.ndarray  # [P]
     pred_image: np.ndarray  # [P] image index of each prediction
-    tp_cumsum: np.ndarray  # [P + I, T]
-    tp_start: np.ndarray  # [I]
+    pred_start: np.ndarray  # [I]
+    tp_cumsum: np.ndarray  # [P + 1, T]
 
     @classmethod
     def build(
@@ -152,24 +179,15 @@ class _MatchTable:
                 f"e.g. {', '.join(map(repr, unknown[:3]))}"
             )
         ids = list(ground_truth)
-        n_gt, confs, tps = [], [], []
-        for pid in ids:
-            gt = _check_boxes(pid, ground_truth[pid], 4, "ground-truth boxes")
-            pred = _check_boxes(pid, predictions.get(pid, ()), 5, "predictions")
-            pred = pred[np.argsort(-pred[:, 0], kind="stable")]
-            tp = greedy_matches(box_iou_xywh(pred[:, 1:], gt), thresholds)
-            n_gt.append(len(gt))
-            confs.append(pred[:, 0])
-            tps.append(np.concatenate([np.zeros((1, len(thresholds)), np.int64), np.cumsum(tp, axis=0)]))
-        sizes = np.array([len(c) for c in confs], dtype=np.int64)
-        return cls(
-            patient_ids=ids,
-            n_gt=np.array(n_gt, dtype=np.int64),
-            confidence=np.concatenate(confs) if confs else np.zeros(0),
-            pred_image=np.repeat(np.arange(len(ids)), sizes),
-            tp_cumsum=np.concatenate(tps) if tps else np.zeros((0, len(thresholds)), np.int64),
-            tp_start=np.cumsum(sizes + 1) - (sizes + 1),
-        )
+        gt, n_gt = _flatten(ground_truth, ids, 4, "ground-truth boxes")
+        pred, n_pred = _flatten(predictions, ids, 5, "predictions")
+        pred_image = np.repeat(np.arange(len(ids)), n_pred)
+        pred = pred[np.lexsort((-pred[:, 0], pred_image))]  # stable: ties keep input order
+        pred_start = _segment_starts(n_pred)
+        tp = _match_all(pred[:, 1:], pred_start, n_pred, gt, _segment_starts(n_gt), n_gt, thresholds)
+        tp_cumsum = np.zeros((len(pred) + 1, len(thresholds)), dtype=np.int64)
+        np.cumsum(tp, axis=0, out=tp_cumsum[1:])
+        return cls(ids, n_gt, pred[:, 0], pred_image, pred_start, tp_cumsum)
 
     def precision(self, min_confidence: float) -> tuple[np.ndarray, np.ndarray]:
         """Keep predictions with confidence >= ``min_confidence``.
@@ -180,10 +198,46 @@ class _MatchTable:
             precision row is 0 and must be ignored).
         """
         kept = np.bincount(self.pred_image[self.confidence >= min_confidence], minlength=len(self.n_gt))
-        tp = self.tp_cumsum[self.tp_start + kept]  # [I, T]
+        tp = self.tp_cumsum[self.pred_start + kept] - self.tp_cumsum[self.pred_start]  # [I, T]
         denom = kept[:, None] + self.n_gt[:, None] - tp  # TP + FP + FN
         prec = np.divide(tp, denom, out=np.zeros(tp.shape), where=denom > 0)
         return prec, (kept + self.n_gt) > 0
+
+
+def _match_all(
+    pred: np.ndarray,
+    pred_start: np.ndarray,
+    n_pred: np.ndarray,
+    gt: np.ndarray,
+    gt_start: np.ndarray,
+    n_gt: np.ndarray,
+    thresholds: np.ndarray,
+) -> np.ndarray:
+    """:func:`greedy_matches` for every image at once -> ``[P, T]`` bool.
+
+    ``pred`` ``[P, 4]`` and ``gt`` ``[G, 4]`` are xywh boxes stacked per image (predictions sorted
+    by descending confidence within each image). The IoU of every (prediction, box) pair of the
+    same image is computed in one vectorised call. A pair that is the only one above the lowest
+    threshold for both its prediction and its box is a match exactly when IoU >= t, whatever the
+    order; only images with competing pairs run the greedy loop.
+    """
+    tp = np.zeros((len(pred), len(thresholds)), dtype=bool)
+    n_pairs = n_pred * n_gt
+    pair_image = np.repeat(np.arange(len(n_pairs)), n_pairs)
+    offset = np.arange(n_pairs.sum()) - np.repeat(_segment_starts(n_pairs), n_pairs)
+    per_row = n_gt[pair_image]  # pairs are laid out [M_i, N_i] row-major per image
+    pi = pred_start[pair_image] + offset // per_row
+    gi = gt_start[pair_image] + offset % per_row
+    iou = _iou(pred[pi], gt[gi])
+    cand = iou >= thresholds.min()
+    shared = (np.bincount(pi[cand], minlength=len(pred))[pi] > 1) | (np.bincount(gi[cand], minlength=len(gt))[gi] > 1)
+    alone = cand & ~shared
+    tp[pi[alone]] = iou[alone, None] >= thresholds[None, :]
+    pair_start = _segment_starts(n_pairs)
+    for i in np.unique(pair_image[cand & shared]):
+        block = iou[pair_start[i] : pair_start[i] + n_pairs[i]].reshape(n_pred[i], n_gt[i])
+        tp[pred_start[i] : pred_start[i] + n_pred[i]] = greedy_matches(block, thresholds)
+    return tp
 
 
 # ------------------------------------------------------------------ results
