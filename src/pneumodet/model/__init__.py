@@ -2,6 +2,7 @@
 
 from pneumodet.model.anchors import AnchorGenerator, anchor_coverage
 from pneumodet.model.boxes import BoxCoder
+from pneumodet.model.checkpoint import load_checkpoint, save_checkpoint
 from pneumodet.model.config import ModelConfig
 from pneumodet.model.loss import RetinaNetLoss, match_anchors
 from pneumodet.model.retinanet import Detections, HeadOutputs, PneumoRetinaNet, build_model
@@ -16,5 +17,7 @@ __all__ = [
     "RetinaNetLoss",
     "anchor_coverage",
     "build_model",
+    "load_checkpoint",
     "match_anchors",
+    "save_checkpoint",
 ]
