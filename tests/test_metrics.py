@@ -338,3 +338,10 @@ def test_sweep_with_given_cutoffs():
 def test_sweep_with_nothing_to_score_is_an_error():
     with pytest.raises(ValueError, match="no image can be scored"):
         sweep_thresholds({"a": NO_BOX}, {}, thresholds=[0.5])
+
+
+def test_empty_threshold_lists_are_an_error():
+    with pytest.raises(ValueError, match="IoU thresholds must be a non-empty list"):
+        rsna_map({"p": gt(BOX)}, {}, thresholds=())
+    with pytest.raises(ValueError, match="no confidence cut-off"):
+        sweep_thresholds({"p": gt(BOX)}, {}, thresholds=[])

@@ -178,6 +178,8 @@ class _MatchTable:
                 f"predictions for {len(unknown)} patient(s) not in the ground truth, "
                 f"e.g. {', '.join(map(repr, unknown[:3]))}"
             )
+        if thresholds.ndim != 1 or len(thresholds) == 0:
+            raise ValueError(f"IoU thresholds must be a non-empty list, got {thresholds.tolist()}")
         ids = list(ground_truth)
         gt, n_gt = _flatten(ground_truth, ids, 4, "ground-truth boxes")
         pred, n_pred = _flatten(predictions, ids, 5, "predictions")
@@ -361,7 +363,7 @@ def sweep_thresholds(
 
     Returns:
         The best cut-off (the lowest one on a tie), its score and the ``(cut-off, score)`` table in
-        ascending cut-off order.
+        ascending cut-off order (NaN where a cut-off leaves no image to score).
 
     Raises:
         ValueError: as :func:`rsna_map`; also when no cut-off leaves an image to score (no
@@ -369,6 +371,8 @@ def sweep_thresholds(
     """
     table = _MatchTable.build(ground_truth, scored_predictions, np.asarray(iou_thresholds, np.float64))
     grid = default_confidence_grid(table.confidence) if thresholds is None else np.unique(thresholds)
+    if len(grid) == 0:
+        raise ValueError("no confidence cut-off to try")
     scores = np.array([_mean_over_included(*table.precision(c)).mean() for c in grid])
     if np.isnan(scores).all():
         raise ValueError("no image can be scored at any cut-off: no ground-truth box and no prediction")
