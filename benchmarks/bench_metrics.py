@@ -20,6 +20,7 @@ is the median over ``--repeats`` after one warm-up.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -33,6 +34,16 @@ from pneumodet.submission import read_ground_truth
 
 DEFAULT_LABELS = (Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rsna-sample"
                   / "stage_2_train_labels.csv")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def seconds(work: Callable[[], object], repeats: int) -> tuple[float, object]:
@@ -111,7 +122,7 @@ def main() -> None:
     preds = make_predictions(truth, args.extra, seed=0)
     n_pos = sum(1 for b in truth.values() if len(b))
     n_pred = sum(len(p) for p in preds.values())
-    print(f"machine: {platform.processor() or platform.machine()}, numpy {np.__version__}")
+    print(f"cpu: {cpu_model()} ({os.cpu_count()} cores), numpy {np.__version__}")
     print(f"{len(truth)} images ({n_pos} with boxes), {n_pred} predictions, {args.repeats} repeats")
 
     t_ours, ours = seconds(lambda: rsna_map(truth, preds), args.repeats)
