@@ -289,7 +289,7 @@ def _age_figure(meta: pd.DataFrame) -> Figure:
     groups = [valid.loc[valid["class"] == n, "age"].to_numpy() for n in CLASS_NAMES]
     present = [i for i, g in enumerate(groups) if len(g)]
     if present:
-        box = axes[1].boxplot([groups[i] for i in present], vert=False, patch_artist=True,
+        box = axes[1].boxplot([groups[i] for i in present], orientation="horizontal", patch_artist=True,
                               tick_labels=[CLASS_NAMES[i] for i in present], widths=0.6)
         for patch, i in zip(box["boxes"], present, strict=True):
             patch.set_facecolor(_CLASS_COLORS[CLASS_NAMES[i]])

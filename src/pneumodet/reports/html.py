@@ -76,7 +76,7 @@ pre { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fon
 figure { margin: 14px 0; }
 figure img { max-width: 100%; height: auto; display: block; border: 1px solid var(--line);
              border-radius: 4px; background: #fff; }
-figcaption { color: var(--muted); font-size: 13.5px; margin-top: 5px; white-space: pre-line; }
+figcaption { color: var(--muted); font-size: 13.5px; margin-top: 5px; white-space: pre-line; overflow-wrap: anywhere; }
 .table-wrap { overflow-x: auto; margin: 12px 0; }
 table.data { border-collapse: collapse; font-size: 14px; font-variant-numeric: tabular-nums; }
 table.data caption { caption-side: top; text-align: left; color: var(--muted); font-size: 13.5px;
