@@ -60,6 +60,9 @@ def test_write_refuses_bad_input_and_keeps_the_old_file(tmp_path):
         write_submission(path, {"x": np.zeros((0, 5))}, patient_ids=["y"])
     with pytest.raises(SubmissionError, match="more than once"):
         write_submission(path, {}, patient_ids=["y", "y"])
+    for bad_id in ("a,b", "a\nb", " ", 'a"b'):
+        with pytest.raises(SubmissionError, match="cannot be a CSV field"):
+            write_submission(path, {bad_id: np.zeros((0, 5))})
     assert path.read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub.csv"]
 

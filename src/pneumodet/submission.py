@@ -127,13 +127,17 @@ def write_submission(
             gets an empty ``PredictionString``. Default: the keys of ``predictions``.
 
     Raises:
-        SubmissionError: a malformed box array, a duplicate in ``patient_ids``, or predictions
-            for a patient that ``patient_ids`` does not list (they would be lost).
+        SubmissionError: a malformed box array, a duplicate or empty patient id, one holding a
+            comma, quote or line break, or predictions for a patient that ``patient_ids`` does not
+            list (they would be lost).
     """
     path = Path(path)
     ids = list(predictions) if patient_ids is None else list(patient_ids)
     if len(set(ids)) != len(ids):
         raise SubmissionError(f"{path}: patient_ids lists a patient more than once")
+    unwritable = next((pid for pid in ids if not pid.strip() or any(c in pid for c in ',"\r\n')), None)
+    if unwritable is not None:
+        raise SubmissionError(f"{path}: patient id {unwritable!r} cannot be a CSV field as is")
     missing = [pid for pid in predictions if pid not in set(ids)]
     if missing:
         raise SubmissionError(
