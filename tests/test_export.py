@@ -11,8 +11,7 @@ import torch
 from pneumodet.cli import main
 from pneumodet.errors import CheckpointError, ConfigError
 from pneumodet.inference import ONNX_OUTPUTS, decode_onnx_outputs, export_onnx, onnx_side_file, run_onnx
-from pneumodet.model import ModelConfig, build_model
-from pneumodet.model.checkpoint import save_checkpoint
+from pneumodet.model import ModelConfig, build_model, save_checkpoint
 
 onnxruntime = pytest.importorskip("onnxruntime")
 

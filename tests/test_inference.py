@@ -134,3 +134,258 @@ def test_find_dicom_files_recurses_and_does_not_follow_links_out_of_the_folder(t
 def test_find_dicom_files_takes_named_files_whatever_their_suffix(tmp_path):
     f = _touch(tmp_path / "image.dicom")
     assert find_dicom_files([f]).files == [f]
+
+
+# ---------------------------------------------------------------- prediction end to end
+SIZE = 128
+THRESHOLD = 0.5
+
+
+def write_dicom(path: Path, pixels: np.ndarray, *, patient_id: str | None = None) -> Path:
+    """An uncompressed 8-bit MONOCHROME2 DICOM carrying identifying tags that must never reach an output."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName = "Doe^Jane"
+    ds.PatientBirthDate = "19450317"
+    ds.InstitutionName = "Saint Elsewhere Hospital"
+    if patient_id is not None:
+        ds.PatientID = patient_id
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _blob_image(height: int, width: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Black image with one white rectangle ``box`` (x1, y1, x2, y2), in its own pixels."""
+    pixels = np.zeros((height, width), np.uint8)
+    x1, y1, x2, y2 = box
+    pixels[y1:y2, x1:x2] = 255
+    return pixels
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run directory holding a random 128-px resnet18 model whose scores spread around 0.5."""
+    from pneumodet.model import ModelConfig, build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(encoder="resnet18", image_size=SIZE))
+    with torch.no_grad():
+        model.cls_head.logits.weight.normal_(std=0.3)
+        model.cls_head.logits.bias.zero_()
+    run = tmp_path_factory.mktemp("run")
+    save_checkpoint(run / "best_model.pt", model, extra={"threshold": THRESHOLD, "image_size": SIZE,
+                                                         "val_map": 0.0, "epoch": 0, "encoder": "resnet18"})
+    return run
+
+
+@pytest.fixture
+def controlled_model(monkeypatch):
+    """The network's outputs replaced by a rule on the input image, so the expected boxes are known.
+
+    ``forward`` passes the images through; ``detect`` returns, per image, the bounding box of its
+    bright pixels (score 0.9), a corner box of score 0.1 (under the threshold) and class
+    probabilities ``probs``. The rule is flip-equivariant, as a perfectly trained model would be.
+    """
+    from pneumodet.model import Detections, HeadOutputs, PneumoRetinaNet
+
+    state = {"probs": torch.tensor([0.2, 0.7, 0.1]), "batches": []}
+
+    def forward(self, images):
+        state["batches"].append(images.shape[0])
+        return HeadOutputs(images[:, 0].float(), images.new_zeros(images.shape[0], 1, 4),
+                           images.new_zeros(images.shape[0], 3), images.new_zeros(1, 4))
+
+    def detect(self, outputs, **kwargs):
+        dets = []
+        for image in outputs.cls_logits:
+            ys, xs = torch.nonzero(image > 0.5, as_tuple=True)
+            blob = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] if len(xs) else [0, 0, 1, 1]
+            boxes = torch.tensor([[float(v) for v in blob], [0.0, 0.0, 4.0, 4.0]])
+            dets.append(Detections(boxes, torch.tensor([0.9, 0.1]), state["probs"].clone()))
+        return dets
+
+    monkeypatch.setattr(PneumoRetinaNet, "forward", forward)
+    monkeypatch.setattr(PneumoRetinaNet, "detect", detect)
+    return state
+
+
+def test_boxes_map_back_to_original_pixels_exactly(tiny_run, tmp_path, controlled_model):
+    from pneumodet.inference import predict, write_prediction_submission
+    from pneumodet.submission import read_submission
+
+    # 256 wide, 200 high: x scales by 256/128 = 2, y by 200/128 = 1.5625. At 128 px the blob is
+    # x 10..50, y 32..96 -> original x 20, y 50, w 80, h 100.
+    write_dicom(tmp_path / "in" / "p1.dcm", _blob_image(200, 256, (20, 50, 100, 150)), patient_id="p1")
+    result = predict(tiny_run, [tmp_path / "in"], precision="fp32", progress=False)
+    np.testing.assert_allclose(result.predictions["p1"].boxes, [[0.9, 20, 50, 80, 100]], rtol=1e-6)
+    assert result.predictions["p1"].original_size == (200, 256)
+    np.testing.assert_allclose(result.predictions["p1"].class_probs, [0.2, 0.7, 0.1], rtol=1e-6)
+    sub = read_submission(write_prediction_submission(result, tmp_path / "sub.csv"))
+    np.testing.assert_allclose(sub["p1"], [[0.9, 20, 50, 80, 100]], rtol=1e-6)
+
+
+def test_threshold_argument_overrides_the_runs_choice(tiny_run, tmp_path, controlled_model):
+    from pneumodet.inference import predict
+
+    write_dicom(tmp_path / "p1.dcm", _blob_image(128, 128, (20, 30, 60, 90)), patient_id="p1")
+    low = predict(tiny_run, [tmp_path / "p1.dcm"], threshold=0.05, precision="fp32", progress=False)
+    assert low.threshold == 0.05
+    np.testing.assert_allclose(low.predictions["p1"].boxes, [[0.9, 20, 30, 40, 60], [0.1, 0, 0, 4, 4]],
+                               rtol=1e-6)
+    default = predict(tiny_run, [tmp_path / "p1.dcm"], precision="fp32", progress=False)
+    assert default.threshold == THRESHOLD and len(default.predictions["p1"].boxes) == 1
+
+
+def test_hflip_tta_with_a_flip_equivariant_model_gives_the_plain_boxes(tiny_run, tmp_path, controlled_model):
+    from pneumodet.inference import predict
+
+    # Off-centre blobs on the 8-pixel grid of the 1024 -> 128 resize: a flip moves them, the resize is exact.
+    for i, box in enumerate([(96, 200, 400, 704), (600, 104, 1000, 304)]):
+        write_dicom(tmp_path / f"p{i}.dcm", _blob_image(1024, 1024, box), patient_id=f"p{i}")
+    plain = predict(tiny_run, [tmp_path], precision="fp32", progress=False, batch_size=2)
+    assert controlled_model["batches"] == [2]
+    for merge in ("wbf", "nms"):
+        tta = predict(tiny_run, [tmp_path], tta="hflip", tta_merge=merge, precision="fp32", progress=False,
+                      batch_size=2)
+        assert controlled_model["batches"][-1] == 4  # each image and its mirror image
+        for pid in ("p0", "p1"):
+            np.testing.assert_allclose(tta.predictions[pid].boxes, plain.predictions[pid].boxes, atol=1e-4)
+    np.testing.assert_allclose(plain.predictions["p1"].boxes, [[0.9, 600, 104, 400, 200]], rtol=1e-6)
+
+
+def test_gate_scales_scores_by_the_lung_opacity_probability(tiny_run, tmp_path, controlled_model):
+    from pneumodet.inference import predict
+
+    write_dicom(tmp_path / "p1.dcm", _blob_image(128, 128, (20, 30, 60, 90)), patient_id="p1")
+    controlled_model["probs"] = torch.tensor([0.45, 0.5, 0.05])
+    gated = predict(tiny_run, [tmp_path], gate=True, threshold=0.4, precision="fp32", progress=False)
+    np.testing.assert_allclose(gated.predictions["p1"].boxes, [[0.45, 20, 30, 40, 60]], rtol=1e-6)
+    dropped = predict(tiny_run, [tmp_path], gate=True, precision="fp32", progress=False)  # 0.45 < 0.5
+    assert len(dropped.predictions["p1"].boxes) == 0
+    ungated = predict(tiny_run, [tmp_path], precision="fp32", progress=False)
+    np.testing.assert_allclose(ungated.predictions["p1"].boxes[:, 0], [0.9])
+
+
+def test_privacy_duplicates_mismatched_ids_overlays_and_json(tiny_run, tmp_path, controlled_model):
+    import json
+
+    from PIL import Image
+
+    from pneumodet.inference import predict, write_prediction_json, write_prediction_submission
+
+    folder = tmp_path / "in"
+    write_dicom(folder / "a.dcm", _blob_image(256, 256, (40, 60, 120, 200)), patient_id="a")
+    write_dicom(folder / "b.dcm", _blob_image(256, 256, (10, 10, 50, 50)), patient_id="a")  # same patient
+    write_dicom(folder / "c.dcm", _blob_image(256, 256, (10, 10, 50, 50)), patient_id="patient-c")
+    write_dicom(folder / "d.dcm", _blob_image(256, 256, (10, 10, 50, 50)))  # no PatientID: the stem
+    result = predict(tiny_run, [folder], overlay_dir=tmp_path / "overlays", precision="fp32", progress=False)
+
+    assert list(result.predictions) == ["a", "patient-c", "d"]
+    assert [(d.patient_id, d.path.name, d.kept.name) for d in result.duplicates] == [("a", "b.dcm", "a.dcm")]
+    assert [w.split(":")[0] for w in result.warnings] == [str(folder / "b.dcm"), str(folder / "c.dcm")]
+    assert "PatientID 'patient-c' differs from the file name" in result.warnings[1]
+    assert result.files_found == 4 and not result.unreadable
+
+    overlay = Image.open(tmp_path / "overlays" / "a.png").convert("RGB")
+    assert overlay.size == (256, 256)
+    assert overlay.getpixel((40, 130)) == (255, 40, 40)  # left edge of the box, in original pixels
+    assert overlay.getpixel((80, 130)) == (255, 255, 255)  # inside the box: the image itself
+    assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == ["a.png", "d.png", "patient-c.png"]
+
+    data = json.loads(write_prediction_json(result, tmp_path / "pred.json").read_text())
+    a = data["patients"][0]
+    assert a["patientId"] == "a" and a["source"] == str(folder / "a.dcm")
+    assert a["boxes"] == [[40, 60, 80, 140]] and a["scores"] == [0.9]
+    assert a["class_probs"] == {"Normal": 0.2, "Lung Opacity": 0.7, "No Lung Opacity / Not Normal": 0.1}
+    assert data["duplicates"] == [{"patientId": "a", "path": str(folder / "b.dcm"), "kept": str(folder / "a.dcm")}]
+
+    outputs = [write_prediction_submission(result, tmp_path / "sub.csv"), tmp_path / "pred.json",
+               *(tmp_path / "overlays").iterdir()]
+    for path in outputs:
+        raw = path.read_bytes()
+        for secret in (b"Doe", b"Jane", b"19450317", b"Elsewhere"):
+            assert secret not in raw, f"{secret!r} leaked into {path}"
+
+
+def test_unreadable_file_is_listed_and_the_others_are_predicted(tiny_run, tmp_path, real_sample):
+    from pneumodet.inference import predict
+
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(b"this is not a DICOM file" * 10)
+    images = real_sample / "stage_2_train_images"
+    result = predict(tiny_run, [images, garbage, tmp_path / "absent.dcm"], precision="fp32", progress=False,
+                     batch_size=4)
+    assert len(result.predictions) == 16
+    assert {p.stem for p in images.glob("*.dcm")} == set(result.predictions)
+    assert [u.path for u in result.unreadable] == [tmp_path / "absent.dcm", garbage]
+    assert str(garbage) in result.summary()
+    for pred in result.predictions.values():
+        assert pred.original_size == (1024, 1024)
+        assert (pred.boxes[:, 0] >= THRESHOLD).all()
+        assert (pred.boxes[:, 1:3] >= 0).all() and (pred.boxes[:, 1] + pred.boxes[:, 3] <= 1024 + 1e-3).all()
+        np.testing.assert_allclose(pred.class_probs.sum(), 1.0, rtol=1e-5)
+
+
+def test_symlink_leaving_the_input_folder_is_not_followed_by_default(tiny_run, tmp_path, controlled_model):
+    from pneumodet.inference import predict
+
+    write_dicom(tmp_path / "in" / "inside.dcm", _blob_image(128, 128, (8, 8, 40, 40)), patient_id="inside")
+    outside = write_dicom(tmp_path / "elsewhere" / "out.dcm", _blob_image(128, 128, (8, 8, 40, 40)),
+                          patient_id="outside")
+    os.symlink(outside, tmp_path / "in" / "link.dcm")
+    default = predict(tiny_run, [tmp_path / "in"], precision="fp32", progress=False)
+    assert list(default.predictions) == ["inside"]
+    assert default.skipped_links == [tmp_path / "in" / "link.dcm"]
+    followed = predict(tiny_run, [tmp_path / "in"], follow_symlinks=True, precision="fp32", progress=False)
+    assert sorted(followed.predictions) == ["inside", "outside"]
+
+
+def test_predict_errors_are_clear(tiny_run, tmp_path):
+    from pneumodet.errors import CheckpointError, ConfigError, PneumodetError
+    from pneumodet.inference import predict
+    from pneumodet.model import load_checkpoint, save_checkpoint
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PneumodetError, match="no DICOM files"):
+        predict(tiny_run, [tmp_path / "empty"], progress=False)
+    with pytest.raises(CheckpointError, match="best_model.pt"):
+        predict(tmp_path / "empty", [tmp_path], progress=False)
+    with pytest.raises(ConfigError, match="unknown TTA"):
+        predict(tiny_run, [tmp_path], tta="vflip", progress=False)
+    model, _ = load_checkpoint(tiny_run / "best_model.pt")
+    save_checkpoint(tmp_path / "no_threshold.pt", model, extra={"image_size": SIZE})
+    with pytest.raises(CheckpointError, match="no validation threshold"):
+        predict(tmp_path / "no_threshold.pt", [tmp_path], progress=False)
+
+
+def test_predict_command_writes_a_submission_that_score_reads(tiny_run, tmp_path, real_sample, capsys):
+    from pneumodet.cli import main
+    from pneumodet.submission import read_submission
+
+    garbage = tmp_path / "bad.dcm"
+    garbage.write_bytes(b"\0" * 300)
+    sub, js = tmp_path / "submission.csv", tmp_path / "pred.json"
+    code = main(["predict", str(tiny_run), str(real_sample / "stage_2_train_images"), str(garbage),
+                 "--out", str(sub), "--json", str(js), "--precision", "fp32", "--threshold", "0.3",
+                 "--tta", "hflip", "--batch-size", "8"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "patients predicted: 16" in out and "unreadable: 1" in out and str(garbage) in out
+    rows = read_submission(sub)
+    assert len(rows) == 16 and sum(len(b) for b in rows.values()) > 0
+    assert all((b[:, 0] >= 0.3).all() for b in rows.values())
+    assert main(["score", str(sub), "--labels", str(real_sample / "stage_2_train_labels.csv")]) == 0
+    assert "16" in capsys.readouterr().out

@@ -292,7 +292,7 @@ def resolve_checkpoint(model_source: Path | str) -> Path:
 
 def load_for_inference(model_source: Path | str) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load a checkpoint (``weights_only``) and put the model in eval mode; returns ``(model, extra)``."""
-    from pneumodet.model.checkpoint import load_checkpoint
+    from pneumodet.model import load_checkpoint
 
     model, extra = load_checkpoint(resolve_checkpoint(model_source))
     return model.eval(), dict(extra or {})
@@ -368,7 +368,7 @@ class DicomImageStream(Dataset):
             return _Item(index, path, error=exc.cause)
         except Exception as exc:  # one bad file must never end the run: its cause is listed instead
             return _Item(index, path, error=f"{type(exc).__name__}: {exc}")
-        pid = meta.get("PatientID") if isinstance(meta, dict) else None
+        pid = meta.get("patient_id")
         return _Item(index, path, image, (int(pixels.shape[0]), int(pixels.shape[1])),
                      str(pid).strip() if pid else None, pixels if self.keep_pixels else None)
 
