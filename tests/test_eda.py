@@ -102,8 +102,10 @@ def test_table_escapes_formats_and_truncates():
     sec.table(frame, "First rows", max_rows=2)
     html = report.render()
     assert "&lt;b&gt;x&lt;/b&gt;" in html and "<b>x</b>" not in html
-    assert "1,234,567" in html and "0.12" in html
-    assert "<caption>Counts <code>c.csv</code></caption>" in html
+    assert '<td class="num">1,234,567</td>' in html and '<td class="num">0.12</td>' in html
+    assert '<td>&lt;b&gt;x&lt;/b&gt;</td>' in html  # text column: left-aligned (no num class)
+    assert '<div class="table-caption">Counts <code>c.csv</code></div>' in html
+    assert html.count("<tr>") == 2 * 1 + 3 + 2  # two header rows, 3 + 2 body rows
     assert "Showing the first 2 of 3 rows." in html
 
 

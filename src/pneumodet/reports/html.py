@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 from pandas.api import types as pd_types
 
 if TYPE_CHECKING:
-    import pandas as pd
     from matplotlib.figure import Figure
 
 __all__ = ["Grid", "HtmlReport", "Section", "encode_png", "figure_to_png"]
@@ -79,11 +79,11 @@ figure img { max-width: 100%; height: auto; display: block; border: 1px solid va
 figcaption { color: var(--muted); font-size: 13.5px; margin-top: 5px; white-space: pre-line; overflow-wrap: anywhere; }
 .table-wrap { overflow-x: auto; margin: 12px 0; }
 table.data { border-collapse: collapse; font-size: 14px; font-variant-numeric: tabular-nums; }
-table.data caption { caption-side: top; text-align: left; color: var(--muted); font-size: 13.5px;
-                     padding-bottom: 6px; }
-table.data th, table.data td { border-bottom: 1px solid var(--line); padding: 5px 12px; text-align: right;
-                               white-space: nowrap; }
-table.data th:first-child, table.data td:first-child { text-align: left; }
+.table-caption { color: var(--muted); font-size: 13.5px; padding-bottom: 6px; }
+table.data th, table.data td { border-bottom: 1px solid var(--line); padding: 5px 12px; text-align: left;
+                               vertical-align: top; }
+table.data th, table.data .num { white-space: nowrap; }
+table.data .num { text-align: right; }
 table.data thead th { background: var(--bg-soft); border-bottom: 2px solid var(--line); }
 table.data tbody tr:hover { background: #f0f6ff; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(var(--cell, 260px), 1fr));
@@ -151,6 +151,30 @@ def figure_to_png(fig: Figure, *, dpi: int = 110) -> bytes:
     return buf.getvalue()
 
 
+def _cell(value: object, float_format: str) -> str:
+    if value is None or (not isinstance(value, str) and pd.api.types.is_scalar(value) and pd.isna(value)):
+        return "–"
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    if isinstance(value, int | np.integer):
+        return f"{int(value):,}"
+    if isinstance(value, float | np.floating):
+        return float_format.format(float(value))
+    return html.escape(str(value))
+
+
+def _table_html(frame: pd.DataFrame, float_format: str) -> str:
+    numeric = [pd_types.is_numeric_dtype(frame[c]) and not pd_types.is_bool_dtype(frame[c]) for c in frame.columns]
+    attr = [' class="num"' if n else "" for n in numeric]
+    head = "".join(f"<th{a}>{html.escape(str(c))}</th>" for c, a in zip(frame.columns, attr, strict=True))
+    rows = []
+    for values in frame.itertuples(index=False, name=None):
+        cells = "".join(f"<td{a}>{_cell(v, float_format)}</td>" for v, a in zip(values, attr, strict=True))
+        rows.append(f"<tr>{cells}</tr>")
+    return (f'<table class="data"><thead><tr>{head}</tr></thead>\n<tbody>\n' + "\n".join(rows)
+            + "\n</tbody></table>")
+
+
 def _png_tag(png: bytes, alt: str) -> str:
     b64 = base64.b64encode(png).decode("ascii")
     return f'<img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}">'
@@ -216,17 +240,14 @@ class Section(_Blocks):
 
     def table(self, frame: pd.DataFrame, caption: str | None = None, *, index: bool = False,
               max_rows: int = 60, float_format: str = "{:,.2f}") -> None:
-        """A pandas table; longer tables show their first ``max_rows`` rows and say so."""
-        shown = frame.head(max_rows)
-        thousands = {col: "{:,}".format for col in shown.columns
-                     if pd_types.is_integer_dtype(shown[col]) and not pd_types.is_bool_dtype(shown[col])}
-        body = shown.to_html(index=index, border=0, classes="data", escape=True, na_rep="–",
-                             float_format=float_format.format, formatters=thousands)
-        body = body.replace('class="dataframe data"', 'class="data"')
-        if caption:
-            body = body.replace('<table class="data">', f'<table class="data">\n<caption>{_inline(caption)}'
-                                                         "</caption>", 1)
-        self._blocks.append(f'<div class="table-wrap">{body}</div>')
+        """A pandas table; longer tables show their first ``max_rows`` rows and say so.
+
+        Integers get thousands separators, floats ``float_format``, missing values a dash; numeric
+        columns are right-aligned, text columns left-aligned.
+        """
+        shown = (frame.reset_index() if index else frame).head(max_rows)
+        cap = f'<div class="table-caption">{_inline(caption)}</div>' if caption else ""
+        self._blocks.append(f'<div class="table-wrap">{cap}{_table_html(shown, float_format)}</div>')
         if len(frame) > max_rows:
             self.note(f"Showing the first {max_rows} of {len(frame):,} rows.")
 
