@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pneumodet import metrics
 from pneumodet.metrics import (
@@ -66,6 +68,25 @@ def plain_map_iou(boxes_true, boxes_pred, scores, thresholds=RSNA_IOU_THRESHOLDS
         fp = len(boxes_pred) - tp
         fn = len(boxes_true) - tp
         total += tp / (tp + fp + fn)
+    return total / len(thresholds)
+
+
+def plain_prediction_centric_ap(boxes_true, boxes_pred, scores, thresholds=RSNA_IOU_THRESHOLDS):
+    """Kaggle's description, looped: each prediction, most confident first, takes its best free box."""
+    if len(boxes_true) == 0 and len(boxes_pred) == 0:
+        return None
+    order = sorted(range(len(boxes_pred)), key=lambda i: -scores[i])  # stable: ties in input order
+    total = 0.0
+    for t in thresholds:
+        free = list(range(len(boxes_true)))
+        tp = 0
+        for i in order:
+            ious = [(plain_iou(boxes_pred[i], boxes_true[g]), -g) for g in free]
+            best = max(ious, default=(0.0, 0))
+            if ious and best[0] >= t:
+                free.remove(-best[1])
+                tp += 1
+        total += tp / (len(boxes_true) + len(boxes_pred) - tp)
     return total / len(thresholds)
 
 
@@ -345,3 +366,22 @@ def test_empty_threshold_lists_are_an_error():
         rsna_map({"p": gt(BOX)}, {}, thresholds=())
     with pytest.raises(ValueError, match="no confidence cut-off"):
         sweep_thresholds({"p": gt(BOX)}, {}, thresholds=[])
+
+
+# Boxes on a 5-px grid in a 60-px square, so IoUs often tie exactly with thresholds and each other.
+_coord, _side = st.integers(0, 6).map(lambda v: 5.0 * v), st.integers(1, 6).map(lambda v: 5.0 * v)
+_box = st.tuples(_coord, _coord, _side, _side)
+_image = st.tuples(st.lists(_box, max_size=4),
+                   st.lists(st.tuples(st.sampled_from([0.3, 0.6, 0.9]), _box), max_size=6))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_image, min_size=1, max_size=6))
+def test_agrees_with_plain_prediction_centric_loop_on_any_crowded_images(images):
+    truth = {f"p{i}": gt(*[list(b) for b in g]) for i, (g, _) in enumerate(images)}
+    preds = {f"p{i}": pred(*[(c, *b) for c, b in p]) for i, (_, p) in enumerate(images)}
+    result = rsna_map(truth, preds)
+    for i, (g, p) in enumerate(images):
+        expected = plain_prediction_centric_ap([list(b) for b in g], [list(b) for _, b in p], [c for c, _ in p])
+        got = result.per_image[f"p{i}"]
+        assert got == (None if expected is None else pytest.approx(expected, abs=1e-12))
