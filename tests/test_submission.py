@@ -110,7 +110,7 @@ def test_malformed_submission_names_file_and_line(tmp_path, text, message):
 def test_unknown_patient_is_an_error_with_its_line(tmp_path):
     path = write_text(tmp_path, GOOD + "ghost,\n")
     assert set(read_submission(path, known_ids={"p1", "ghost"})) == {"p1", "ghost"}
-    with pytest.raises(SubmissionError, match=r"line 3: patient ghost is not in the labels"):
+    with pytest.raises(SubmissionError, match=r"line 3: patient ghost is not in the labels \(1 of the file's 2"):
         read_submission(path, known_ids={"p1"})
 
 
@@ -236,7 +236,8 @@ def test_score_command_rejects_test_patients_of_the_sample_submission(real_sampl
     assert code == 2
     err = capsys.readouterr().err
     assert "pneumodet score: error:" in err
-    assert "stage_2_sample_submission.csv: line 2: patient 0000a175-0e68-4ca4-b1af-167204a7e0bc is not in the labels" in err
+    assert ("stage_2_sample_submission.csv: line 2: patient 0000a175-0e68-4ca4-b1af-167204a7e0bc is not in the "
+            "labels (3000 of the file's 3000 patients are not)") in err
 
 
 def test_score_command_reports_malformed_submission(tmp_path, real_sample, capsys):

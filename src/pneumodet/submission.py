@@ -87,6 +87,7 @@ def _read_rows(path: Path, reader: Iterable[list[str]], known_ids: Collection[st
         )
     predictions: dict[str, np.ndarray] = {}
     first_line: dict[str, int] = {}
+    unknown: list[tuple[int, str]] = []  # reported after the whole file is checked, with a count
     for line, row in rows:
         where = f"{path}: line {line}"
         if len(row) != 2:
@@ -97,12 +98,18 @@ def _read_rows(path: Path, reader: Iterable[list[str]], known_ids: Collection[st
         if patient_id in first_line:
             raise SubmissionError(f"{where}: patient {patient_id} already listed on line {first_line[patient_id]}")
         if known_ids is not None and patient_id not in known_ids:
-            raise SubmissionError(f"{where}: patient {patient_id} is not in the labels")
+            unknown.append((line, patient_id))
         try:
             predictions[patient_id] = _parse_prediction_string(row[1])
         except ValueError as exc:
             raise SubmissionError(f"{where}: patient {patient_id}: {exc}") from None
         first_line[patient_id] = line
+    if unknown:
+        line, patient_id = unknown[0]
+        raise SubmissionError(
+            f"{path}: line {line}: patient {patient_id} is not in the labels "
+            f"({len(unknown)} of the file's {len(predictions)} patients are not)"
+        )
     return predictions
 
 
