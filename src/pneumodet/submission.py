@@ -14,6 +14,7 @@ import os
 import tempfile
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -71,13 +72,14 @@ def read_submission(path: str | os.PathLike, *, known_ids: Collection[str] | Non
     path = Path(path)
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
-            return _read_rows(path, csv.reader(fh), known_ids)
+            return _read_rows(path, fh, known_ids)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise SubmissionError(f"{path}: cannot read submission: {exc}") from exc
 
 
-def _read_rows(path: Path, reader: Iterable[list[str]], known_ids: Collection[str] | None) -> dict[str, np.ndarray]:
-    rows = ((reader.line_num, row) for row in reader if row)  # type: ignore[attr-defined]
+def _read_rows(path: Path, fh: TextIO, known_ids: Collection[str] | None) -> dict[str, np.ndarray]:
+    reader = csv.reader(fh)
+    rows = ((reader.line_num, row) for row in reader if row)  # line_num: where the row ends
     header_line, header = next(rows, (0, None))
     if header is None:
         raise SubmissionError(f"{path}: empty file, expected header {','.join(SUBMISSION_COLUMNS)}")
@@ -140,12 +142,13 @@ def write_submission(
     """
     path = Path(path)
     ids = list(predictions) if patient_ids is None else list(patient_ids)
-    if len(set(ids)) != len(ids):
+    id_set = set(ids)
+    if len(id_set) != len(ids):
         raise SubmissionError(f"{path}: patient_ids lists a patient more than once")
     unwritable = next((pid for pid in ids if not pid.strip() or any(c in pid for c in ',"\r\n')), None)
     if unwritable is not None:
         raise SubmissionError(f"{path}: patient id {unwritable!r} cannot be a CSV field as is")
-    missing = [pid for pid in predictions if pid not in set(ids)]
+    missing = [pid for pid in predictions if pid not in id_set]
     if missing:
         raise SubmissionError(
             f"{path}: predictions for {len(missing)} patient(s) not in patient_ids, e.g. {missing[0]!r}"
