@@ -388,4 +388,20 @@ def test_predict_command_writes_a_submission_that_score_reads(tiny_run, tmp_path
     assert len(rows) == 16 and sum(len(b) for b in rows.values()) > 0
     assert all((b[:, 0] >= 0.3).all() for b in rows.values())
     assert main(["score", str(sub), "--labels", str(real_sample / "stage_2_train_labels.csv")]) == 0
-    assert "16" in capsys.readouterr().out
+    assert "over 16 image(s)" in capsys.readouterr().out
+
+
+def test_bf16_prediction_stays_close_to_fp32(tiny_run, tmp_path):
+    from pneumodet.inference import predict
+
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        write_dicom(tmp_path / f"p{i}.dcm", rng.integers(0, 256, (256, 256), dtype=np.uint8), patient_id=f"p{i}")
+    fp32 = predict(tiny_run, [tmp_path], threshold=0.0, precision="fp32", progress=False)
+    bf16 = predict(tiny_run, [tmp_path], threshold=0.0, precision="bf16", progress=False)
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    for pid in ("p0", "p1"):
+        a, b = fp32.predictions[pid], bf16.predictions[pid]
+        np.testing.assert_allclose(b.class_probs, a.class_probs, atol=0.02)
+        assert len(a.boxes) > 0 and len(b.boxes) > 0
+        np.testing.assert_allclose(b.boxes[0, 0], a.boxes[0, 0], atol=0.02)  # the best score

@@ -583,7 +583,10 @@ def draw_overlay(pixels: np.ndarray, prediction: PatientPrediction):
         draw.text((x + line, max(0.0, y - font.size - 2 * line)), f"{conf:.2f}", fill=(255, 40, 40), font=font)
     legend = [prediction.patient_id] + [f"{name}: {p:.2f}" for name, p in
                                         zip(CLASS_NAMES, prediction.class_probs.tolist(), strict=True)]
-    draw.multiline_text((line * 4, line * 4), "\n".join(legend), fill=(255, 220, 0), font=font)
+    origin = (line * 4, line * 4)
+    text = "\n".join(legend)
+    draw.rectangle(draw.multiline_textbbox(origin, text, font=font), fill=(0, 0, 0))  # legible over boxes
+    draw.multiline_text(origin, text, fill=(255, 220, 0), font=font)
     return image
 
 
