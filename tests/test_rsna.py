@@ -110,6 +110,7 @@ CASES = [
      "ab"),
     ("class_conflict", [], ["a,No Lung Opacity / Not Normal"], "class_conflict", CLASSES, 2, "bc"),
     ("too_many_fields", ["d,1,2,3,4,1,9"], ["d,Lung Opacity"], "wrong_field_count", LABELS, 6, "abc"),
+    ("too_many_fields_in_classes", [], ["a,Normal,x"], "wrong_field_count", CLASSES, 6, "bc"),
     ("no_patient_id", [",,,,,0"], [], "missing_patient_id", LABELS, 6, "abc"),
     ("no_patient_id_in_classes", [], [",Normal"], "missing_patient_id", CLASSES, 6, "abc"),
 ]

@@ -246,6 +246,8 @@ def _raw_lines(path: Path, line_numbers: set[int]) -> dict[int, str]:
 def _read_rows(path: Path, dialect: _Dialect, columns: Sequence[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
     """The file in chunks of string columns ``columns`` plus ``line`` (1-based) and ``field_error``.
 
+    The first column is the patient id; a whitespace-only id comes back as ``""``.
+
     Rows with more fields than the header are skipped by the parser; they come back, with the
     patient id of their first field, as rows whose ``field_error`` says what was wrong, so that
     their patient can be dropped rather than silently lose a box.
@@ -268,6 +270,8 @@ def _read_rows(path: Path, dialect: _Dialect, columns: Sequence[str], chunk_rows
                     lines += lines >= b
                 start += len(chunk)
                 frame = chunk.loc[:, list(columns)].fillna("").reset_index(drop=True)
+                pid = frame[columns[0]]
+                frame.loc[pid.str.strip() == "", columns[0]] = ""  # a blank id is a missing id
                 frame["line"] = lines
                 frame["field_error"] = ""
                 yield frame
@@ -306,7 +310,7 @@ def _label_row_kinds(rows: pd.DataFrame, decimal_comma: bool) -> tuple[pd.DataFr
     off = (x >= size) | (y >= size) | (xmax <= 0) | (ymax <= 0)
     partly = (x < 0) | (y < 0) | (xmax > size) | (ymax > size)
     positive = target == 1
-    no_pid = rows["patientId"].str.strip() == ""
+    no_pid = rows["patientId"] == ""
     conditions = [
         rows["field_error"] != "",
         no_pid,
@@ -391,8 +395,8 @@ def _read_classes(path: Path, report: ValidationReport, chunk_rows: int) -> pd.D
     dialect = _sniff(path, CLASSES_COLUMNS, report)
     parts = []
     for rows in _read_rows(path, dialect, CLASSES_COLUMNS, chunk_rows):
-        pid_empty = rows["patientId"].str.strip() == ""
-        cls_empty = rows["class"].str.strip() == ""
+        pid_empty = rows["patientId"] == ""
+        cls_empty = rows["class"] == ""
         kinds = np.select(
             [(rows["field_error"] != "").to_numpy(), (pid_empty & cls_empty).to_numpy(), pid_empty.to_numpy(),
              (~rows["class"].isin(CLASS_NAMES)).to_numpy()],
@@ -486,9 +490,11 @@ def load_rsna(data_dir: Path | None, *, labels: Path | None = None, classes: Pat
                               images_dir=str(images_dir) if images_dir is not None else None)
     label_rows = _read_labels(labels_path, report, chunk_rows)
     class_rows = _read_classes(classes_path, report, chunk_rows)
-    records = _merge(label_rows, class_rows, report)
-    if images_dir is not None:
-        records = _attach_images(records, _scan_images(images_dir), label_rows, class_rows, report)
+    files = _scan_images(images_dir) if images_dir is not None else None
+    records, first_line = _merge(label_rows, class_rows, files, report)
+    if files is not None:
+        known = set(label_rows["patientId"].to_numpy()) | set(class_rows["patientId"].to_numpy())
+        _report_images(records, files, first_line, known, report)
     else:
         report.images_missing = len(records)
     report.patients = len(records)
@@ -502,11 +508,15 @@ def load_rsna(data_dir: Path | None, *, labels: Path | None = None, classes: Pat
     return RsnaData(records=records, report=report)
 
 
-def _merge(label_rows: pd.DataFrame, class_rows: pd.DataFrame, report: ValidationReport) -> list[PatientRecord]:
-    """Cross-row and cross-file checks, then one record per patient whose rows are all usable."""
+def _merge(label_rows: pd.DataFrame, class_rows: pd.DataFrame, files: dict[str, Path] | None,
+           report: ValidationReport) -> tuple[list[PatientRecord], pd.Series]:
+    """Cross-row and cross-file checks, then one record per patient whose rows are all usable.
+
+    Returns the records and, per kept patient, its first line in the labels CSV.
+    """
     lname, cname = report.labels_file, report.classes_file
-    label_rows = label_rows[label_rows["patientId"].str.strip() != ""]  # reported, belong to nobody
-    class_rows = class_rows[class_rows["patientId"].str.strip() != ""]
+    label_rows = label_rows[label_rows["patientId"] != ""]  # reported, belong to nobody
+    class_rows = class_rows[class_rows["patientId"] != ""]
     first_line = label_rows.groupby("patientId", sort=False)["line"].first()
     class_first_line = class_rows.groupby("patientId", sort=False)["line"].first()
     dropped: set[str] = set(label_rows.loc[~label_rows["kind"].isin(["", "box_outside"]), "patientId"])
@@ -543,18 +553,18 @@ def _merge(label_rows: pd.DataFrame, class_rows: pd.DataFrame, report: Validatio
         report.add(cname, int(class_first_line[pid]), "missing_labels", f"patient {pid}: not in {lname}", pid)
         dropped.add(pid)
 
-    class_of = dict(zip(distinct["patientId"], distinct["class"], strict=True))
-    target_of = targets["max"].to_dict()
-    for pid in first_line.index.tolist():
-        if pid in dropped or pid not in class_of or pid not in target_of:
-            continue
-        if (class_of[pid] == POSITIVE_CLASS) != (target_of[pid] == 1):
-            report.add(lname, int(first_line[pid]), "class_target_mismatch",
-                       f"patient {pid}: Target {int(target_of[pid])} but class {class_of[pid]!r} "
-                       f"({cname}:{int(class_first_line[pid])})", pid)
-            dropped.add(pid)
+    patients = pd.DataFrame({"line": first_line})
+    patients["class"] = distinct.drop_duplicates("patientId", keep=False).set_index("patientId")["class"]
+    patients["target"] = targets["max"]
+    patients = patients[~patients.index.isin(list(dropped))]
+    mismatch = (patients["class"] == POSITIVE_CLASS) != (patients["target"] == 1)
+    for pid, line, cls, target in patients[mismatch].itertuples():
+        report.add(lname, int(line), "class_target_mismatch",
+                   f"patient {pid}: Target {target:g} but class {cls!r} ({cname}:{int(class_first_line[pid])})", pid)
+        dropped.add(pid)
+    patients = patients[~mismatch]
 
-    kept = usable[~usable["patientId"].isin(dropped)]
+    kept = usable[usable["patientId"].isin(patients.index)]
     report.skipped_rows = report.label_rows - len(kept)
     report.patients_dropped = len(dropped)
     boxes: dict[str, list[tuple[float, float, float, float]]] = {}
@@ -562,28 +572,29 @@ def _merge(label_rows: pd.DataFrame, class_rows: pd.DataFrame, report: Validatio
     coords = positive[["xmin", "ymin", "xmax", "ymax"]].to_numpy(dtype=np.float64).tolist()
     for pid, box in zip(positive["patientId"].to_numpy(), coords, strict=True):
         boxes.setdefault(pid, []).append(tuple(box))
-    return [PatientRecord(pid, class_of[pid], int(target_of[pid]), tuple(boxes.get(pid, ())))
-            for pid in first_line.index.tolist() if pid not in dropped]
+    pids = patients.index.tolist()
+    paths = [files.get(pid) for pid in pids] if files is not None else [None] * len(pids)
+    records = [PatientRecord(pid, cls, int(target), tuple(boxes.get(pid, ())), path)
+               for pid, cls, target, path in zip(pids, patients["class"].tolist(), patients["target"].tolist(),
+                                                 paths, strict=True)]
+    return records, patients["line"]
 
 
-def _attach_images(records: list[PatientRecord], files: dict[str, Path], label_rows: pd.DataFrame,
-                   class_rows: pd.DataFrame, report: ValidationReport) -> list[PatientRecord]:
-    """Records with ``image_path`` set where ``<patientId>.dcm`` exists; missing and unlabelled reported."""
-    first_line = label_rows.groupby("patientId", sort=False)["line"].first().to_dict()
-    out = []
-    for r in records:
-        path = files.get(r.patient_id)
-        if path is None:
-            report.add(report.labels_file, int(first_line[r.patient_id]), "image_missing",
-                       f"patient {r.patient_id}: no {r.patient_id}.dcm in {report.images_dir}", r.patient_id)
-        out.append(PatientRecord(r.patient_id, r.label_class, r.target, r.boxes, path))
-    report.images_found = sum(r.image_path is not None for r in out)
-    report.images_missing = len(out) - report.images_found
-    known = set(label_rows["patientId"].to_numpy()) | set(class_rows["patientId"].to_numpy())
-    for stem in sorted(files.keys() - known):
+def _report_images(records: list[PatientRecord], files: dict[str, Path], first_line: pd.Series,
+                   known: set[str], report: ValidationReport) -> None:
+    """Count images found and missing; report records without a file and files without a patient."""
+    missing = [r.patient_id for r in records if r.image_path is None]
+    report.images_found = len(records) - len(missing)
+    report.images_missing = len(missing)
+    lines = first_line.loc[missing].tolist() if missing else []
+    report.problems.extend(
+        Problem(report.labels_file, int(line), "image_missing",
+                f"patient {pid}: no {pid}.dcm in {report.images_dir}", pid)
+        for pid, line in zip(missing, lines, strict=True))
+    unlabelled = sorted(files.keys() - known)
+    for stem in unlabelled:
         report.add(str(files[stem]), None, "image_unlabelled", f"{stem}.dcm has no labels row", stem)
-    report.images_unlabelled = len(files.keys() - known)
-    return out
+    report.images_unlabelled = len(unlabelled)
 
 
 # ------------------------------------------------------------------------------------------ frames
