@@ -232,7 +232,9 @@ def _match_all(
     gi = gt_start[pair_image] + offset % per_row
     iou = _iou(pred[pi], gt[gi])
     cand = iou >= thresholds.min()
-    shared = (np.bincount(pi[cand], minlength=len(pred))[pi] > 1) | (np.bincount(gi[cand], minlength=len(gt))[gi] > 1)
+    pred_rivals = np.bincount(pi[cand], minlength=len(pred))[pi]
+    gt_rivals = np.bincount(gi[cand], minlength=len(gt))[gi]
+    shared = (pred_rivals > 1) | (gt_rivals > 1)
     alone = cand & ~shared
     tp[pi[alone]] = iou[alone, None] >= thresholds[None, :]
     pair_start = _segment_starts(n_pairs)
