@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import re
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt  # Agg: tests/conftest.py sets MPLBACKEND
@@ -149,3 +150,135 @@ def _cli(argv: list[str]) -> int:
 
 def _load(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
+
+
+# ---------------------------------------------------------------- small datasets written here
+def _write_dicom(path: Path, patient_id: str, age: str, sex: str = "F", view: str = "PA", size: int = 256) -> None:
+    """An uncompressed 8-bit MONOCHROME2 chest-X-ray-like DICOM with the RSNA header fields."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientID = ds.PatientName = patient_id
+    with warnings.catch_warnings():  # RSNA stores ages without the unit ("51", not "051Y"): pydicom warns
+        warnings.simplefilter("ignore", UserWarning)
+        ds.PatientAge = age
+    ds.PatientSex, ds.ViewPosition = sex, view
+    ds.Modality, ds.BodyPartExamined = "CR", "CHEST"
+    ds.Rows = ds.Columns = size
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    yy, xx = np.mgrid[0:size, 0:size]
+    ds.PixelData = ((xx + yy) * 255 // (2 * size - 2)).astype(np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+# patient id, class, boxes (x, y, w, h), age, sex, view; "bad" gets a corrupt file
+_SMALL = [
+    ("p-old", "Lung Opacity", [(40, 50, 60, 90), (150, 40, 50, 100)], "150", "M", "AP"),
+    ("p-40", "Normal", [], "40", "F", "PA"),
+    ("p-60", "No Lung Opacity / Not Normal", [], "60", "M", "PA"),
+    ("p-bad", "Normal", [], "30", "F", "PA"),
+    ("p-noimage", "Lung Opacity", [(500, 400, 200, 300)], None, None, None),
+]
+
+
+@pytest.fixture()
+def small_dataset(tmp_path) -> Path:
+    """Kaggle layout: 5 patients, 4 image files, one of them corrupt, one age of 150."""
+    root = tmp_path / "small"
+    images = root / "stage_2_train_images"
+    images.mkdir(parents=True)
+    labels, classes = ["patientId,x,y,width,height,Target"], ["patientId,class"]
+    for pid, cls, boxes, age, sex, view in _SMALL:
+        for box in boxes or [None]:
+            labels.append(f"{pid}," + (",".join(map(str, box)) + ",1" if box else ",,,,0"))
+            classes.append(f"{pid},{cls}")
+        if pid == "p-bad":
+            (images / f"{pid}.dcm").write_bytes(b"this is not a DICOM file" * 10)
+        elif age is not None:
+            _write_dicom(images / f"{pid}.dcm", pid, age, sex, view)
+    (root / "stage_2_train_labels.csv").write_text("\n".join(labels) + "\n")
+    (root / "stage_2_detailed_class_info.csv").write_text("\n".join(classes) + "\n")
+    return root
+
+
+def test_impossible_age_is_flagged_and_a_bad_file_is_skipped(small_dataset, tmp_path):
+    from pneumodet.reports.eda import build_eda_report
+
+    out = tmp_path / "eda"
+    summary = build_eda_report(small_dataset, out, seed=1)
+    assert (summary["patients"], summary["label_rows"], summary["boxes"]) == (5, 6, 3)
+    assert (summary["images_found"], summary["images_missing"]) == (4, 1)
+    assert summary["boxes_per_patient"] == {"0": 3, "1": 1, "2": 1}
+    assert summary["multi_box_patients"] == 1
+    # one corrupt file: skipped, counted, named; the run goes on
+    assert summary["headers_read"] == 3 and summary["headers_failed"] == 1
+    assert summary["images_unreadable"] == 1
+    unreadable = pd.read_csv(out / "unreadable_files.csv")
+    assert unreadable["path"].map(lambda p: Path(p).name).tolist() == ["p-bad.dcm"]
+    assert unreadable["reason"].str.len().gt(0).all()
+    # age 150 is impossible: counted, listed, left out of the statistics
+    assert summary["age"] == {"min": 40.0, "median": 50.0, "max": 60.0, "impossible": 1,
+                              "impossible_threshold": 100.0}
+    impossible = pd.read_csv(out / "impossible_ages.csv")
+    assert impossible[["patient_id", "age"]].values.tolist() == [["p-old", 150.0]]
+    by_class = pd.read_csv(out / "age_by_class.csv").set_index("class")
+    assert by_class.loc["Lung Opacity", "impossible_ages"] == 1
+    assert by_class.loc["Lung Opacity", "patients"] == 0
+    assert summary["sex"] == {"F": 1, "M": 2} and summary["view_position"] == {"AP": 1, "PA": 2}
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "impossible age(s) (&gt; 100 years)" in html
+    assert "p-bad.dcm" in html and 'id="unreadable"' in html
+    metadata = pd.read_csv(out / "dicom_metadata.csv")
+    assert sorted(metadata["patient_id"]) == ["p-40", "p-60", "p-old"]
+    assert dict(zip(metadata["patient_id"], metadata["class"], strict=True))["p-old"] == "Lung Opacity"
+
+
+def test_header_cap_reads_a_seeded_subset(small_dataset, tmp_path):
+    from pneumodet.reports.eda import build_eda_report
+
+    first = build_eda_report(small_dataset, tmp_path / "a", max_images=2, seed=3)
+    again = build_eda_report(small_dataset, tmp_path / "b", max_images=2, seed=3)
+    assert first["headers_read"] + first["headers_failed"] == 2
+    assert (pd.read_csv(tmp_path / "a" / "dicom_metadata.csv")
+            .equals(pd.read_csv(tmp_path / "b" / "dicom_metadata.csv")))
+    assert again["images_found"] == 4  # the cap limits header reading, not the counts
+    assert "a seeded random subset of 2" in (tmp_path / "a" / "report.html").read_text(encoding="utf-8")
+
+
+def test_worker_pool_reads_the_same_headers_as_one_process(small_dataset, monkeypatch):
+    from pneumodet.data.rsna import load_rsna
+    from pneumodet.reports import eda
+
+    records = load_rsna(small_dataset).records
+    serial = eda.scan_metadata(records, workers=1)
+    monkeypatch.setattr(eda, "_POOL_MIN_FILES", 1)
+    pooled = eda.scan_metadata(records, workers=2)
+    pd.testing.assert_frame_equal(serial.frame, pooled.frame)
+    assert [Path(p).name for p, _ in pooled.failed] == ["p-bad.dcm"]
+    assert pooled.present == 4 and pooled.scanned == 4
+
+
+def test_cli_eda_exits_0_and_writes_the_report(small_dataset, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert _cli(["eda", str(small_dataset), "--out", str(out), "--samples", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "5 patients, 6 label rows, 3 boxes" in printed and "1 unreadable image(s)" in printed
+    assert f"wrote {out / 'report.html'}" in printed
+    summary = _load(out)
+    for name in ["report.html", "summary.json", *summary["tables"]]:
+        assert (out / name).stat().st_size > 0, name
+
+
+def test_cli_eda_reports_a_missing_folder_in_one_line(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert _cli(["eda", str(missing), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pneumodet eda: error:") and str(missing) in err and "\n" not in err
