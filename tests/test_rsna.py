@@ -172,6 +172,14 @@ def test_line_numbers_stay_right_after_skipped_and_blank_lines(tmp_path):
         assert rep.label_rows == 8  # the blank line is not a row
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 4, 5, 1000])
+def test_a_bad_last_line_is_reported_whatever_the_chunking(tmp_path, chunk_rows):
+    root = write_dataset(tmp_path, BASE_L + ["d,1,2,3,4,1,9"], BASE_C + ["d,Lung Opacity"])
+    rep = load_rsna(root, chunk_rows=chunk_rows).report
+    assert [(p.kind, p.line, p.patient_id) for p in rep.problems] == [("wrong_field_count", 6, "d")]
+    assert rep.label_rows == 5 and rep.patients_dropped == 1
+
+
 def test_chunked_reading_gives_identical_records(tmp_path, real_sample):
     labels = real_sample / LABELS
     rows = labels.read_text().splitlines()[:3001]

@@ -243,6 +243,14 @@ def _raw_lines(path: Path, line_numbers: set[int]) -> dict[int, str]:
     return found
 
 
+def _collect_bad_lines(caught: list[warnings.WarningMessage], bad: dict[int, str]) -> None:
+    """Move the parser's "Skipping line N: ..." warnings into ``bad`` (line number -> reason)."""
+    for w in caught:
+        for m in _BAD_LINE.finditer(str(w.message)):
+            bad[int(m.group(1))] = m.group(2)
+    caught.clear()
+
+
 def _read_rows(path: Path, dialect: _Dialect, columns: Sequence[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
     """The file in chunks of string columns ``columns`` plus ``line`` (1-based) and ``field_error``.
 
@@ -261,10 +269,7 @@ def _read_rows(path: Path, dialect: _Dialect, columns: Sequence[str], chunk_rows
                                  on_bad_lines="warn", index_col=False, encoding="utf-8-sig",
                                  encoding_errors="replace", chunksize=chunk_rows)
             for chunk in reader:
-                for w in caught:
-                    for m in _BAD_LINE.finditer(str(w.message)):
-                        bad[int(m.group(1))] = m.group(2)
-                caught.clear()
+                _collect_bad_lines(caught, bad)
                 lines = np.arange(start, start + len(chunk), dtype=np.int64) + 2
                 for b in sorted(bad):  # each skipped line shifts every later row down one line
                     lines += lines >= b
@@ -275,6 +280,7 @@ def _read_rows(path: Path, dialect: _Dialect, columns: Sequence[str], chunk_rows
                 frame["line"] = lines
                 frame["field_error"] = ""
                 yield frame
+            _collect_bad_lines(caught, bad)  # a bad last line is only seen by the read that ends the file
         except (pd.errors.ParserError, UnicodeError, ValueError) as exc:
             raise LabelsError(f"{path}: not a readable CSV: {exc}".replace("\n", " ")) from exc
     if bad:
