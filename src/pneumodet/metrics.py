@@ -15,10 +15,11 @@ CSV and the submission file). The rules pinned here:
   (``per_image`` is ``None``). No ground truth and any prediction: the image scores 0.
   Ground truth and no prediction: 0.
 * **Threshold comparison.** A prediction can match a ground-truth box when IoU **>=** t. Kaggle's
-  page says "above" the threshold, but the public ``map_iou`` that every published RSNA solution
-  validated with uses ``>=``; taking the same rule keeps pneumodet's numbers comparable with
-  theirs. Ties only happen on hand-made boxes (or boxes rounded to a coarse grid): with
-  real-valued model outputs IoU equals a threshold with probability zero.
+  page says "above" the threshold, but the public ``map_iou`` (a Kaggle kernel, copied into the
+  tatigabru and pdima solution code) uses ``>=``; taking the same rule keeps pneumodet's numbers
+  comparable with the scores those solutions report. A tie needs the IoU to hit a threshold
+  exactly, which only boxes on a coarse grid do with any frequency (labels are whole pixels,
+  submissions carry one decimal); thresholds are exact decimal literals so such ties are exact.
 * **Matching.** Prediction-centric greedy matching, as in Kaggle's description: predictions are
   taken in descending confidence (ties keep their input order), and each takes the still
   unmatched ground-truth box with the highest IoU >= t (IoU ties: the first box). The matching is
