@@ -282,3 +282,126 @@ def test_cli_eda_reports_a_missing_folder_in_one_line(tmp_path, capsys):
     assert _cli(["eda", str(missing), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pneumodet eda: error:") and str(missing) in err and "\n" not in err
+
+
+# ---------------------------------------------------------------- the real sample
+def _expected_from_csv(real_sample: Path) -> dict:
+    """The headline numbers computed straight from the two CSVs, independently of pneumodet."""
+    labels = pd.read_csv(real_sample / "stage_2_train_labels.csv")
+    classes = pd.read_csv(real_sample / "stage_2_detailed_class_info.csv")
+    labels["class"] = classes["class"]  # same row order (SOURCES.md)
+    per_patient = labels.groupby("patientId").agg(cls=("class", "first"), target=("Target", "first"),
+                                                  boxes=("Target", "sum"))
+    return {
+        "label_rows": len(labels),
+        "patients": len(per_patient),
+        "boxes": int(labels["Target"].sum()),
+        "patients_per_class": per_patient["cls"].value_counts().to_dict(),
+        "rows_per_class": labels["class"].value_counts().to_dict(),
+        "patients_per_target": {str(k): v for k, v in per_patient["target"].value_counts().items()},
+        "boxes_per_patient": {str(k): v for k, v in per_patient["boxes"].value_counts().sort_index().items()},
+    }
+
+
+@pytest.fixture(scope="module")
+def real_eda(real_sample, tmp_path_factory) -> tuple[Path, dict]:
+    from pneumodet.reports.eda import build_eda_report
+
+    out = tmp_path_factory.mktemp("eda_real")
+    return out, build_eda_report(real_sample, out, seed=0)
+
+
+def test_real_sample_summary_numbers(real_eda, real_sample):
+    out, summary = real_eda
+    assert (summary["patients"], summary["label_rows"], summary["boxes"]) == (26684, 30227, 9555)
+    assert (summary["images_found"], summary["images_missing"]) == (16, 26684 - 16)
+    assert summary["label_problems"] == 0
+    expected = _expected_from_csv(real_sample)
+    for key, value in expected.items():
+        assert summary[key] == value, key
+    assert list(summary["boxes_per_patient"]) == ["0", "1", "2", "3", "4"]
+    assert summary["multi_box_patients"] == sum(v for k, v in expected["boxes_per_patient"].items() if int(k) > 1)
+    assert summary == _load(out)
+    # the 16 images: 5 Lung Opacity, 4 Normal, 7 other (SOURCES.md); all CR chest films with real ages
+    assert summary["headers_read"] == 16 and summary["images_unreadable"] == 0
+    metadata = pd.read_csv(out / "dicom_metadata.csv")
+    stems = sorted(p.stem for p in (real_sample / "stage_2_train_images").glob("*.dcm"))
+    assert sorted(metadata["patient_id"]) == stems
+    assert metadata["class"].value_counts().to_dict() == {
+        "No Lung Opacity / Not Normal": 7, "Lung Opacity": 5, "Normal": 4}
+    assert set(metadata["modality"]) == {"CR"} and set(metadata["view_position"]) <= {"AP", "PA"}
+    assert sum(summary["view_position"].values()) == sum(summary["sex"].values()) == 16
+    assert 0 < summary["age"]["min"] <= summary["age"]["median"] <= summary["age"]["max"] <= 100
+
+
+def test_real_sample_tables_agree_with_summary(real_eda):
+    out, summary = real_eda
+    assert sorted(p.name for p in out.glob("*.csv")) == sorted(summary["tables"])
+    bpp = pd.read_csv(out / "boxes_per_patient.csv", dtype={"boxes": str}).set_index("boxes")
+    totals = bpp["all patients"]
+    assert totals.drop("all patients").to_dict() == summary["boxes_per_patient"]
+    assert totals["all patients"] == summary["patients"]
+    n_boxes = totals.drop("all patients").index.astype(int)
+    assert int((n_boxes * totals.drop("all patients")).sum()) == summary["boxes"]
+    assert bpp.loc["0", "Lung Opacity (Target 1)"] == 0  # every Lung Opacity patient has a box
+    per_class = pd.read_csv(out / "patients_per_class.csv").set_index("class")
+    assert per_class["patients"].to_dict() == summary["patients_per_class"]
+    assert per_class["label_rows"].to_dict() == summary["rows_per_class"]
+    assert per_class["patients_%"].sum() == pytest.approx(100)
+    per_target = pd.read_csv(out / "patients_per_target.csv")
+    assert {str(t): n for t, n in zip(per_target["target"], per_target["patients"], strict=True)} == \
+        summary["patients_per_target"]
+    overview = pd.read_csv(out / "overview.csv").set_index("quantity")["value"]
+    for quantity, key in [("label rows (CSV lines)", "label_rows"), ("unique patients (images)", "patients"),
+                          ("boxes in total", "boxes"), ("images found", "images_found"),
+                          ("images missing", "images_missing"), ("label problems found", "label_problems"),
+                          ("patients with several rows (multi-box)", "multi_box_patients")]:
+        assert overview[quantity] == summary[key], quantity
+    views = pd.read_csv(out / "view_by_class.csv").set_index("class")
+    assert views.loc["all"].drop("all").to_dict() == summary["view_position"]
+    stats = pd.read_csv(out / "box_stats.csv").set_index("quantity")
+    assert (stats["count"] == summary["boxes"]).all()
+    assert stats.loc["x", "min"] >= 0 and stats.loc["width", "max"] <= 1024
+
+
+def test_real_sample_report_has_every_section(real_eda):
+    out, summary = real_eda
+    html = (out / "report.html").read_text(encoding="utf-8")
+    for anchor in ("overview", "boxes-per-patient", "classes", "dicom", "samples", "box-analysis"):
+        assert f'id="{anchor}"' in html and f'href="#{anchor}"' in html
+    for name in summary["tables"]:
+        assert f"<code>{name}</code>" in html, name
+    assert "No images present" not in html
+    assert "Dataset.file_meta" in html and "(0010,1010) Patient&#x27;s Age" in html  # the full header
+    assert "10 of 9,555 boxes, from 5 patients" in html  # the view split covers images present only
+    images = _embedded_images(html)
+    thumbs = [im for im in images if im.shape[:2] == (360, 360)]
+    assert len(thumbs) == 4 + 4 + 4 + 5  # per-class samples (4 each) and the 5 Lung Opacity images
+    drawn = [im for im in thumbs if ((im[..., 0] > 200) & (im[..., 1] < 80)).sum() > 200]
+    assert len(drawn) == 5  # red boxes only on the Lung Opacity grid
+
+
+def test_labels_only_run_says_there_are_no_images(real_sample, tmp_path):
+    from pneumodet.reports.eda import build_eda_report
+
+    data = tmp_path / "labels-only"
+    data.mkdir()
+    for name in ("stage_2_train_labels.csv", "stage_2_detailed_class_info.csv"):
+        lines = (real_sample / name).read_text().splitlines()[:401]  # header + 400 rows, same order
+        (data / name).write_text("\n".join(lines) + "\n")
+    out = tmp_path / "eda"
+    summary = build_eda_report(data, out)
+    assert summary["label_rows"] == 400 and summary["images_found"] == 0
+    assert summary["images_missing"] == summary["patients"] > 0
+    assert summary["headers_read"] == 0 and summary["view_position"] == {} and summary["sex"] == {}
+    assert summary["age"]["median"] is None and summary["age"]["impossible"] == 0
+    html = (out / "report.html").read_text(encoding="utf-8")
+    dicom = html[html.index('id="dicom"'):html.index('id="samples"')]
+    samples = html[html.index('id="samples"'):html.index('id="box-analysis"')]
+    assert "No images present" in dicom and "No images present" in samples
+    assert "<img" not in dicom and "<img" not in samples
+    assert "No images folder: a labels-only run" in html
+    boxes = html[html.index('id="box-analysis"'):]
+    assert boxes.count("<img") == 3  # centres, shape, position/size; no view split without headers
+    assert "0 of " in boxes and "no split by view position" in boxes
+    assert not (out / "dicom_metadata.csv").exists()
