@@ -96,3 +96,51 @@ def test_export_command_and_its_errors(run_dir, tmp_path, capsys):
     assert "no such checkpoint file or run directory" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="best_model.pt"):
         export_onnx(tmp_path, tmp_path / "x.onnx")
+
+
+def _numpy_decode(cls_logits, box_deltas, global_logits, anchors, side, score_thresh):
+    """The module docstring's recipe, written independently in numpy, for one image."""
+    cfg, size = side["model_config"], side["image_size"]
+    score = 1 / (1 + np.exp(-cls_logits.astype(np.float64)))
+    kept, start = [], 0
+    for count in side["anchors_per_level"]:
+        order = np.argsort(-score[start:start + count], kind="stable")[: cfg["topk_per_level"]]
+        kept.extend(order + start)
+        start += count
+    kept = np.asarray(kept)
+    a, d = anchors[kept].astype(np.float64), box_deltas[kept].astype(np.float64)
+    aw, ah = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+    cx, cy = a[:, 0] + aw / 2 + d[:, 0] * aw, a[:, 1] + ah / 2 + d[:, 1] * ah
+    w = aw * np.exp(np.minimum(d[:, 2], np.log(1000 / 16)))
+    h = ah * np.exp(np.minimum(d[:, 3], np.log(1000 / 16)))
+    boxes = np.clip(np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1), 0, size)
+    s = score[kept]
+    ok = (s > score_thresh) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    boxes, s = boxes[ok], s[ok]
+    out = []
+    for i in np.argsort(-s, kind="stable"):
+        if all(_iou(boxes[i], boxes[j]) <= cfg["nms_thresh"] for j in out):
+            out.append(i)
+    out = out[: cfg["max_detections"]]
+    probs = np.exp(global_logits - global_logits.max())
+    return boxes[out], s[out], probs / probs.sum()
+
+
+def _iou(a, b):
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_the_documented_decoding_recipe_gives_the_same_boxes(exported):
+    session = onnxruntime.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {"images": _images(2, seed=3).numpy()})
+    side = json.loads(exported.side_file.read_text())
+    decoded = decode_onnx_outputs(outputs, side, score_thresh=0.3)
+    for i, det in enumerate(decoded):
+        boxes, scores, probs = _numpy_decode(outputs[0][i], outputs[1][i], outputs[2][i], outputs[3], side, 0.3)
+        assert len(boxes) > 2
+        np.testing.assert_allclose(det.boxes.numpy(), boxes, rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(det.scores.numpy(), scores, rtol=1e-5)
+        np.testing.assert_allclose(det.class_probs.numpy(), probs, rtol=1e-5)

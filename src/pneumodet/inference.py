@@ -14,12 +14,23 @@ ONNX
 * outputs ``cls_logits [B, A]``, ``box_deltas [B, A, 4]``, ``global_logits [B, C]`` and
   ``anchors [A, 4]`` (a constant: the anchors depend on ``S`` only).
 
-Next to ``model.onnx`` a side file ``model.onnx.json`` records ``S``, the class names, the model
-configuration and the run's validation threshold. To go from the four outputs to boxes, call
-:func:`decode_onnx_outputs` with them and that side file; it rebuilds the model's box decoding
-(sigmoid scores, anchor-delta decoding, score filter, NMS, top-k) from the same code that
-:meth:`PneumoRetinaNet.detect` runs, and returns boxes in ``S x S`` input pixels. Multiply x by
-``W / S`` and y by ``H / S`` to reach an ``H x W`` original image (:func:`boxes_to_original`).
+Next to ``model.onnx`` a side file ``model.onnx.json`` records ``S``, the anchors per pyramid level,
+the class names, the model configuration (score/NMS thresholds, top-k) and the run's validation
+threshold. :func:`decode_onnx_outputs` turns the four outputs into boxes with the model's own
+post-processing (:func:`pneumodet.model.retinanet.postprocess`); :func:`run_onnx` does both steps
+with onnxruntime. Written out, for an implementation in another language, per image:
+
+1. ``score = sigmoid(cls_logits)``; within each pyramid level (``anchors_per_level`` consecutive
+   anchors) keep the ``topk_per_level`` best anchors.
+2. Decode each kept anchor ``(x1, y1, x2, y2)`` with its deltas ``(dx, dy, dw, dh)``:
+   ``aw = x2 - x1``, ``ah = y2 - y1``, ``cx = x1 + aw/2 + dx*aw``, ``cy = y1 + ah/2 + dy*ah``,
+   ``w = aw * exp(min(dw, log(1000/16)))``, ``h = ah * exp(min(dh, log(1000/16)))``,
+   box ``(cx - w/2, cy - h/2, cx + w/2, cy + h/2)``, clipped to ``[0, S]``.
+3. Keep boxes with ``score > score_thresh`` and positive width and height; non-maximum suppression
+   at IoU ``nms_thresh``; keep the ``max_detections`` best.
+4. Class probabilities: ``softmax(global_logits)`` in ``class_names`` order.
+5. Boxes are in ``S x S`` input pixels: multiply x by ``W / S`` and y by ``H / S`` for an ``H x W``
+   original image; keep those with score at least the run's ``threshold``.
 """
 
 from __future__ import annotations
