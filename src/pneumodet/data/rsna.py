@@ -164,7 +164,8 @@ class ValidationReport:
                   f"{self.images_unlabelled} unlabelled" if self.images_dir is not None
                   else f"images: no folder (labels only, {self.images_missing} patients without image)")
         lines = [
-            f"labels: {self.label_rows} rows ({self.skipped_rows} skipped) in {self.labels_file}",
+            f"labels: {self.label_rows} rows ({self.skipped_rows} skipped) in {self.labels_file}; "
+            f"classes: {self.class_rows} rows in {self.classes_file}",
             f"patients: {self.patients} kept ({self.patients_dropped} dropped), {self.boxes} boxes",
             images,
         ]
@@ -188,17 +189,9 @@ class RsnaData:
     report: ValidationReport
 
 
-@dataclass(frozen=True)
-class _Dialect:
-    sep: str
-    bom: bool
-    crlf: bool
-    columns: tuple[str, ...]
-
-
 # ------------------------------------------------------------------------------------------ reading
-def _sniff(path: Path, required: Sequence[str], report: ValidationReport) -> _Dialect:
-    """Delimiter, BOM and line endings from the header; fatal when the file is empty or lacks columns."""
+def _sniff(path: Path, required: Sequence[str], report: ValidationReport) -> str:
+    """The delimiter, from the header; BOM, CR LF and extra columns noted; fatal if empty or columns lack."""
     try:
         with path.open("rb") as f:
             head = f.read(1 << 16)
@@ -227,7 +220,7 @@ def _sniff(path: Path, required: Sequence[str], report: ValidationReport) -> _Di
     extra = [c for c in columns if c not in required]
     if extra:
         report.add(name, 1, "extra_columns", f"column(s) {', '.join(extra)} ignored")
-    return _Dialect(sep, bom, first.endswith(b"\r"), columns)
+    return sep
 
 
 def _raw_lines(path: Path, line_numbers: set[int]) -> dict[int, str]:
@@ -251,7 +244,7 @@ def _collect_bad_lines(caught: list[warnings.WarningMessage], bad: dict[int, str
     caught.clear()
 
 
-def _read_rows(path: Path, dialect: _Dialect, columns: Sequence[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
+def _read_rows(path: Path, sep: str, columns: Sequence[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
     """The file in chunks of string columns ``columns`` plus ``line`` (1-based) and ``field_error``.
 
     The first column is the patient id; a whitespace-only id comes back as ``""``.
@@ -265,7 +258,7 @@ def _read_rows(path: Path, dialect: _Dialect, columns: Sequence[str], chunk_rows
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", pd.errors.ParserWarning)
         try:
-            reader = pd.read_csv(path, sep=dialect.sep, dtype=object, keep_default_na=False, skip_blank_lines=False,
+            reader = pd.read_csv(path, sep=sep, dtype=object, keep_default_na=False, skip_blank_lines=False,
                                  on_bad_lines="warn", index_col=False, encoding="utf-8-sig",
                                  encoding_errors="replace", chunksize=chunk_rows)
             for chunk in reader:
@@ -287,7 +280,7 @@ def _read_rows(path: Path, dialect: _Dialect, columns: Sequence[str], chunk_rows
         raw = _raw_lines(path, set(bad))
         rows = []
         for number in sorted(bad):
-            first_field = raw.get(number, "").split(dialect.sep, 1)[0].strip().strip('"')
+            first_field = raw.get(number, "").split(sep, 1)[0].strip().strip('"')
             rows.append({**dict.fromkeys(columns, ""), columns[0]: first_field, "line": number,
                          "field_error": bad[number]})
         yield pd.DataFrame(rows, columns=[*columns, "line", "field_error"])
@@ -380,10 +373,10 @@ def _report_rows(report: ValidationReport, file: str, kinds: np.ndarray, rows: p
 def _read_labels(path: Path, report: ValidationReport, chunk_rows: int) -> pd.DataFrame:
     """All labels rows as parsed values plus ``kind``; problems of single rows go to the report."""
     name = str(path)
-    dialect = _sniff(path, LABELS_COLUMNS, report)
+    sep = _sniff(path, LABELS_COLUMNS, report)
     parts = []
-    for rows in _read_rows(path, dialect, LABELS_COLUMNS, chunk_rows):
-        parsed, kinds = _label_row_kinds(rows, dialect.sep == ";")
+    for rows in _read_rows(path, sep, LABELS_COLUMNS, chunk_rows):
+        parsed, kinds = _label_row_kinds(rows, decimal_comma=sep == ";")
         _report_rows(report, name, kinds, rows,
                      lambda kind, i, rows=rows, parsed=parsed: _label_message(kind, rows.iloc[i], parsed.iloc[i]))
         parsed["kind"] = kinds
@@ -398,9 +391,9 @@ def _read_labels(path: Path, report: ValidationReport, chunk_rows: int) -> pd.Da
 def _read_classes(path: Path, report: ValidationReport, chunk_rows: int) -> pd.DataFrame:
     """All class rows (``patientId, class, line, kind``); problems of single rows go to the report."""
     name = str(path)
-    dialect = _sniff(path, CLASSES_COLUMNS, report)
+    sep = _sniff(path, CLASSES_COLUMNS, report)
     parts = []
-    for rows in _read_rows(path, dialect, CLASSES_COLUMNS, chunk_rows):
+    for rows in _read_rows(path, sep, CLASSES_COLUMNS, chunk_rows):
         pid_empty = rows["patientId"] == ""
         cls_empty = rows["class"] == ""
         kinds = np.select(
