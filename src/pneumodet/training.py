@@ -157,9 +157,11 @@ class DetectorModule(L.LightningModule):
         from pneumodet.metrics import rsna_map, sweep_thresholds
 
         gt, preds = self._gathered_validation()
-        if not gt:
+        try:
+            sweep = sweep_thresholds(gt, preds)
+        except ValueError:  # nothing to score: no validation box and no prediction at any cut-off
+            self.validation_result = {}
             return
-        sweep = sweep_thresholds(gt, preds)
         kept = {pid: p[p[:, 0] >= sweep.best_threshold] for pid, p in preds.items()}
         result = rsna_map(gt, kept)
         self.validation_result = {
@@ -318,7 +320,7 @@ class RunKeeper(L.Callback):
                  "epoch": trainer.current_epoch, "image_size": pl_module.train_config.image_size,
                  "encoder": pl_module.train_config.encoder}
         if trainer.is_global_zero:
-            from pneumodet.model import save_checkpoint
+            from pneumodet.model.checkpoint import save_checkpoint
 
             save_checkpoint(self.run_dir / "last_model.pt", pl_module.model, extra=extra)
             if improved:
@@ -488,7 +490,7 @@ def _rank_fingerprint(module: DetectorModule, result: TrainResult) -> dict[str, 
 
 
 def _read_extra(path: Path) -> dict[str, Any]:
-    from pneumodet.model import load_checkpoint
+    from pneumodet.model.checkpoint import load_checkpoint
 
     _, extra = load_checkpoint(path)
     return extra
