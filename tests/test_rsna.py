@@ -198,6 +198,9 @@ def test_missing_columns_are_fatal_and_named(tmp_path):
     with pytest.raises(LabelsError, match=rf"{LABELS}: missing column\(s\) width") as info:
         load_rsna(root)
     assert "\n" not in str(info.value)
+    root_spaced = write_dataset(tmp_path / "1", BASE_L, BASE_C, head_l="patientId, x, y, width, height, Target")
+    with pytest.raises(LabelsError, match=r"missing column\(s\) x, y, width, height, Target \(header has: patientId, ' x'"):
+        load_rsna(root_spaced)
     root2 = write_dataset(tmp_path / "2", BASE_L, ["a"], head_c="patientId")
     with pytest.raises(LabelsError, match=rf"{CLASSES}: missing column\(s\) class"):
         load_rsna(root2)
@@ -271,6 +274,19 @@ def test_garbage_rows_never_crash(tmp_path_factory, rows):
         return
     check_counts(data)
     assert all(p.kind in PROBLEM_KINDS for p in data.report.problems)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(["patientId", "x", "y", "width", "height", "Target", "", " ", '"x"', "x;y", "\r"]),
+                max_size=8))
+def test_garbage_headers_never_crash(tmp_path_factory, names):
+    root = write_dataset(tmp_path_factory.mktemp("fuzz"), BASE_L, BASE_C, head_l=",".join(names))
+    try:
+        data = load_rsna(root)
+    except LabelsError as exc:
+        assert LABELS in str(exc)
+        return
+    assert len(data.records) <= 3
 
 
 # ------------------------------------------------------------------------------------------ images

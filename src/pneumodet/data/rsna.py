@@ -202,14 +202,18 @@ def _sniff(path: Path, required: Sequence[str], report: ValidationReport) -> str
     if not body.strip():
         raise LabelsError(f"{path}: file is empty (expected a header {','.join(required)} and data rows)")
     first = body.split(b"\n", 1)[0]
-    header = first.decode("utf-8", errors="replace").rstrip("\r")
+    header = first.decode("utf-8", errors="replace")
     sep = ";" if ";" in header and "," not in header else ","
-    columns = tuple(c.strip().strip('"') for c in header.split(sep))
     name = str(path)
+    try:  # the header as the reader will see it (quotes removed, repeated names numbered)
+        columns = pd.read_csv(path, sep=sep, nrows=0, skip_blank_lines=False, index_col=False,
+                              encoding="utf-8-sig", encoding_errors="replace").columns.tolist()
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        raise LabelsError(f"{name}: unreadable header: {exc}".replace("\n", " ")) from exc
     missing = [c for c in required if c not in columns]
     if missing:
-        raise LabelsError(f"{name}: missing column(s) {', '.join(missing)} "
-                          f"(header has: {', '.join(columns) or 'nothing'})")
+        shown = ", ".join(repr(c) if c != c.strip() else c for c in columns)
+        raise LabelsError(f"{name}: missing column(s) {', '.join(missing)} (header has: {shown or 'nothing'})")
     if bom:
         report.add(name, 1, "utf8_bom", "file starts with a UTF-8 byte-order mark (Excel re-save)")
     if first.endswith(b"\r"):
