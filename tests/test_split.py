@@ -48,6 +48,8 @@ def test_real_labels_split_is_disjoint_complete_and_stratified(real_records):
     assert not (ids["train"] & ids["val"] or ids["train"] & ids["test"] or ids["val"] & ids["test"])
     assert ids["train"] | ids["val"] | ids["test"] == {r.patient_id for r in real_records}
     assert [len(split.val), len(split.test)] == [round(0.1 * 26684)] * 2
+    summary = split.summary().splitlines()
+    assert summary[0].startswith("split of 26684 patients (seed 42") and summary[2].split()[:2] == ["val", "2668"]
     overall = shares(real_records)
     for recs in split.sets.values():
         for cls, share in shares(recs).items():
@@ -95,6 +97,8 @@ def test_samples_draws_a_stratified_subset(real_records):
     assert again == split
     with pytest.raises(SplitError, match="samples=17: only 16 patients with an image"):
         split_patients(real_records, samples=17)
+    with pytest.raises(SplitError, match="samples=0: must be at least 1"):
+        split_patients(real_records, samples=0)
 
 
 # ------------------------------------------------------------------------------------------ errors

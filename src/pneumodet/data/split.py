@@ -172,9 +172,11 @@ def split_patients(records: Sequence[PatientRecord], *, val: float = 0.1, test: 
     rng = np.random.default_rng(seed)
     min_size = math.ceil(1.0 / min(val, test))
     if samples is not None:
-        if not 0 < samples <= len(pool):
-            what = "patients with an image" if not labels_only else "patients"
+        what = "patients with an image" if not labels_only else "patients"
+        if samples > len(pool):
             raise SplitError(f"samples={samples}: only {len(pool)} {what} available")
+        if samples < 1:
+            raise SplitError(f"samples={samples}: must be at least 1 (of {len(pool)} {what})")
         taken, _ = _stratified_take(pool, samples, rng, _strata(pool, min_size))
         pool = sorted((pool[i] for i in taken), key=lambda r: r.patient_id)
 
