@@ -47,6 +47,7 @@ IMPOSSIBLE_AGE = 100.0
 #: Below this many headers a worker pool costs more than it saves.
 _POOL_MIN_FILES = 512
 _THUMB_SIZE = 360
+_FEW_BOXES = 50
 _CLASS_COLORS = {"Normal": "#4c9f70", "Lung Opacity": "#d1495b", "No Lung Opacity / Not Normal": "#edae49"}
 _VIEW_COLORS = {"AP": "#3066be", "PA": "#e07a5f"}
 _IMAGE_KINDS = ("image_missing", "image_unlabelled")
@@ -284,6 +285,7 @@ def _age_figure(meta: pd.DataFrame) -> Figure:
     axes[0].set_xlabel("age (years)")
     axes[0].set_ylabel("patients")
     axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].set_ylim(0, axes[0].get_ylim()[1] * 1.35)  # headroom for the legend
     axes[0].set_title(f"Age by class (ages ≤ {IMPOSSIBLE_AGE:g})")
     axes[0].legend(frameon=False, fontsize=8, loc="upper right")
     groups = [valid.loc[valid["class"] == n, "age"].to_numpy() for n in CLASS_NAMES]
@@ -690,6 +692,8 @@ def _box_section(html: HtmlReport, writer: _Writer, boxes: pd.DataFrame, meta: p
     by_view = boxes.merge(views, on="patient_id", how="inner")
     sec.text(f"Only patients whose image is present (and header read) have a known view position: "
              f"{len(by_view):,} of {len(boxes):,} boxes, from {by_view['patient_id'].nunique():,} patients.")
+    if 0 < len(by_view) < _FEW_BOXES:
+        sec.note(f"Only {len(by_view)} boxes: read the curves below as individual boxes, not as densities.")
     if by_view.empty:
         sec.note("No box belongs to an image whose header was read: no split by view position.")
         return
