@@ -1,0 +1,132 @@
+"""Data path speed: DICOM decode + resize, cache build, cached reads, on the real RSNA sample.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_data.py [--data ../shared/data/rsna-sample]
+
+Prints images/s for
+  * pneumodet's decode (``read_dicom`` + ``resize_area``) in one process,
+  * the peer, measured in the same run: pydicom's default ``ds.pixel_array`` (whatever plugin it picks)
+    + Pillow box resize, in one process,
+  * ``build_cache`` of N images with all cores (the 16 files listed repeatedly under distinct ids),
+  * random-row reads from the built cache (copied out of the memory map, as the dataset does),
+and the ratios. Every figure is the median over repeats after one warm-up pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+from PIL import Image
+
+from pneumodet.data.cache import ImageCache, build_cache, resize_area
+from pneumodet.data.dicom import read_dicom
+from pneumodet.data.records import PatientRecord
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rsna-sample"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def rate(work: Callable[[], int], repeats: int) -> float:
+    """Median items/s of ``work`` (which returns how many items it did) over ``repeats`` after a warm-up."""
+    work()
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        count = work()
+        rates.append(count / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def pneumodet_decode(files: Sequence[Path], size: int) -> int:
+    for path in files:
+        pixels, _ = read_dicom(path)
+        resize_area(pixels, size)
+    return len(files)
+
+
+def pydicom_decode(files: Sequence[Path], size: int) -> int:
+    for path in files:
+        pixels = pydicom.dcmread(path).pixel_array
+        np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BOX))
+    return len(files)
+
+
+def cached_reads(cache: ImageCache, rows: np.ndarray) -> int:
+    for row in rows:
+        np.array(cache.image(int(row)))
+    return len(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Kaggle-layout folder with DICOMs")
+    parser.add_argument("--size", type=int, default=512, help="cache side in pixels (default 512)")
+    parser.add_argument("--passes", type=int, default=4, help="passes over the files per decode repeat")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
+    parser.add_argument("--build-images", type=int, default=256, help="images in the cache build")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="cache build processes")
+    args = parser.parse_args(argv)
+    import torch  # here, not at the top: the forkserver of the cache build imports this module
+
+
+    files = sorted((args.data / "stage_2_train_images").glob("*.dcm"))
+    if not files:
+        sys.exit(f"no DICOMs under {args.data / 'stage_2_train_images'}")
+    looped = files * args.passes
+    print(f"machine: {os.cpu_count()} cores, {cpu_model()}; python {platform.python_version()}")
+    print(f"threads: torch {torch.get_num_threads()}, opencv {cv2.getNumThreads()}")
+    print(f"versions: numpy {np.__version__}, pydicom {pydicom.__version__}, opencv {cv2.__version__}, "
+          f"pillow {Image.__version__}, torch {torch.__version__}")
+    print(f"data: {len(files)} real DICOMs from {args.data}, {args.passes} passes per repeat, "
+          f"{args.repeats} repeats, cache side {args.size}")
+
+    ours = rate(lambda: pneumodet_decode(looped, args.size), args.repeats)
+    peer = rate(lambda: pydicom_decode(looped, args.size), args.repeats)
+    print(f"decode+resize, 1 process: pneumodet {ours:8.1f} img/s | pydicom pixel_array + PIL "
+          f"{peer:8.1f} img/s | ratio {ours / peer:.2f}x")
+
+    with tempfile.TemporaryDirectory(prefix="bench_cache_") as tmp:
+        records = [PatientRecord(f"p{i:06d}", "Normal", 0, (), files[i % len(files)])
+                   for i in range(args.build_images)]
+        builds = {}
+        for workers, name in ((1, "serial"), (args.workers, "cache")):
+            report = build_cache(records, Path(tmp) / name, size=args.size, workers=workers, progress=False)
+            if report.cached != args.build_images:
+                sys.exit(f"cache build went wrong:\n{report.summary()}")
+            builds[workers] = args.build_images / report.seconds
+            print(f"cache build, {workers} process(es): {args.build_images} images in {report.seconds:.2f} s "
+                  f"= {builds[workers]:.1f} img/s (one run; pool start included)")
+        print(f"ratio cache build {args.workers} processes / 1 process: {builds[args.workers] / builds[1]:.2f}x")
+        again = build_cache(records, Path(tmp) / "cache", size=args.size, workers=args.workers,
+                            progress=False)
+        print(f"cache re-run (all reused, CRC checked): {again.seconds:.3f} s, {again.decoded} decoded")
+
+        cache = ImageCache.open(Path(tmp) / "cache")
+        rows = np.random.default_rng(0).integers(0, len(cache), size=2000)
+        read = rate(lambda: cached_reads(cache, rows), args.repeats)
+        print(f"cached read (random rows, copied out): {read:10.1f} img/s")
+        print(f"ratio cached read / pneumodet decode: {read / ours:.1f}x; "
+              f"cached read / pydicom decode: {read / peer:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
