@@ -275,6 +275,7 @@ def test_gate_scales_scores_by_the_lung_opacity_probability(tiny_run, tmp_path, 
     np.testing.assert_allclose(gated.predictions["p1"].boxes, [[0.45, 20, 30, 40, 60]], rtol=1e-6)
     dropped = predict(tiny_run, [tmp_path], gate=True, precision="fp32", progress=False)  # 0.45 < 0.5
     assert len(dropped.predictions["p1"].boxes) == 0
+    assert "chosen on ungated scores" in dropped.warnings[0] and not gated.warnings
     ungated = predict(tiny_run, [tmp_path], precision="fp32", progress=False)
     np.testing.assert_allclose(ungated.predictions["p1"].boxes[:, 0], [0.9])
 
@@ -291,7 +292,8 @@ def test_privacy_duplicates_mismatched_ids_overlays_and_json(tiny_run, tmp_path,
     write_dicom(folder / "b.dcm", _blob_image(256, 256, (10, 10, 50, 50)), patient_id="a")  # same patient
     write_dicom(folder / "c.dcm", _blob_image(256, 256, (10, 10, 50, 50)), patient_id="patient-c")
     write_dicom(folder / "d.dcm", _blob_image(256, 256, (10, 10, 50, 50)))  # no PatientID: the stem
-    result = predict(tiny_run, [folder], overlay_dir=tmp_path / "overlays", precision="fp32", progress=False)
+    result = predict(tiny_run, [folder], overlay_dir=tmp_path / "overlays", precision="fp32", progress=False,
+                     workers=1, batch_size=2)  # decoded in a worker process, in file order
 
     assert list(result.predictions) == ["a", "patient-c", "d"]
     assert [(d.patient_id, d.path.name, d.kept.name) for d in result.duplicates] == [("a", "b.dcm", "a.dcm")]
@@ -360,6 +362,11 @@ def test_predict_errors_are_clear(tiny_run, tmp_path):
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(PneumodetError, match="no DICOM files"):
+        predict(tiny_run, [tmp_path / "empty"], progress=False)
+    with pytest.raises(PneumodetError, match=r"absent.dcm: no such file or folder"):
+        predict(tiny_run, [tmp_path / "absent.dcm"], progress=False)
+    os.symlink(tiny_run, tmp_path / "empty" / "elsewhere")
+    with pytest.raises(PneumodetError, match=r"1 symbolic link\(s\) leading out of the input folders"):
         predict(tiny_run, [tmp_path / "empty"], progress=False)
     with pytest.raises(CheckpointError, match="best_model.pt"):
         predict(tmp_path / "empty", [tmp_path], progress=False)

@@ -494,6 +494,7 @@ def predict(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     model, extra = load_for_inference(model_source)
+    threshold_from_run = threshold is None
     if threshold is None:
         if "threshold" not in extra:
             raise CheckpointError(f"{model_source}: the checkpoint records no validation threshold; "
@@ -506,11 +507,14 @@ def predict(
                           device=device, precision=precision)
 
     search = find_dicom_files(inputs, follow_symlinks=follow_symlinks)
-    if not search.files and not search.missing:
-        raise PneumodetError(f"no DICOM files (*.dcm) found in {', '.join(map(str, inputs))}")
+    if not search.files:
+        raise PneumodetError(_nothing_found(inputs, search))
     result = PredictionResult({}, threshold, len(search.files), unreadable=list(search.missing),
                               skipped_links=list(search.skipped_links), tta=tta, gate=gate,
                               precision=predictor.precision)
+    if gate and threshold_from_run:
+        result.warnings.append(f"the run's threshold {threshold:.3f} was chosen on ungated scores; gating "
+                               "lowers every score, so a threshold chosen with --gate may suit better")
     overlays = Path(overlay_dir) if overlay_dir is not None else None
     if overlays is not None:
         overlays.mkdir(parents=True, exist_ok=True)
@@ -521,6 +525,15 @@ def predict(
     for items in _progress(loader, progress, total=len(loader)):
         _predict_batch(items, predictor, result, overlays)
     return result
+
+
+def _nothing_found(inputs: Sequence[Path | str], search: FileSearch) -> str:
+    parts = [f"no DICOM files (*.dcm) found in {', '.join(map(str, inputs))}"]
+    parts += [f"{u.path}: {u.cause}" for u in search.missing]
+    if search.skipped_links:
+        parts.append(f"{len(search.skipped_links)} symbolic link(s) leading out of the input folders were "
+                     "not followed (follow_symlinks / --follow-symlinks)")
+    return "; ".join(parts)
 
 
 def _progress(iterable: Any, enabled: bool, total: int) -> Iterator[Any]:
