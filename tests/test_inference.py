@@ -292,6 +292,7 @@ def test_privacy_duplicates_mismatched_ids_overlays_and_json(tiny_run, tmp_path,
     write_dicom(folder / "b.dcm", _blob_image(256, 256, (10, 10, 50, 50)), patient_id="a")  # same patient
     write_dicom(folder / "c.dcm", _blob_image(256, 256, (10, 10, 50, 50)), patient_id="patient-c")
     write_dicom(folder / "d.dcm", _blob_image(256, 256, (10, 10, 50, 50)))  # no PatientID: the stem
+    write_dicom(folder / "e.dcm", _blob_image(256, 256, (10, 10, 50, 50)), patient_id="x,y")  # breaks the CSV
     result = predict(tiny_run, [folder], overlay_dir=tmp_path / "overlays", precision="fp32", progress=False,
                      workers=1, batch_size=2)  # decoded in a worker process, in file order
 
@@ -299,7 +300,9 @@ def test_privacy_duplicates_mismatched_ids_overlays_and_json(tiny_run, tmp_path,
     assert [(d.patient_id, d.path.name, d.kept.name) for d in result.duplicates] == [("a", "b.dcm", "a.dcm")]
     assert [w.split(":")[0] for w in result.warnings] == [str(folder / "b.dcm"), str(folder / "c.dcm")]
     assert "PatientID 'patient-c' differs from the file name" in result.warnings[1]
-    assert result.files_found == 4 and not result.unreadable
+    assert result.files_found == 5
+    assert [(u.path.name, u.cause) for u in result.unreadable] == [
+        ("e.dcm", "patient id 'x,y' cannot be a submission CSV field (comma, quote or line break)")]
 
     overlay = Image.open(tmp_path / "overlays" / "a.png").convert("RGB")
     assert overlay.size == (256, 256)

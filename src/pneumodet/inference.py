@@ -544,12 +544,22 @@ def _progress(iterable: Any, enabled: bool, total: int) -> Iterator[Any]:
     return iter(tqdm(iterable, total=total, desc="predict", unit="batch"))
 
 
-def _patient_id(item: _Item, result: PredictionResult) -> str:
+#: Characters a patient id cannot hold: it must stay one field of the submission CSV.
+_CSV_BREAKING = frozenset(',"\r\n')
+
+
+def _patient_id(item: _Item, result: PredictionResult) -> str | None:
+    """The DICOM PatientID, else the file stem; ``None`` (and the file listed) when unusable."""
     stem = item.path.stem
+    pid = item.dicom_patient_id or stem
+    if _CSV_BREAKING & set(pid):
+        result.unreadable.append(UnreadableInput(item.path, f"patient id {pid!r} cannot be a submission "
+                                                            "CSV field (comma, quote or line break)"))
+        return None
     if item.dicom_patient_id and item.dicom_patient_id != stem:
         result.warnings.append(f"{item.path}: DICOM PatientID {item.dicom_patient_id!r} differs from the "
                                f"file name; using the PatientID")
-    return item.dicom_patient_id or stem
+    return pid
 
 
 def _predict_batch(items: list[_Item], predictor: Predictor, result: PredictionResult,
@@ -560,6 +570,8 @@ def _predict_batch(items: list[_Item], predictor: Predictor, result: PredictionR
             result.unreadable.append(UnreadableInput(item.path, item.error))
             continue
         pid = _patient_id(item, result)
+        if pid is None:
+            continue
         kept = result.predictions.get(pid)
         earlier = next((g for g in good if g[0] == pid), None)
         if kept is not None or earlier is not None:
