@@ -220,8 +220,10 @@ def _decode_row(task: _Task) -> _Result:
         return _Result(task.row, cause=f"{type(exc).__name__}: {exc}")
     view = np.memmap(task.array_path, dtype=np.uint8, mode="r+", shape=(task.size, task.size),
                      offset=task.offset + task.row * task.size * task.size)
+    # No msync: once written, the page survives a crash of this process; the CRC in the index
+    # catches what a crash of the machine could lose.
     view[:] = resized
-    view.flush()
+    del view
     return _Result(task.row, pixels.shape[0], pixels.shape[1], _row_crc(resized))
 
 
