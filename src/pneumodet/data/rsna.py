@@ -365,6 +365,11 @@ def _label_message(kind: str, row: pd.Series, parsed: pd.Series) -> str:
     return "row has no values"
 
 
+def _kind_column(kinds: np.ndarray) -> pd.Categorical:
+    """Per-row problem kinds as a one-byte categorical instead of a fixed-width string array."""
+    return pd.Categorical(kinds, categories=["", *PROBLEM_KINDS])
+
+
 def _report_rows(report: ValidationReport, file: str, kinds: np.ndarray, rows: pd.DataFrame,
                  message: Callable[[str, int], str]) -> None:
     """One problem per flagged row; only flagged rows are visited, so clean files cost nothing here."""
@@ -383,7 +388,7 @@ def _read_labels(path: Path, report: ValidationReport, chunk_rows: int) -> pd.Da
         parsed, kinds = _label_row_kinds(rows, decimal_comma=sep == ";")
         _report_rows(report, name, kinds, rows,
                      lambda kind, i, rows=rows, parsed=parsed: _label_message(kind, rows.iloc[i], parsed.iloc[i]))
-        parsed["kind"] = kinds
+        parsed["kind"] = _kind_column(kinds)
         parts.append(parsed[kinds != "empty_row"])
     labels = pd.concat(parts, ignore_index=True).sort_values("line", kind="stable", ignore_index=True)
     report.label_rows = len(labels)
@@ -415,7 +420,7 @@ def _read_classes(path: Path, report: ValidationReport, chunk_rows: int) -> pd.D
 
         _report_rows(report, name, kinds, rows, message)
         frame = rows[["patientId", "class", "line"]].copy()
-        frame["kind"] = kinds
+        frame["kind"] = _kind_column(kinds)
         parts.append(frame[kinds != "empty_row"])
     classes = pd.concat(parts, ignore_index=True).sort_values("line", kind="stable", ignore_index=True)
     report.class_rows = len(classes)
