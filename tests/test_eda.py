@@ -241,16 +241,18 @@ def test_impossible_age_is_flagged_and_a_bad_file_is_skipped(small_dataset, tmp_
     assert dict(zip(metadata["patient_id"], metadata["class"], strict=True))["p-old"] == "Lung Opacity"
 
 
-def test_header_cap_reads_a_seeded_subset(small_dataset, tmp_path):
-    from pneumodet.reports.eda import build_eda_report
+def test_header_cap_reads_a_seeded_subset(small_dataset):
+    from pneumodet.data.rsna import load_rsna
+    from pneumodet.reports.eda import scan_metadata
 
-    first = build_eda_report(small_dataset, tmp_path / "a", max_images=2, seed=3)
-    again = build_eda_report(small_dataset, tmp_path / "b", max_images=2, seed=3)
-    assert first["headers_read"] + first["headers_failed"] == 2
-    assert (pd.read_csv(tmp_path / "a" / "dicom_metadata.csv")
-            .equals(pd.read_csv(tmp_path / "b" / "dicom_metadata.csv")))
-    assert again["images_found"] == 4  # the cap limits header reading, not the counts
-    assert "a seeded random subset of 2" in (tmp_path / "a" / "report.html").read_text(encoding="utf-8")
+    records = load_rsna(small_dataset).records
+    first = scan_metadata(records, max_images=2, seed=3)
+    again = scan_metadata(records, max_images=2, seed=3)
+    other = [scan_metadata(records, max_images=2, seed=s) for s in range(8)]
+    assert first.present == 4 and first.scanned == 2  # the cap limits header reading, not the counts
+    assert first.frame.equals(again.frame) and first.failed == again.failed
+    picked = {tuple(sorted(o.frame["patient_id"])) + tuple(p for p, _ in o.failed) for o in other}
+    assert len(picked) > 1  # the seed chooses the subset
 
 
 def test_worker_pool_reads_the_same_headers_as_one_process(small_dataset, monkeypatch):

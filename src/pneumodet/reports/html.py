@@ -143,7 +143,9 @@ def encode_png(image: bytes | np.ndarray) -> bytes:
 def figure_to_png(fig: Figure, *, dpi: int = 110) -> bytes:
     """Render a matplotlib figure to PNG bytes, then close it so it frees its memory."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+    # a figure with a layout engine already fits its canvas; "tight" would draw it a second time
+    tight = "tight" if fig.get_layout_engine() is None else None
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches=tight, facecolor="white")
     if fig.canvas.manager is not None:  # only pyplot-managed figures are registered for closing
         import matplotlib.pyplot as plt
 
