@@ -189,7 +189,11 @@ def _walk(folder: Path, root: Path, seen: set[Path], search: FileSearch, follow_
     for entry in entries:
         path = Path(entry.path)
         if entry.is_symlink():
-            target = path.resolve()
+            try:
+                target = path.resolve()
+            except (OSError, RuntimeError):  # a cycle of links (a -> b -> a) has no target
+                search.missing.append(UnreadableInput(path, "symbolic link loop"))
+                continue
             if not target.exists():
                 search.missing.append(UnreadableInput(path, "broken symbolic link"))
                 continue
