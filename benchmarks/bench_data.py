@@ -8,7 +8,7 @@ Prints images/s for
     + Pillow box resize, in one process,
   * ``build_cache`` of N images with all cores (the 16 files listed repeatedly under distinct ids),
   * random-row reads from the built cache (copied out of the memory map, as the dataset does),
-and the ratios. Every figure is the median over repeats after one warm-up pass.
+and the ratios. Every figure is the median over repeats after one warm-up run.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -45,15 +46,20 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def rate(work: Callable[[], int], repeats: int) -> float:
-    """Median items/s of ``work`` (which returns how many items it did) over ``repeats`` after a warm-up."""
-    work()
-    rates = []
+def rates(work: dict[str, Callable[[], int]], repeats: int) -> dict[str, float]:
+    """Median items/s of each ``work`` (returning how many items it did) over ``repeats``.
+
+    One warm-up run each, then the works take turns, so a change in the machine's load hits all alike.
+    """
+    for run in work.values():
+        run()
+    samples: dict[str, list[float]] = {name: [] for name in work}
     for _ in range(repeats):
-        start = time.perf_counter()
-        count = work()
-        rates.append(count / (time.perf_counter() - start))
-    return statistics.median(rates)
+        for name, run in work.items():
+            start = time.perf_counter()
+            count = run()
+            samples[name].append(count / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def pneumodet_decode(files: Sequence[Path], size: int) -> int:
@@ -99,31 +105,41 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"data: {len(files)} real DICOMs from {args.data}, {args.passes} passes per repeat, "
           f"{args.repeats} repeats, cache side {args.size}")
 
-    ours = rate(lambda: pneumodet_decode(looped, args.size), args.repeats)
-    peer = rate(lambda: pydicom_decode(looped, args.size), args.repeats)
-    print(f"decode+resize, 1 process: pneumodet {ours:8.1f} img/s | pydicom pixel_array + PIL "
-          f"{peer:8.1f} img/s | ratio {ours / peer:.2f}x")
-
     with tempfile.TemporaryDirectory(prefix="bench_cache_") as tmp:
         records = [PatientRecord(f"p{i:06d}", "Normal", 0, (), files[i % len(files)])
                    for i in range(args.build_images)]
-        builds = {}
-        for workers, name in ((1, "serial"), (args.workers, "cache")):
-            report = build_cache(records, Path(tmp) / name, size=args.size, workers=workers, progress=False)
+
+        def build(workers: int) -> int:
+            out = Path(tempfile.mkdtemp(prefix="build_", dir=tmp))
+            report = build_cache(records, out, size=args.size, workers=workers, progress=False)
             if report.cached != args.build_images:
                 sys.exit(f"cache build went wrong:\n{report.summary()}")
-            builds[workers] = args.build_images / report.seconds
-            print(f"cache build, {workers} process(es): {args.build_images} images in {report.seconds:.2f} s "
-                  f"= {builds[workers]:.1f} img/s (one run; pool start included)")
-        print(f"ratio cache build {args.workers} processes / 1 process: {builds[args.workers] / builds[1]:.2f}x")
+            shutil.rmtree(out)
+            return args.build_images
+
+        speed = rates({
+            "ours": lambda: pneumodet_decode(looped, args.size),
+            "peer": lambda: pydicom_decode(looped, args.size),
+            "build1": lambda: build(1),
+            "buildN": lambda: build(args.workers),
+        }, args.repeats)
+        ours, peer = speed["ours"], speed["peer"]
+        print(f"decode+resize, 1 process: pneumodet {ours:8.1f} img/s | pydicom pixel_array + PIL "
+              f"{peer:8.1f} img/s | ratio {ours / peer:.2f}x")
+        for key, workers in (("build1", 1), ("buildN", args.workers)):
+            print(f"cache build of {args.build_images} images, {workers} process(es): {speed[key]:8.1f} img/s "
+                  f"({args.build_images / speed[key]:.2f} s, pool start included)")
+        print(f"ratio cache build {args.workers} processes / 1 process: {speed['buildN'] / speed['build1']:.2f}x")
+
+        build_cache(records, Path(tmp) / "cache", size=args.size, workers=args.workers, progress=False)
         again = build_cache(records, Path(tmp) / "cache", size=args.size, workers=args.workers,
                             progress=False)
         print(f"cache re-run (all reused, CRC checked): {again.seconds:.3f} s, {again.decoded} decoded")
 
         cache = ImageCache.open(Path(tmp) / "cache")
         rows = np.random.default_rng(0).integers(0, len(cache), size=2000)
-        read = rate(lambda: cached_reads(cache, rows), args.repeats)
-        print(f"cached read (random rows, copied out): {read:10.1f} img/s")
+        read = rates({"read": lambda: cached_reads(cache, rows)}, args.repeats)["read"]
+        print(f"cached read (random rows, copied out of the memory map): {read:10.1f} img/s")
         print(f"ratio cached read / pneumodet decode: {read / ours:.1f}x; "
               f"cached read / pydicom decode: {read / peer:.1f}x")
 

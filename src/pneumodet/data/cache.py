@@ -8,8 +8,8 @@ A cache folder holds two files::
 
 The index is the truth. A row is used only when its entry says ``ok`` and the source file still has
 the recorded path, size and mtime. The index is replaced atomically (write to a temporary file, then
-rename) every ``flush_every`` images, so an interrupted build resumes where it stopped, and a worker
-writes its row into the array before the main process marks it ``ok``.
+rename) every ``flush_every`` images or ``flush_seconds``, so an interrupted build resumes where it
+stopped; a worker writes its row into the array before the main process marks it ``ok``.
 """
 
 from __future__ import annotations
@@ -261,7 +261,8 @@ def build_cache(
     workers: int | None = None,
     progress: bool = True,
     verify: bool = True,
-    flush_every: int = 64,
+    flush_every: int = 1024,
+    flush_seconds: float = 10.0,
 ) -> CacheReport:
     """Decode each record's DICOM once into ``out_dir`` at ``size`` x ``size`` pixels.
 
@@ -270,7 +271,8 @@ def build_cache(
     already cached but absent from ``records`` are kept. Unreadable images are recorded as failed
     with their cause (and not retried while the file is unchanged); records without an image file
     are counted as missing. ``workers`` decoding processes (default: all cores) write straight into
-    the memory-mapped rows.
+    the memory-mapped rows. The index is saved every ``flush_every`` images or ``flush_seconds``
+    seconds, and when the build ends or is interrupted.
     """
     if size < 1:
         raise CacheError(f"cache size must be positive, got {size}")
@@ -290,13 +292,15 @@ def build_cache(
 
     tasks = [_Task(entry.row, entry.source, str(array_path), offset, size) for entry, _ in jobs]
     was_good = {entry.row for entry, rebuild in jobs if rebuild}
+    flushed = time.monotonic()
     try:
         with tqdm(total=len(tasks), disable=not progress, unit="img", desc="cache") as bar:
             for done, result in enumerate(_run_tasks(tasks, workers or _usable_cores()), start=1):
                 _record(entries[result.row], result, result.row in was_good, report)
                 bar.update()
-                if done % flush_every == 0:
+                if done % flush_every == 0 or time.monotonic() - flushed >= flush_seconds:
                     _write_index(out_dir, size, entries)
+                    flushed = time.monotonic()
     finally:
         _write_index(out_dir, size, entries)
         report.seconds = time.perf_counter() - start
