@@ -306,7 +306,7 @@ class RunKeeper(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.every_n_steps > 0 and trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
-            trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
+            trainer.save_checkpoint(self.ckpt_dir / "last.ckpt", weights_only=False)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: DetectorModule) -> None:
         result = pl_module.validation_result
@@ -326,8 +326,8 @@ class RunKeeper(L.Callback):
             if improved:
                 save_checkpoint(self.run_dir / "best_model.pt", pl_module.model, extra=extra)
         if improved:
-            trainer.save_checkpoint(self.ckpt_dir / "best.ckpt")
-        trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
+            trainer.save_checkpoint(self.ckpt_dir / "best.ckpt", weights_only=False)
+        trainer.save_checkpoint(self.ckpt_dir / "last.ckpt", weights_only=False)
 
 
 def _epoch_row(trainer: L.Trainer, result: dict[str, Any]) -> dict[str, Any]:
@@ -407,7 +407,7 @@ def build_datamodule(config: TrainConfig, *, progress: bool = True) -> L.Lightni
 
     return RsnaDataModule(
         config.data_dir, config.split_dir, cache_dir=config.cache_dir, cache_size=config.image_size,
-        image_size=config.image_size, aug_level=config.aug, batch_size=config.batch_size,
+        image_size=config.image_size, aug=config.aug, batch_size=config.batch_size,
         num_workers=config.num_workers, seed=config.seed, progress=progress)
 
 
