@@ -16,3 +16,16 @@ def real_sample() -> Path:
     if not (REAL_SAMPLE / "stage_2_train_labels.csv").exists():
         pytest.skip(f"real RSNA sample not found at {REAL_SAMPLE}")
     return REAL_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic dataset in the Kaggle layout (40 patients, 256 px, seed 0), written once per session.
+
+    Treat it as read-only: every test of the session shares it.
+    """
+    from pneumodet.data.synth import make_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("synth_dataset")
+    make_synthetic_dataset(out, patients=40, size=256, seed=0)
+    return out
