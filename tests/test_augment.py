@@ -363,3 +363,47 @@ def test_preview_figure_shows_every_level_with_its_boxes():
         np.testing.assert_array_equal(a.images[0].get_array(), b.images[0].get_array())
     three = preview_figure(samples, ["heavy"], 64, seed=1, draws=3)
     assert [ax.get_title().split(",")[0] for ax in three.axes[1:]] == ["heavy #1", "heavy #2", "heavy #3"]
+    assert len(preview_figure(samples, ["resize_only"], 64, draws=3).axes) == 2  # deterministic: one panel
+
+
+# ---------------------------------------------------------------- CLI
+def _preview(data_dir: Path, out: Path, *extra: str) -> int:
+    from pneumodet.cli import main
+
+    return main(["augment-preview", str(data_dir), "--n", "2", "--size", "96", "--out", str(out), *extra])
+
+
+def test_augment_preview_command_draws_every_level(synth_dataset, tmp_path, capsys):
+    import matplotlib.image
+
+    out = tmp_path / "sub" / "all.png"
+    assert _preview(synth_dataset, out, "--level", "all", "--seed", "3") == 0
+    assert "wrote" in capsys.readouterr().out
+    picture = matplotlib.image.imread(out)
+    assert picture.shape[1] > 4 * picture.shape[0] / 2  # 2 rows of 5 panels
+    green = (picture[..., 1] > 0.9) & (picture[..., 0] < 0.2) & (picture[..., 2] < 0.2)
+    assert green.sum() > 100  # the boxes are drawn
+
+    one = tmp_path / "heavy.png"
+    assert _preview(synth_dataset, one, "--level", "heavy", "--draws", "2") == 0
+    assert matplotlib.image.imread(one).shape[1] < picture.shape[1]  # original + 2 draws
+
+
+def test_augment_preview_command_errors_and_skips(synth_dataset, tmp_path, capsys):
+    import shutil
+
+    assert _preview(synth_dataset, tmp_path / "x.png", "--level", "medium") == 2
+    err = capsys.readouterr().err
+    assert "unknown augmentation level 'medium'" in err and "heavy_with_rotations" in err
+    assert not (tmp_path / "x.png").exists()
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dataset, data)
+    dicoms = sorted((data / "stage_2_train_images").glob("*.dcm"))
+    for broken in dicoms[:-1]:
+        broken.write_bytes(b"not a dicom")
+    out = tmp_path / "one.png"
+    assert _preview(data, out, "--level", "light") == 0
+    captured = capsys.readouterr()
+    assert f"skipped unreadable image {dicoms[0]}" in captured.err
+    assert "1 patient(s) x light" in captured.out and out.exists()

@@ -423,7 +423,8 @@ def _show(ax, image: np.ndarray, boxes: np.ndarray, title: str) -> None:
 
 def preview_figure(samples: Sequence[PreviewSample], levels: Sequence[str], size: int, *,
                    seed: int = 0, draws: int = 1, min_visibility: float = 0.3):
-    """A grid: one row per sample, its original, then ``draws`` augmented versions per level.
+    """A grid: one row per sample, its original, then ``draws`` augmented versions per random level
+    (one for ``resize_only``).
 
     Boxes are drawn in green; each augmented panel is captioned with its drawn parameters.
     The same ``seed`` gives the same figure.
@@ -436,7 +437,10 @@ def preview_figure(samples: Sequence[PreviewSample], levels: Sequence[str], size
     if draws < 1 or not samples:
         raise ConfigError(f"the preview needs at least one sample and one draw, got {len(samples)} and {draws}")
     augmentations = [build_augmentation(level, size, min_visibility=min_visibility) for level in levels]
-    columns = 1 + draws * len(augmentations)
+    # a deterministic level looks the same on every draw: one panel is enough
+    panels = [(aug, k, 1 if aug.spec.is_identity else draws) for aug in augmentations
+              for k in range(1 if aug.spec.is_identity else draws)]
+    columns = 1 + len(panels)
     fig = Figure(figsize=(2.3 * columns, 2.6 * len(samples) + 0.5), layout="constrained")
     axes = fig.subplots(len(samples), columns, squeeze=False)
     for row, sample in enumerate(samples):
@@ -444,11 +448,12 @@ def preview_figure(samples: Sequence[PreviewSample], levels: Sequence[str], size
         _show(axes[row, 0], sample.image, sample.boxes,
               f"{sample.name[:18]}\noriginal {sample.image.shape[1]}x{sample.image.shape[0]}, "
               f"{len(sample.boxes)} box(es)")
-        for k, (aug, col) in enumerate(((a, c) for a in augmentations for c in range(draws)), start=1):
+        for column, (aug, k, of) in enumerate(panels, start=1):
             affine, photometric = aug.sample(rng)
             image, boxes = aug.apply(sample.image, sample.boxes, affine, photometric, rng)
-            name = aug.level if draws == 1 else f"{aug.level} #{col + 1}"
-            _show(axes[row, k], image, boxes, f"{name}, {len(boxes)} box(es)\n{_describe(affine, photometric)}")
+            name = aug.level if of == 1 else f"{aug.level} #{k + 1}"
+            _show(axes[row, column], image, boxes,
+                  f"{name}, {len(boxes)} box(es)\n{_describe(affine, photometric)}")
     what = "all levels" if len(levels) > 1 else f"level {levels[0]}"
     fig.suptitle(f"pneumodet augmentation preview: {what} at {size} px, seed {seed}", fontsize=10)
     return fig
