@@ -185,7 +185,7 @@ _SMALL = [
     ("p-40", "Normal", [], "40", "F", "PA"),
     ("p-60", "No Lung Opacity / Not Normal", [], "60", "M", "PA"),
     ("p-bad", "Normal", [], "30", "F", "PA"),
-    ("p-noimage", "Lung Opacity", [(500, 400, 200, 300)], None, None, None),
+    ("p-noimage", "Lung Opacity", [(100, 60, 80, 120)], None, None, None),
 ]
 
 
@@ -236,6 +236,7 @@ def test_impossible_age_is_flagged_and_a_bad_file_is_skipped(small_dataset, tmp_
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "impossible age(s) (&gt; 100 years)" in html
     assert "p-bad.dcm" in html and 'id="unreadable"' in html
+    assert "in original 256-px image coordinates" in html  # boxes live in the images' frame, not RSNA's 1024
     metadata = pd.read_csv(out / "dicom_metadata.csv")
     assert sorted(metadata["patient_id"]) == ["p-40", "p-60", "p-old"]
     assert dict(zip(metadata["patient_id"], metadata["class"], strict=True))["p-old"] == "Lung Opacity"
@@ -407,3 +408,4 @@ def test_labels_only_run_says_there_are_no_images(real_sample, tmp_path):
     assert boxes.count("<img") == 3  # centres, shape, position/size; no view split without headers
     assert "0 of " in boxes and "no split by view position" in boxes
     assert not (out / "dicom_metadata.csv").exists()
+

@@ -322,13 +322,12 @@ def _categorical_figure(meta: pd.DataFrame) -> Figure:
     return fig
 
 
-def _centre_density_figure(boxes: pd.DataFrame) -> Figure:
+def _centre_density_figure(boxes: pd.DataFrame, size: int) -> Figure:
     fig = _fig(7.5, 7)
     grid = fig.add_gridspec(2, 2, width_ratios=(4, 1), height_ratios=(1, 4))
     ax = fig.add_subplot(grid[1, 0])
     top = fig.add_subplot(grid[0, 0], sharex=ax)
     side = fig.add_subplot(grid[1, 1], sharey=ax)
-    size = RSNA_IMAGE_SIZE
     hb = ax.hexbin(boxes["cx"], boxes["cy"], gridsize=40, extent=(0, size, 0, size), cmap="magma_r", mincnt=1)
     ax.set_xlim(0, size)
     ax.set_ylim(size, 0)  # image coordinates: y grows downwards
@@ -369,11 +368,11 @@ def _shape_figure(boxes: pd.DataFrame) -> Figure:
     return fig
 
 
-def _geometry_figure(boxes: pd.DataFrame, by: str | None = None) -> Figure:
+def _geometry_figure(boxes: pd.DataFrame, size: int, by: str | None = None) -> Figure:
     """Densities of x, y, width and height; one curve per value of ``by`` (normalised) if given."""
     fig = _fig(10, 5.6)
     axes = fig.subplots(2, 2).ravel()
-    bins = np.linspace(0, RSNA_IMAGE_SIZE, 52)
+    bins = np.linspace(0, size, 52)
     quantities = (("x", "box left edge x (px)"), ("y", "box top edge y (px)"),
                   ("width", "box width (px)"), ("height", "box height (px)"))
     for ax, (col, label) in zip(axes, quantities, strict=True):
@@ -387,7 +386,7 @@ def _geometry_figure(boxes: pd.DataFrame, by: str | None = None) -> Figure:
             ax.set_ylabel("density (1/px)")
             ax.legend(frameon=False, fontsize=8)
         ax.set_xlabel(label)
-        ax.set_xlim(0, RSNA_IMAGE_SIZE)
+        ax.set_xlim(0, size)
     fig.suptitle("Box position and size" + (f" by {by.replace('_', ' ')}" if by else ""))
     return fig
 
@@ -676,17 +675,24 @@ def _images_section(html: HtmlReport, records: Sequence[PatientRecord], rng: np.
     return failed
 
 
+def _frame_size(meta: pd.DataFrame) -> int:
+    """The side of the image frame boxes live in: the commonest image side read, else RSNA's 1024."""
+    sides = pd.concat([meta["rows"], meta["columns"]]).dropna()
+    return int(sides.mode().max()) if len(sides) else RSNA_IMAGE_SIZE
+
+
 def _box_section(html: HtmlReport, writer: _Writer, boxes: pd.DataFrame, meta: pd.DataFrame) -> None:
     sec = html.section("Box analysis", "box-analysis")
     if boxes.empty:
         sec.note("No labelled boxes in this dataset.")
         return
-    sec.text(f"All **{len(boxes):,}** labelled boxes, in original {RSNA_IMAGE_SIZE}-px image coordinates "
+    size = _frame_size(meta)
+    sec.text(f"All **{len(boxes):,}** labelled boxes, in original {size}-px image coordinates "
              "(x, y = top-left corner as in the labels CSV; the centre plot uses box centres).")
     writer.table(sec, "box_stats", _box_stats(boxes), "Box geometry (px; area px²; aspect = width/height)")
-    sec.figure(_centre_density_figure(boxes), "Where the boxes are: density of box centres with marginals.")
+    sec.figure(_centre_density_figure(boxes, size), "Where the boxes are: density of box centres with marginals.")
     sec.figure(_shape_figure(boxes), "Box shape: aspect ratio against area, and each on its own.")
-    sec.figure(_geometry_figure(boxes), "Densities of the box position and size.")
+    sec.figure(_geometry_figure(boxes, size), "Densities of the box position and size.")
     sec.heading("By view position")
     views = meta[["patient_id", "view_position"]].dropna()
     by_view = boxes.merge(views, on="patient_id", how="inner")
@@ -699,7 +705,7 @@ def _box_section(html: HtmlReport, writer: _Writer, boxes: pd.DataFrame, meta: p
         return
     writer.table(sec, "box_medians_by_view", _box_medians(by_view, "view_position"),
                  "Box counts and median geometry by view position (images present only; px, px²)")
-    sec.figure(_geometry_figure(by_view, by="view_position"),
+    sec.figure(_geometry_figure(by_view, size, by="view_position"),
                "Box position and size by view position (each curve normalised to unit area).")
 
 
