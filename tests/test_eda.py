@@ -333,6 +333,8 @@ def test_real_sample_summary_numbers(real_eda, real_sample):
     assert metadata["class"].value_counts().to_dict() == {
         "No Lung Opacity / Not Normal": 7, "Lung Opacity": 5, "Normal": 4}
     assert set(metadata["modality"]) == {"CR"} and set(metadata["view_position"]) <= {"AP", "PA"}
+    formats = pd.read_csv(out / "image_format.csv")
+    assert formats.values.tolist() == [[1024, 1024, "MONOCHROME2", "JPEG Baseline (Process 1)", "CR", "CHEST", 16]]
     assert sum(summary["view_position"].values()) == sum(summary["sex"].values()) == 16
     assert 0 < summary["age"]["min"] <= summary["age"]["median"] <= summary["age"]["max"] <= 100
 

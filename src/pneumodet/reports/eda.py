@@ -51,7 +51,8 @@ _FEW_BOXES = 50
 _CLASS_COLORS = {"Normal": "#4c9f70", "Lung Opacity": "#d1495b", "No Lung Opacity / Not Normal": "#edae49"}
 _VIEW_COLORS = {"AP": "#3066be", "PA": "#e07a5f"}
 _IMAGE_KINDS = ("image_missing", "image_unlabelled")
-_META_COLUMNS = ("patient_id", "age", "sex", "view_position", "modality", "body_part", "rows", "columns")
+_META_COLUMNS = ("patient_id", "age", "sex", "view_position", "modality", "body_part", "rows", "columns",
+                 "photometric_interpretation", "transfer_syntax")
 
 
 # ---------------------------------------------------------------- frames
@@ -93,7 +94,7 @@ class MetadataScan:
     """DICOM header fields of the images present.
 
     ``frame`` has one row per header read (columns ``patient_id, age, sex, view_position, modality,
-    body_part, rows, columns``); ``failed`` lists ``(path, reason)`` of the files that could not be read;
+    body_part, rows, columns, photometric_interpretation, transfer_syntax``); ``failed`` lists ``(path, reason)`` of the files that could not be read;
     ``present`` is how many images exist, of which ``len(frame) + len(failed)`` were scanned.
     """
 
@@ -144,6 +145,8 @@ def scan_metadata(records: Sequence[PatientRecord], *, max_images: int | None = 
     failed = tuple((path, reason) for path, row, reason in results if row is None)
     frame = pd.DataFrame(rows, columns=list(_META_COLUMNS))
     frame["age"] = pd.to_numeric(frame["age"], errors="coerce")
+    for side in ("rows", "columns"):
+        frame[side] = pd.to_numeric(frame[side], errors="coerce").astype("Int64")
     return MetadataScan(frame=frame, failed=failed, present=len(present))
 
 
@@ -193,6 +196,12 @@ def _field_by_class(meta: pd.DataFrame, field: str) -> pd.DataFrame:
 
 
 _BOX_QUANTITIES = ["x", "y", "width", "height", "area", "aspect"]
+
+
+def _image_format(meta: pd.DataFrame) -> pd.DataFrame:
+    keys = ["rows", "columns", "photometric_interpretation", "transfer_syntax", "modality", "body_part"]
+    table = meta[keys].astype("string").fillna("(missing)").value_counts().rename("images")
+    return table.reset_index()
 
 
 def _box_stats(boxes: pd.DataFrame) -> pd.DataFrame:
@@ -620,6 +629,8 @@ def _metadata_section(html: HtmlReport, writer: _Writer, records: Sequence[Patie
     if meta.empty:
         sec.note("No header could be read.")
         return impossible
+    sec.heading("Image format")
+    writer.table(sec, "image_format", _image_format(meta), "Images per size, pixel format and encoding")
     sec.heading("Age")
     if len(impossible):
         sec.note(f"**{len(impossible)}** impossible age(s) (> {IMPOSSIBLE_AGE:g} years) — excluded from "
