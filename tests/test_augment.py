@@ -248,6 +248,19 @@ def test_same_seed_same_output_different_seed_differs(level):
     assert not np.array_equal(a[1], c[1])
 
 
+def test_augmentation_survives_pickling_for_loader_workers():
+    import pickle
+
+    image = np.random.default_rng(5).integers(0, 256, (96, 96), dtype=np.uint8)
+    boxes = np.array([[20, 20, 60, 70]], np.float32)
+    aug = build_augmentation("heavy_with_rotations", 64, min_visibility=0.5)
+    copy = pickle.loads(pickle.dumps(aug))
+    assert repr(copy) == "Augmentation('heavy_with_rotations', size=64, min_visibility=0.5)"
+    for x, y in zip(aug(image, boxes, np.random.default_rng(4)), copy(image, boxes, np.random.default_rng(4)),
+                    strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 def _draws(level: str, n: int = 4000):
     aug, rng = build_augmentation(level, 512), np.random.default_rng(0)
     return [aug.sample(rng) for _ in range(n)]
