@@ -411,3 +411,30 @@ def test_labels_only_run_says_there_are_no_images(real_sample, tmp_path):
     assert "0 of " in boxes and "no split by view position" in boxes
     assert not (out / "dicom_metadata.csv").exists()
 
+
+
+def test_synthetic_dataset_report_is_complete(synth_dataset, tmp_path):
+    from pneumodet.reports.eda import build_eda_report
+
+    out = tmp_path / "eda"
+    summary = build_eda_report(synth_dataset, out, seed=0)
+    labels = pd.read_csv(synth_dataset / "stage_2_train_labels.csv")
+    n_patients = labels["patientId"].nunique()
+    assert (summary["patients"], summary["label_rows"]) == (n_patients, len(labels))
+    assert summary["boxes"] == int(labels["Target"].sum())
+    assert summary["images_found"] == summary["headers_read"] == n_patients
+    assert summary["images_missing"] == summary["images_unreadable"] == summary["label_problems"] == 0
+    assert sum(summary["view_position"].values()) == sum(summary["sex"].values()) == n_patients
+    assert summary["age"]["impossible"] == 0 and 1 <= summary["age"]["min"] <= summary["age"]["max"] <= 100
+    assert sorted(p.name for p in out.glob("*.csv")) == sorted(summary["tables"])
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "No images present" not in html and "No label problems found" in html
+    sections = re.findall(r'<section class="report-section" id="([^"]+)"', html)
+    assert sections == ["overview", "boxes-per-patient", "classes", "dicom", "samples", "box-analysis"]
+    samples = html[html.index('id="samples"'):html.index('id="box-analysis"')]
+    assert samples.count("<img") == 3 * 4 + 8  # 4 per class, 8 Lung Opacity images with boxes
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", samples, re.S)
+    assert sum("Target 1 · Lung Opacity" in c for c in captions) == 4 + 8
+    assert sum("box(es)" in c for c in captions) == 8
+    formats = pd.read_csv(out / "image_format.csv")
+    assert formats[["rows", "columns", "images"]].values.tolist() == [[256, 256, n_patients]]

@@ -406,7 +406,7 @@ def _thumbnail(image: np.ndarray, boxes: Sequence[Sequence[float]] = ()) -> np.n
     from PIL import Image, ImageDraw
 
     h, w = image.shape[:2]
-    scale = _THUMB_SIZE / max(h, w)
+    scale = min(1.0, _THUMB_SIZE / max(h, w))  # never enlarge a small image
     pic = Image.fromarray(image).convert("RGB").resize((round(w * scale), round(h * scale)),
                                                        Image.Resampling.LANCZOS)
     draw = ImageDraw.Draw(pic)
