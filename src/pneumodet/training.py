@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
 import random
 import time
 from collections.abc import Mapping
@@ -33,7 +34,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from pneumodet.config import TrainConfig
-from pneumodet.errors import ConfigError, PneumodetError
+from pneumodet.errors import CheckpointError, ConfigError, PneumodetError
 from pneumodet.metrics import xyxy_to_xywh
 
 LOSS_NAMES = ("total", "classification", "regression", "global")
@@ -274,12 +275,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as err:  # disk full, read-only folder: say so, keep the previous checkpoint
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"{path}: cannot write the checkpoint ({err.strerror or err}); "
+                                  "the previous one is kept") from err
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+            # torch's message is many lines and suggests weights_only=False; keep the one-line reason
+            reason = " ".join(str(err).split("WeightsUnpickler error:")[-1].split())[:300]
+            raise CheckpointError(f"{path}: cannot be loaded as a training checkpoint (objects other than "
+                                  f"tensors and plain data are refused; a damaged file cannot be resumed): "
+                                  f"{type(err).__name__}: {reason}") from err
 
 
 class RunKeeper(L.Callback):
