@@ -79,8 +79,29 @@ def read_dicom(path: str | Path, *, metadata_only: bool = False) -> tuple[np.nda
 
 
 def dicom_header_text(path: str | Path) -> str:
-    """The whole header (file meta and dataset) as pydicom prints it, without the pixel data."""
-    return str(_read_dataset(Path(path), stop_before_pixels=True))
+    """The header (file meta and dataset) as pydicom prints it, without the pixel data and without
+    identifying elements (person names, birth dates, addresses, institutions, accession numbers; the
+    patient ID stays): reports show this text, and the images may come from anywhere."""
+    ds = _read_dataset(Path(path), stop_before_pixels=True)
+    found: list[tuple[Dataset, Any]] = []
+    ds.walk(lambda parent, elem: found.append((parent, elem.tag)) if _identifying(elem) else None)
+    names = sorted({parent[tag].name for parent, tag in found})
+    for parent, tag in found:
+        del parent[tag]
+    return str(ds) + (f"\n(identifying elements removed: {', '.join(names)})" if names else "")
+
+
+#: Identifying elements never shown (besides every person name, VR PN); the patient ID is pneumodet's key.
+_IDENTIFYING = frozenset({
+    "PatientBirthDate", "PatientBirthTime", "PatientBirthName", "PatientAddress", "PatientTelephoneNumbers",
+    "PatientMotherBirthName", "OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames",
+    "MedicalRecordLocator", "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
+    "AccessionNumber", "StationName", "DeviceSerialNumber", "MilitaryRank", "EthnicGroup", "PatientComments",
+})
+
+
+def _identifying(elem: Any) -> bool:
+    return elem.VR == "PN" or elem.keyword in _IDENTIFYING
 
 
 def extract_metadata(ds: Dataset) -> dict[str, Any]:
