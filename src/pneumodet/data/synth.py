@@ -35,6 +35,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from pneumodet.data.records import CLASS_NAMES
+from pneumodet.errors import ConfigError
 
 __all__ = ["SynthSummary", "SyntheticChest", "PatientSpec", "make_synthetic_dataset", "sample_patients",
            "render_chest", "LABELS_FILE", "CLASSES_FILE", "IMAGES_DIR"]
@@ -61,6 +62,8 @@ BOX_CY = (0.519, 0.112)
 BOX_LOG_W = (-1.585, 0.291)
 BOX_LOG_H = (-1.258, 0.514)
 BOX_LOG_WH_CORR = 0.611
+#: Largest box width and height (fractions of the image side).
+BOX_MAX_W, BOX_MAX_H = 0.516, 0.920
 
 # Not in the labels CSV (they come from DICOM headers); chosen by hand to resemble RSNA's mix:
 # AP (bedside) films are more common among patients with opacities.
@@ -71,7 +74,10 @@ NOT_NORMAL_FINDINGS = ("line", "nodule", "cardiomegaly")
 
 #: Pixel spacing (mm) of a 1024-pixel RSNA film; a smaller synthetic image covers the same body.
 RSNA_PIXEL_SPACING_MM = 0.143
-#: A pixel counts as part of an opacity's visible extent when the opacity reaches this fraction of its peak.
+#: Smallest image side: below it ribs and small opacities are no longer drawable.
+MIN_SIZE = 64
+#: A pixel (in the lung field) belongs to an opacity's visible extent when the opacity reaches this
+#: fraction of its peak; the box is that extent.
 VISIBLE_FRACTION = 0.25
 
 
@@ -145,11 +151,14 @@ def make_synthetic_dataset(out_dir: Path, *, patients: int, size: int = 1024, se
         size: image side in pixels; boxes are in this image's pixels.
         seed: same seed, same CSVs byte for byte and the same pixels.
         progress: show a progress bar.
+
+    Raises:
+        ConfigError: ``patients < 1`` or ``size`` below :data:`MIN_SIZE`.
     """
     if patients < 1:
-        raise ValueError(f"patients must be >= 1, got {patients}")
-    if size < 64:
-        raise ValueError(f"size must be >= 64 pixels, got {size}")
+        raise ConfigError(f"synth: patients must be >= 1, got {patients}")
+    if size < MIN_SIZE:
+        raise ConfigError(f"synth: size must be >= {MIN_SIZE} pixels, got {size}")
     out_dir = Path(out_dir)
     images_dir = out_dir / IMAGES_DIR
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -312,16 +321,39 @@ class _Canvas:
     def segment(self, p0: tuple[float, float], p1: tuple[float, float], width: float) -> np.ndarray:
         """Soft band ``[S, S]`` of half-width ``width`` around the segment p0-p1 (rounded profile)."""
         (x0, y0), (x1, y1) = p0, p1
+        out = np.zeros((self.size, self.size), dtype=np.float32)
+        # only the segment's bounding window is computed: thin features cover little of the frame
+        c0, c1 = self._index(min(x0, x1) - width), self._index(max(x0, x1) + width) + 1
+        r0, r1 = self._index(min(y0, y1) - width), self._index(max(y0, y1) + width) + 1
+        u, v = self.u[:, c0:c1], self.v[r0:r1, :]
         dx, dy = x1 - x0, y1 - y0
-        t = np.clip(((self.u - x0) * dx + (self.v - y0) * dy) / (dx * dx + dy * dy), 0.0, 1.0)
-        dist = np.hypot(self.u - (x0 + t * dx), self.v - (y0 + t * dy))
-        return np.clip(1.0 - (dist / width) ** 2, 0.0, 1.0)
+        t = np.clip(((u - x0) * dx + (v - y0) * dy) / (dx * dx + dy * dy), 0.0, 1.0)
+        dist2 = (u - (x0 + t * dx)) ** 2 + (v - (y0 + t * dy)) ** 2
+        out[r0:r1, c0:c1] = np.clip(1.0 - dist2 / width**2, 0.0, 1.0)
+        return out
 
-    def smooth_noise(self, rng: np.random.Generator, sigma: float) -> np.ndarray:
-        """Gaussian-filtered white noise ``[S, S]``, zero mean, unit std; ``sigma`` is a fraction of S."""
-        noise = ndimage.gaussian_filter(rng.standard_normal((self.size, self.size), dtype=np.float32),
-                                        sigma * self.size, mode="reflect")
+    def _index(self, coord: float) -> int:
+        return int(np.clip(coord * self.size, 0, self.size))
+
+    def smooth_noise(self, rng: np.random.Generator, scale: float) -> np.ndarray:
+        """Smooth random field ``[S, S]``, zero mean, unit std, features about ``2 * scale`` of S wide.
+
+        White noise on a coarse grid, cubic-interpolated up: the same draws at every image size,
+        so a patient looks the same at 256 and 1024 pixels (and it is cheaper than filtering).
+        """
+        cells = max(4, round(0.5 / scale))
+        coarse = rng.standard_normal((cells, cells)).astype(np.float32)
+        noise = ndimage.zoom(coarse, self.size / cells, order=3, mode="mirror", grid_mode=True)
         return (noise - noise.mean()) / (noise.std() + 1e-6)
+
+    def random_point(self, mask: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
+        """A uniformly random point ``(x, y)`` (fractions of S) on a non-empty boolean mask ``[S, S]``."""
+        ys, xs = np.nonzero(mask)
+        x0, x1, y0, y1 = xs.min() / self.size, (xs.max() + 1) / self.size, ys.min() / self.size, (ys.max() + 1) / self.size
+        while True:  # rejection in continuous coordinates: the same draws at every image size
+            x, y = rng.uniform(x0, x1), rng.uniform(y0, y1)
+            if mask[min(int(y * self.size), self.size - 1), min(int(x * self.size), self.size - 1)]:
+                return x, y
 
 
 def render_chest(spec: PatientSpec, size: int) -> SyntheticChest:
@@ -352,7 +384,9 @@ def render_chest(spec: PatientSpec, size: int) -> SyntheticChest:
 
     film = ndimage.gaussian_filter(film, 0.0012 * size)  # detector blur
     film = anatomy.brightness + anatomy.contrast * (film - 0.4)
-    film = film + 0.012 * rng.standard_normal(film.shape, dtype=np.float32)  # quantum noise
+    # quantum noise from its own stream: the number of draws depends on the size, the geometry must not
+    noise_rng = np.random.default_rng([spec.seed, size])
+    film = film + 0.012 * noise_rng.standard_normal(film.shape, dtype=np.float32)
     image = np.clip(np.rint(film * 255.0), 0, 255).astype(np.uint8)
     _draw_markers(image, spec, rng)
     return SyntheticChest(image=image, lung_field=lung_field, opacity=opacity, boxes=boxes)
@@ -365,9 +399,9 @@ def _sample_anatomy(spec: PatientSpec, rng: np.random.Generator) -> _Anatomy:
     if spec.finding == "cardiomegaly":
         heart *= 1.35
     return _Anatomy(
-        cx=0.5 + rng.normal(0, 0.015), cy=0.47 + rng.normal(0, 0.015) + (0.03 if ap else 0.0),
+        cx=0.5 + rng.normal(0, 0.015), cy=0.49 + rng.normal(0, 0.015) + (0.02 if ap else 0.0),
         scale=scale, heart=heart,
-        lung_w=0.175 * scale * rng.normal(1.0, 0.04), lung_h=0.34 * scale * rng.normal(1.0, 0.04),
+        lung_w=0.175 * scale * rng.normal(1.0, 0.04), lung_h=0.36 * scale * rng.normal(1.0, 0.04),
         rib_spacing=0.075 * scale * rng.normal(1.0, 0.05),
         brightness=0.40 + rng.normal(0, 0.03), contrast=rng.normal(1.2, 0.06),
     )
@@ -478,15 +512,16 @@ def _opacities(canvas: _Canvas, a: _Anatomy, lung_field: np.ndarray, n: int, rng
                ) -> tuple[np.ndarray, np.ndarray]:
     """``n`` patchy opacities inside the lung field: the signal ``[S, S]`` and the boxes ``[n, 4]`` xyxy."""
     size = canvas.size
-    field_soft = ndimage.gaussian_filter(lung_field.astype(np.float32), 0.004 * size)
-    patches = canvas.smooth_noise(rng, 0.015)
-    sides = _box_sides(n, rng)
+    patches = 0.6 * canvas.smooth_noise(rng, 0.03) + 0.5 * canvas.smooth_noise(rng, 0.012)
+    fields = {side: _fading_field(canvas, lung_field & ((canvas.u < a.cx) if side < 0 else (canvas.u > a.cx)))
+              for side in (-1, 1)}
     signal = np.zeros((size, size), dtype=np.float32)
     boxes: list[tuple[float, float, float, float]] = []
-    for side in sides:
+    for side in _box_sides(n, rng):
+        field, soft = fields[side]
         for _attempt in range(20):
-            blob = _opacity_blob(canvas, a, lung_field, side, patches, rng) * field_soft
-            visible = blob >= VISIBLE_FRACTION
+            blob = _opacity_blob(canvas, a, field, side, patches, rng) * soft
+            visible = (blob >= VISIBLE_FRACTION * blob.max()) & field
             if visible.sum() < (0.02 * size) ** 2:
                 continue
             ys, xs = np.nonzero(visible)
@@ -500,6 +535,16 @@ def _opacities(canvas: _Canvas, a: _Anatomy, lung_field: np.ndarray, n: int, rng
     return signal, np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
 
 
+def _fading_field(canvas: _Canvas, field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One lung's field and a soft weight ``[S, S]`` that fades to ~0 just inside its border.
+
+    Opacities are multiplied by the weight, so they never show outside the lung nor end in a hard edge.
+    """
+    sigma = 0.004 * canvas.size
+    inner = ndimage.gaussian_filter(field.astype(np.float32), 2 * sigma) > 0.97  # eroded by ~2 sigma
+    return field, ndimage.gaussian_filter(inner.astype(np.float32), sigma)
+
+
 def _box_sides(n: int, rng: np.random.Generator) -> list[int]:
     first = -1 if rng.random() < BOX_LEFT_SHARE else 1
     if n == 1:
@@ -509,7 +554,7 @@ def _box_sides(n: int, rng: np.random.Generator) -> list[int]:
     return [first] * n
 
 
-def _opacity_blob(canvas: _Canvas, a: _Anatomy, lung_field: np.ndarray, side: int, patches: np.ndarray,
+def _opacity_blob(canvas: _Canvas, a: _Anatomy, field: np.ndarray, side: int, patches: np.ndarray,
                   rng: np.random.Generator) -> np.ndarray:
     """One opacity, peak ~1, with the real box size and position statistics (before lung clipping)."""
     mean_cx, sd_cx = BOX_CX["left" if side < 0 else "right"]
@@ -517,20 +562,18 @@ def _opacity_blob(canvas: _Canvas, a: _Anatomy, lung_field: np.ndarray, side: in
     cov = BOX_LOG_WH_CORR * BOX_LOG_W[1] * BOX_LOG_H[1]
     log_w, log_h = rng.multivariate_normal(
         [BOX_LOG_W[0], BOX_LOG_H[0]], [[BOX_LOG_W[1] ** 2, cov], [cov, BOX_LOG_H[1] ** 2]])
-    w, h = float(np.exp(log_w)), float(np.exp(log_h))
+    w, h = min(float(np.exp(log_w)), BOX_MAX_W), min(float(np.exp(log_h)), BOX_MAX_H)
     for _ in range(20):  # centre: real statistics, moved with this patient's lung, inside the field
         cx = rng.normal(mean_cx, sd_cx) + (lx - (0.5 + side * 0.23))
         cy = rng.normal(*BOX_CY) + (a.cy - 0.49)
         px, py = int(cx * canvas.size), int(cy * canvas.size)
-        if 0 <= px < canvas.size and 0 <= py < canvas.size and lung_field[py, px]:
+        if 0 <= px < canvas.size and 0 <= py < canvas.size and field[py, px]:
             break
     else:
-        ys, xs = np.nonzero(lung_field[:, : canvas.size // 2] if side < 0 else lung_field[:, canvas.size // 2:])
-        offset = 0 if side < 0 else canvas.size // 2
-        k = rng.integers(len(xs))
-        cx, cy = (xs[k] + offset + 0.5) / canvas.size, (ys[k] + 0.5) / canvas.size
-    core = canvas.superellipse(cx, cy, w / 2, h / 2, power=2.0, edge=0.45)
-    return core * np.clip(0.75 + 0.35 * patches, 0.3, 1.2)
+        cx, cy = canvas.random_point(field, rng)
+    # the soft edge and the lung border trim the visible extent: draw a little larger than the target box
+    core = canvas.superellipse(cx, cy, 0.6 * w, 0.6 * h, power=2.0, edge=0.45)
+    return core * np.clip(0.8 + 0.3 * patches, 0.25, 1.25)
 
 
 def _overlap(b1: tuple[float, ...], b2: tuple[float, ...]) -> float:
@@ -551,11 +594,9 @@ def _finding(canvas: _Canvas, a: _Anatomy, lung_field: np.ndarray, finding: str,
             out = np.maximum(out, canvas.segment(p, q, 0.004))
         out *= 0.45
     elif finding == "nodule":  # small round nodule, far below the size of a labelled opacity
-        ys, xs = np.nonzero(lung_field)
-        k = rng.integers(len(xs))
+        x, y = canvas.random_point(lung_field, rng)
         r = rng.uniform(0.008, 0.014)
-        out = 0.25 * canvas.superellipse((xs[k] + 0.5) / canvas.size, (ys[k] + 0.5) / canvas.size, r, r,
-                                         edge=0.5)
+        out = 0.25 * canvas.superellipse(x, y, r, r, edge=0.5)
     return out
 
 
