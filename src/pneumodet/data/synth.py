@@ -367,7 +367,7 @@ def render_chest(spec: PatientSpec, size: int) -> SyntheticChest:
 
     film = 0.05 + 0.04 * canvas.v + 0.62 * body  # air around the patient, then soft tissue
     film = film + 0.10 * body * _below_diaphragm(canvas, anatomy)
-    film = film + 0.09 * _spine(canvas, anatomy) + 0.14 * _mediastinum(canvas, anatomy)
+    film = film + 0.06 * _spine(canvas, anatomy) + 0.12 * _mediastinum(canvas, anatomy)
     film = film - aerated * (0.50 - 0.10 * np.abs(canvas.u - anatomy.cx) / (2 * anatomy.lung_w)
                              + 0.07 * (canvas.v - anatomy.cy) / anatomy.lung_h)
     film = film + aerated * _vessels(canvas, anatomy, rng)
@@ -431,7 +431,7 @@ def _lungs(canvas: _Canvas, a: _Anatomy) -> tuple[np.ndarray, np.ndarray, np.nda
         lungs = np.maximum(lungs, lung * medial * diaphragm)
     heart = canvas.superellipse(a.cx + 0.06 * a.scale * a.heart, a.cy + 0.5 * a.lung_h,
                                 0.15 * a.scale * a.heart, 0.15 * a.scale * a.heart, power=2.4, edge=0.15)
-    lung_field = (lungs > 0.5) & (heart < 0.1)
+    lung_field = (lungs > 0.5) & (heart < 0.4)
     return lungs, lung_field, heart
 
 
@@ -500,7 +500,8 @@ def _clavicles(canvas: _Canvas, a: _Anatomy) -> np.ndarray:
 def _vessels(canvas: _Canvas, a: _Anatomy, rng: np.random.Generator) -> np.ndarray:
     """Lung markings: curvy lines (level sets of smooth noise), dense at the hila, faint at the periphery."""
     noise = canvas.smooth_noise(rng, 0.01)
-    lines = np.exp(-((noise / 0.35) ** 2))
+    # thin lines where the field crosses zero, broken up by a second field so they branch and end
+    lines = np.exp(-((noise / 0.25) ** 2)) * np.clip(canvas.smooth_noise(rng, 0.02) + 0.3, 0, 1)
     hilum = np.zeros((canvas.size, canvas.size), dtype=np.float32)
     for side in (-1, 1):
         dist2 = (canvas.u - a.cx - side * 0.1 * a.scale) ** 2 + (canvas.v - a.cy - 0.1 * a.lung_h) ** 2
@@ -531,7 +532,7 @@ def _opacities(canvas: _Canvas, a: _Anatomy, lung_field: np.ndarray, n: int, rng
         else:
             continue  # no room for another separate opacity in this lung: keep the ones placed
         boxes.append(box)
-        signal = np.maximum(signal, blob * rng.uniform(0.20, 0.30))
+        signal = np.maximum(signal, blob * rng.uniform(0.24, 0.34))
     return signal, np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
 
 
