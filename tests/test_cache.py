@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -95,6 +96,19 @@ def test_build_once_then_reuse(synth_records, tmp_path, monkeypatch):
     second = build_cache(synth_records, out, size=SIZE, workers=1, progress=False)
     assert reads.paths == [] and second.decoded == 0 and second.reused == len(synth_records)
     assert "reused 8" in second.summary()
+
+
+def test_cache_pickles_as_its_index_not_its_pixels(synth_records, tmp_path):
+    """Loader workers started by spawn get the cache by pickle; the array must stay on disk."""
+    out = tmp_path / "cache"
+    build_cache(synth_records, out, size=256, workers=1, progress=False)
+    cache = ImageCache.open(out)
+    payload = pickle.dumps(cache)
+    assert len(payload) < 256 * 256  # less than one image: the pixels were not copied
+    copy = pickle.loads(payload)
+    assert isinstance(copy.image(0), np.memmap) and copy.patient_ids == cache.patient_ids
+    for pid in cache.patient_ids:
+        np.testing.assert_array_equal(copy.image(pid), cache.image(pid))
 
 
 def test_parallel_build_equals_a_fresh_decode(real_sample, tmp_path):

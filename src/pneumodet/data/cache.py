@@ -430,6 +430,16 @@ class ImageCache:
                              f"{expected}); rebuild with `pneumodet cache`")
         return cls(cache_dir, size, entries, np.load(array_path, mmap_mode="r"))
 
+    def __getstate__(self) -> dict:
+        # Loader workers started by spawn receive the cache by pickle: send the index, not the pixels.
+        state = self.__dict__.copy()
+        del state["_array"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._array = np.load(self.cache_dir / ARRAY_NAME, mmap_mode="r")
+
     def __len__(self) -> int:
         return len(self._ok)
 
