@@ -48,6 +48,8 @@ IMPOSSIBLE_AGE = 100.0
 _POOL_MIN_FILES = 512
 _THUMB_SIZE = 360
 _FEW_BOXES = 50
+#: Below this many boxes, 2-D plots show the boxes as points instead of a hexagon density.
+_HEXBIN_MIN_BOXES = 300
 _CLASS_COLORS = {"Normal": "#4c9f70", "Lung Opacity": "#d1495b", "No Lung Opacity / Not Normal": "#edae49"}
 _VIEW_COLORS = {"AP": "#3066be", "PA": "#e07a5f"}
 _IMAGE_KINDS = ("image_missing", "image_unlabelled")
@@ -332,15 +334,19 @@ def _categorical_figure(meta: pd.DataFrame) -> Figure:
 
 
 def _centre_density_figure(boxes: pd.DataFrame, size: int) -> Figure:
-    fig = _fig(7.5, 7)
-    grid = fig.add_gridspec(2, 2, width_ratios=(4, 1), height_ratios=(1, 4))
+    fig = _fig(7.6, 7)  # proportions that keep the frame close to square (an equal aspect would
+    grid = fig.add_gridspec(2, 2, width_ratios=(4, 1), height_ratios=(1, 4))  # misalign the marginals)
     ax = fig.add_subplot(grid[1, 0])
     top = fig.add_subplot(grid[0, 0], sharex=ax)
     side = fig.add_subplot(grid[1, 1], sharey=ax)
-    hb = ax.hexbin(boxes["cx"], boxes["cy"], gridsize=40, extent=(0, size, 0, size), cmap="magma_r", mincnt=1)
+    if len(boxes) >= _HEXBIN_MIN_BOXES:
+        hb = ax.hexbin(boxes["cx"], boxes["cy"], gridsize=40, extent=(0, size, 0, size), cmap="magma_r",
+                       mincnt=1)
+        fig.colorbar(hb, ax=side, label="boxes per hexagon", location="right")
+    else:  # a density of a handful of points is noise: show the points
+        ax.scatter(boxes["cx"], boxes["cy"], s=28, color="#d1495b", alpha=0.8, edgecolors="white")
     ax.set_xlim(0, size)
     ax.set_ylim(size, 0)  # image coordinates: y grows downwards
-    ax.set_aspect("equal")
     ax.set_xlabel("box centre x (px)")
     ax.set_ylabel("box centre y (px)")
     bins = np.linspace(0, size, 65)
@@ -350,7 +356,8 @@ def _centre_density_figure(boxes: pd.DataFrame, size: int) -> Figure:
     side.hist(boxes["cy"], bins=bins, orientation="horizontal", color="#555")
     side.set_xlabel("boxes")
     side.tick_params(labelleft=False)
-    fig.colorbar(hb, ax=side, label="boxes per hexagon", location="right")
+    for marginal in (top.yaxis, side.xaxis):
+        marginal.set_major_locator(MaxNLocator(nbins=3, integer=True))
     fig.suptitle(f"Box centres over the {size}×{size} frame ({len(boxes):,} boxes)")
     return fig
 
@@ -360,8 +367,11 @@ def _shape_figure(boxes: pd.DataFrame) -> Figure:
     fig.get_layout_engine().set(wspace=0.06)  # room between the colour bar and the next panel
     axes = fig.subplots(1, 3)
     area_k = boxes["area"] / 1000
-    hb = axes[0].hexbin(area_k, boxes["aspect"], gridsize=35, cmap="viridis", mincnt=1, bins="log")
-    fig.colorbar(hb, ax=axes[0], label="boxes (log scale)")
+    if len(boxes) >= _HEXBIN_MIN_BOXES:
+        hb = axes[0].hexbin(area_k, boxes["aspect"], gridsize=35, cmap="viridis", mincnt=1, bins="log")
+        fig.colorbar(hb, ax=axes[0], label="boxes (log scale)")
+    else:
+        axes[0].scatter(area_k, boxes["aspect"], s=24, color="#3066be", alpha=0.8)
     axes[0].set_xlabel("area (1000 px²)")
     axes[0].set_ylabel("aspect ratio w/h")
     axes[0].set_title("Aspect ratio vs area")
@@ -374,6 +384,8 @@ def _shape_figure(boxes: pd.DataFrame) -> Figure:
     axes[2].set_xlabel("area (1000 px²)")
     axes[2].set_ylabel("boxes")
     axes[2].set_title("Area")
+    for ax in axes[1:]:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
 
 
@@ -388,6 +400,7 @@ def _geometry_figure(boxes: pd.DataFrame, size: int, by: str | None = None) -> F
         if by is None:
             ax.hist(boxes[col], bins=bins, color="#3066be")
             ax.set_ylabel("boxes")
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         else:
             for value, group in boxes.groupby(by):
                 ax.hist(group[col], bins=bins, density=True, histtype="step", linewidth=2,
@@ -701,7 +714,7 @@ def _box_section(html: HtmlReport, writer: _Writer, boxes: pd.DataFrame, meta: p
     sec.text(f"All **{len(boxes):,}** labelled boxes, in original {size}-px image coordinates "
              "(x, y = top-left corner as in the labels CSV; the centre plot uses box centres).")
     writer.table(sec, "box_stats", _box_stats(boxes), "Box geometry (px; area px²; aspect = width/height)")
-    sec.figure(_centre_density_figure(boxes, size), "Where the boxes are: density of box centres with marginals.")
+    sec.figure(_centre_density_figure(boxes, size), "Where the boxes are: box centres over the frame, with marginal histograms.")
     sec.figure(_shape_figure(boxes), "Box shape: aspect ratio against area, and each on its own.")
     sec.figure(_geometry_figure(boxes, size), "Densities of the box position and size.")
     sec.heading("By view position")
