@@ -201,6 +201,7 @@ def test_corrupted_row_fails_its_checksum_and_is_rebuilt(synth_records, tmp_path
     assert ImageCache.open(out).verify() == [victim]
     report = build_cache(synth_records, out, size=SIZE, workers=1, progress=False)
     assert (report.rebuilt, report.reused) == (1, len(synth_records) - 1)
+    assert report.notes == [f"1 rows failed their checksum and are rebuilt ({victim})"]
     assert_cache_holds(out, synth_records)
 
 
@@ -235,6 +236,13 @@ def test_another_size_starts_over(synth_records, tmp_path):
     report = build_cache(synth_records[:3], out, size=32, workers=1, progress=False)
     assert report.cached == 3 and report.reused == 0 and any("64-pixel" in n for n in report.notes)
     assert_cache_holds(out, synth_records[:3], size=32)
+
+
+def test_unusable_cache_folder_is_a_clear_error(synth_records, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a file where the cache folder should go")
+    with pytest.raises(CacheError, match="a_file/cache: cannot create the cache folder"):
+        build_cache(synth_records, blocker / "cache", size=SIZE, workers=1, progress=False)
 
 
 def test_open_names_what_is_wrong(tmp_path):

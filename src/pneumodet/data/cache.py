@@ -134,8 +134,11 @@ def _write_index(cache_dir: Path, size: int, entries: Sequence[CacheEntry]) -> N
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # unique: ranks of one job may share a cache
     data = {"format": _FORMAT, "version": _VERSION, "size": size, "array": ARRAY_NAME,
             "entries": [asdict(entry) for entry in entries]}
-    tmp.write_text(json.dumps(data, indent=0))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=0))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise CacheError(f"{path}: cannot write the cache index: {exc}") from exc
 
 
 # ------------------------------------------------------------------------------------------ array file
@@ -281,7 +284,7 @@ def build_cache(
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise CacheError(f"{out_dir}: cannot create the cache folder: {exc}") from exc
+        raise CacheError(f"{out_dir}: cannot create the cache folder ({exc}); choose another folder") from exc
     report = CacheReport(out_dir, size)
     array_path = out_dir / ARRAY_NAME
     entries = _entries_to_keep(out_dir, size, array_path, report)
@@ -362,6 +365,7 @@ def _plan(
     by_id = {entry.patient_id: entry for entry in entries}
     array = np.load(array_path, mmap_mode="r")
     jobs: list[tuple[CacheEntry, bool]] = []
+    bad_crc: list[str] = []
     seen: dict[str, str | None] = {}
     for record in records:
         path = None if record.image_path is None else str(record.image_path)
@@ -391,11 +395,14 @@ def _plan(
             if not verify or _row_crc(array[entry.row]) == entry.crc32:
                 report.reused += 1
                 continue
-            report.notes.append(f"row {entry.row} ({entry.patient_id}) failed its checksum; rebuilt")
+            bad_crc.append(entry.patient_id)
         entry.status, entry.cause, entry.source = _PENDING, "", source
         entry.source_size, entry.source_mtime_ns = stat.st_size, stat.st_mtime_ns
         jobs.append((entry, rebuild))
     del array
+    if bad_crc:
+        report.notes.append(f"{len(bad_crc)} rows failed their checksum and are rebuilt "
+                            f"({', '.join(bad_crc[:3])}{', ...' if len(bad_crc) > 3 else ''})")
     return jobs
 
 
