@@ -15,6 +15,8 @@ stopped; a worker writes its row into the array before the main process marks it
 from __future__ import annotations
 
 import concurrent.futures
+import errno
+import io
 import json
 import multiprocessing
 import os
@@ -164,27 +166,42 @@ def _array_header(path: Path) -> tuple[int, tuple[int, ...]] | None:
 def _resize_array(path: Path, rows: int, size: int) -> int:
     """Make ``path`` a uint8 ``[rows, size, size]`` .npy file, keeping existing rows; returns the data offset.
 
-    Growing rewrites the header in place: numpy pads it so the first axis can grow without moving data.
+    Growing rewrites the header in place (numpy pads it so the first axis can grow without moving the
+    data) and reserves the disk space, so a full disk is an error here, not a crash in a worker.
+    A zero-row memmap is not allowed, so an empty cache keeps one unused row.
     """
+    rows = max(rows, 1)
     header = _array_header(path) if path.exists() else None
     if header is None or header[1][1:] != (size, size):
-        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(max(rows, 1), size, size))
-        # A zero-row memmap is not allowed, so an empty cache keeps one unused row.
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(rows, size, size))
         header = _array_header(path)
-        assert header is not None
+        assert header is not None, path
     offset, shape = header
-    if shape[0] != max(rows, 1):
+    try:
         with open(path, "r+b") as fp:
-            np.lib.format.write_array_header_1_0(
-                fp, {"descr": "|u1", "fortran_order": False, "shape": (max(rows, 1), size, size)})
-            if fp.tell() != offset:
-                raise CacheError(f"{path}: cannot resize the array header in place; delete the cache folder")
-            fp.truncate(offset + max(rows, 1) * size * size)
-    elif path.stat().st_size < offset + rows * size * size:
-        # A truncated file: extend it with zeros; the rows that lost data fail their checksum.
-        with open(path, "r+b") as fp:
-            fp.truncate(offset + shape[0] * size * size)
+            if shape[0] != rows:
+                fresh = io.BytesIO()
+                np.lib.format.write_array_header_1_0(
+                    fresh, {"descr": "|u1", "fortran_order": False, "shape": (rows, size, size)})
+                if len(fresh.getvalue()) != offset:
+                    raise CacheError(f"{path}: cannot resize the array header in place; delete the folder")
+                fp.write(fresh.getvalue())
+            # A truncated file is zero-extended here; the rows that lost data are rebuilt.
+            fp.truncate(offset + rows * size * size)
+            if hasattr(os, "posix_fallocate"):
+                _reserve(fp.fileno(), offset + rows * size * size, path)
+    except OSError as exc:
+        raise CacheError(f"{path}: cannot resize the image array: {exc}") from exc
     return offset
+
+
+def _reserve(fd: int, length: int, path: Path) -> None:
+    try:
+        os.posix_fallocate(fd, 0, length)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise CacheError(f"{path}: not enough disk space for {length / 2**30:.2f} GiB of images") from exc
+        # Other file systems may not support reservation; the rows are then allocated as written.
 
 
 def _row_crc(row: np.ndarray) -> int:
