@@ -428,6 +428,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PneumodetError as exc:
         print(f"pneumodet {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, permissions: the environment, not a bug; one line naming the file
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"pneumodet {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"pneumodet {args.command}: interrupted", file=sys.stderr)
         return 130
