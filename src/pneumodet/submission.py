@@ -166,6 +166,10 @@ def write_submission(
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, read-only folder: the previous file stays as it was
+        Path(tmp).unlink(missing_ok=True)
+        raise SubmissionError(f"{path}: cannot write the submission ({exc.strerror or exc}); "
+                              "a previous file there is kept unchanged") from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
