@@ -323,6 +323,10 @@ def _atomic_write_text(path: Path, text: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
+    except OSError as exc:  # name the report, not the temporary file (a disk-full write names neither)
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, f"cannot write the report ({exc.strerror or exc}); a previous one is kept",
+                      str(path)) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
