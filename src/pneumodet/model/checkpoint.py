@@ -64,6 +64,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, extra: dict[str, Any] | 
     try:
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as err:  # disk full: the previous file stays as it was
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({getattr(err, 'strerror', None) or err}); "
+                              "a previous one is kept") from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
