@@ -275,9 +275,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except OSError as err:  # disk full, read-only folder: say so, keep the previous checkpoint
+        except (OSError, RuntimeError) as err:  # disk full (torch says RuntimeError), read-only folder
             tmp.unlink(missing_ok=True)
-            raise CheckpointError(f"{path}: cannot write the checkpoint ({err.strerror or err}); "
+            raise CheckpointError(f"{path}: cannot write the checkpoint ({getattr(err, 'strerror', None) or err}); "
                                   "the previous one is kept") from err
         except BaseException:
             tmp.unlink(missing_ok=True)
