@@ -17,6 +17,7 @@ from pneumodet.cli import main
 from pneumodet.data.cache import (
     ARRAY_NAME,
     INDEX_NAME,
+    LOCK_NAME,
     ImageCache,
     build_cache,
     default_cache_dir,
@@ -243,6 +244,19 @@ def test_unusable_cache_folder_is_a_clear_error(synth_records, tmp_path):
     blocker.write_text("a file where the cache folder should go")
     with pytest.raises(CacheError, match="a_file/cache: cannot create the cache folder"):
         build_cache(synth_records, blocker / "cache", size=SIZE, workers=1, progress=False)
+
+
+def test_a_second_build_of_the_same_folder_is_refused(synth_records, tmp_path):
+    import fcntl
+
+    out = tmp_path / "cache"
+    out.mkdir()
+    with open(out / LOCK_NAME, "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # as a build in another process would
+        with pytest.raises(CacheError, match="another build is writing this cache"):
+            build_cache(synth_records, out, size=SIZE, workers=1, progress=False)
+        fcntl.flock(held.fileno(), fcntl.LOCK_UN)
+    assert build_cache(synth_records, out, size=SIZE, workers=1, progress=False).cached == len(synth_records)
 
 
 def test_open_names_what_is_wrong(tmp_path):

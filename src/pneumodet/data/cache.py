@@ -15,6 +15,7 @@ stopped; a worker writes its row into the array before the main process marks it
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import io
 import json
@@ -35,6 +36,7 @@ from pneumodet.errors import CacheError
 
 ARRAY_NAME = "images.npy"
 INDEX_NAME = "index.json"
+LOCK_NAME = ".lock"
 _FORMAT = "pneumodet-image-cache"
 _VERSION = 1
 _OK, _FAILED, _PENDING = "ok", "failed", "pending"
@@ -302,6 +304,33 @@ def build_cache(
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CacheError(f"{out_dir}: cannot create the cache folder ({exc}); choose another folder") from exc
+    with _exclusive(out_dir):
+        return _build(records, out_dir, size, workers, progress, verify, flush_every, flush_seconds, start)
+
+
+@contextlib.contextmanager
+def _exclusive(out_dir: Path) -> Iterator[None]:
+    """Hold the cache folder's lock file: two builds writing the same rows would corrupt each other."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks
+        yield
+        return
+    path = out_dir / LOCK_NAME
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheError(f"{out_dir}: another build is writing this cache ({path} is locked); "
+                             "wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _build(records: Sequence[PatientRecord], out_dir: Path, size: int, workers: int | None, progress: bool,
+           verify: bool, flush_every: int, flush_seconds: float, start: float) -> CacheReport:
     report = CacheReport(out_dir, size)
     array_path = out_dir / ARRAY_NAME
     entries = _entries_to_keep(out_dir, size, array_path, report)
