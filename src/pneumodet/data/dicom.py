@@ -1,9 +1,10 @@
 """Read one DICOM file into a greyscale uint8 image and a small, non-identifying metadata dict.
 
 Decoding goes through pydicom 3 and its plugins (Pillow, pylibjpeg with libjpeg/openjpeg/rle), so JPEG
-Baseline/Extended/Lossless, JPEG 2000, RLE, deflate and uncompressed files all decode. Baseline JPEG,
-the RSNA format, is decoded by Pillow straight from the encapsulated frame: that is about twice as fast
-as pydicom's general pipeline and several times faster than pylibjpeg (``benchmarks/bench_dicom.py``).
+Baseline/Extended/Lossless, JPEG 2000, RLE, deflate and uncompressed files all decode. Baseline and extended
+JPEG (the RSNA format is baseline) go to Pillow first: it decodes them several times faster than
+pylibjpeg, pydicom's default pick (``benchmarks/bench_dicom.py``); what Pillow cannot decode (12-bit
+JPEG, for one) falls back to the other plugins.
 
 Every failure (not DICOM, no pixel data, truncated, unsupported transfer syntax, missing decoder)
 becomes one :class:`~pneumodet.errors.DicomReadError` naming the file and the cause.
@@ -11,7 +12,6 @@ becomes one :class:`~pneumodet.errors.DicomReadError` naming the file and the ca
 
 from __future__ import annotations
 
-import io
 import re
 import warnings
 from pathlib import Path
@@ -19,9 +19,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
 from pydicom.uid import (
@@ -216,28 +214,12 @@ def _decode_pixels(ds: Dataset, *, first_frame_only: bool) -> np.ndarray:
     """Raw decoded pixels of the first frame (``[H, W]`` or ``[H, W, 3]``)."""
     ts = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in getattr(ds, "file_meta", {}) else None
     index = 0 if first_frame_only else None
-    if ts == JPEGBaseline8Bit and not first_frame_only and _int(_tag(ds, "SamplesPerPixel")) in (None, 1):
-        fast = _decode_baseline_jpeg(ds)
-        if fast is not None:
-            return fast
     if ts in _PILLOW_FIRST:
         try:
             return pixel_array(ds, index=index, decoding_plugin="pillow")
         except Exception:  # Pillow cannot do every JPEG variant; the other plugins get their turn
             pass
     return pixel_array(ds, index=index)
-
-
-def _decode_baseline_jpeg(ds: Dataset) -> np.ndarray | None:
-    """Single-frame greyscale baseline JPEG via Pillow directly; ``None`` when it does not fit."""
-    try:
-        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
-        with Image.open(io.BytesIO(frame)) as im:
-            if im.mode != "L" or im.size != (ds.Columns, ds.Rows):
-                return None
-            return np.asarray(im)
-    except Exception:  # truncated or odd streams: let pydicom produce the diagnosis
-        return None
 
 
 def _to_grey(rgb: np.ndarray) -> np.ndarray:
