@@ -15,7 +15,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, UID, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 #: Identifying values written into every generated DICOM; no pneumodet output may contain them.
 PHI = {"PatientName": "Quixote^Alonso", "PatientBirthDate": "19230417",

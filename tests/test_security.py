@@ -1,0 +1,199 @@
+"""Security: loading never runs code, outputs carry no identifying DICOM data, inputs stay in their folder."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from badinputs import PHI, make_dicom, small_patients, write_dataset
+from pneumodet.cli import main
+from pneumodet.errors import CheckpointError
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "pneumodet"
+
+
+class _CreatesFile:
+    """Unpickling this object opens ``path`` for writing: the file appearing proves code ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def poisoned_files(folder: Path) -> tuple[dict[str, Path], Path]:
+    """A pickled ``.pt`` model, a Lightning-style ``.ckpt`` and a ``.pth`` weights file, each of which
+    would create ``marker`` if unpickled without ``weights_only``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / "PWNED"
+    payload = _CreatesFile(marker)
+    files = {
+        "model.pt": {"state_dict": {"w": torch.zeros(2)}, "extra": payload},
+        "lightning.ckpt": {"epoch": 0, "global_step": 3, "state_dict": {"model.w": torch.zeros(2)},
+                           "callbacks": {"RunKeeper": payload}, "pytorch-lightning_version": "2.6.0"},
+        "weights.pth": {"conv1.weight": torch.zeros(1), "fc": payload},
+    }
+    paths = {}
+    for name, content in files.items():
+        torch.save(content, folder / name)
+        paths[name] = folder / name
+    assert not marker.exists()
+    return paths, marker
+
+
+def assert_refused(code: int, err: str, command: str, marker: Path, *patterns: str) -> None:
+    assert not marker.exists(), "unpickling ran code"
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith(f"pneumodet {command}: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for pattern in patterns:
+        assert re.search(pattern, lines[0]), (pattern, lines[0])
+
+
+def test_the_payload_really_runs_code_when_loaded_unsafely(tmp_path):
+    """The control: without ``weights_only`` the same file does create the marker."""
+    paths, marker = poisoned_files(tmp_path)
+    torch.load(paths["model.pt"], weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("name", ["model.pt", "lightning.ckpt"])
+def test_load_checkpoint_refuses_pickles(tmp_path, name):
+    from pneumodet.model.checkpoint import load_checkpoint
+
+    paths, marker = poisoned_files(tmp_path)
+    with pytest.raises(CheckpointError, match="pickled files are refused"):
+        load_checkpoint(paths[name])
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data"), small_patients(12), size=96)
+
+
+@pytest.mark.parametrize("name", ["model.pt", "lightning.ckpt"])
+def test_predict_refuses_a_pickled_model(tmp_path, dataset, capsys, name):
+    paths, marker = poisoned_files(tmp_path / "evil")
+    code = main(["predict", str(paths[name]), str(dataset / "stage_2_train_images"), "--out", str(tmp_path / "s.csv")])
+    assert_refused(code, capsys.readouterr().err, "predict", marker, re.escape(str(paths[name])), "refused")
+    assert not (tmp_path / "s.csv").exists()
+
+
+@pytest.fixture(scope="module")
+def split_dir(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("split")
+    assert main(["split", str(dataset), "--out", str(out), "--val", "0.25", "--test", "0.25"]) == 0
+    return out
+
+
+def train_args(dataset: Path, split_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(dataset), "--split", str(split_dir), "--out", str(out), "--encoder", "resnet18",
+            "--image-size", "64", "--batch-size", "2", "--num-workers", "0", "--epochs", "1", "--aug", "resize_only",
+            "--precision", "32-true", "--cache-dir", str(out.parent / "cache"), *extra]
+
+
+def test_train_resume_refuses_a_poisoned_last_checkpoint(tmp_path, dataset, split_dir, capsys):
+    from pneumodet.config import TrainConfig
+
+    paths, marker = poisoned_files(tmp_path / "evil")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    TrainConfig.with_recipe("default", data_dir=str(dataset), split_dir=str(split_dir), out_dir=str(run),
+                            cache_dir=str(tmp_path / "cache"), encoder="resnet18", image_size=64, batch_size=2,
+                            num_workers=0, epochs=1, precision="32-true").to_yaml(run / "config.yaml")
+    shutil.copy(paths["lightning.ckpt"], run / "checkpoints" / "last.ckpt")
+    code = main(["train", "--out", str(run), "--resume"])
+    assert_refused(code, capsys.readouterr().err, "train", marker, r"last\.ckpt")
+    assert not (run / "done.json").exists()
+
+
+def test_train_refuses_pickled_encoder_weights(tmp_path, dataset, split_dir, capsys):
+    paths, marker = poisoned_files(tmp_path / "evil")
+    code = main(train_args(dataset, split_dir, tmp_path / "run", "--weights", str(paths["weights.pth"])))
+    assert_refused(code, capsys.readouterr().err, "train", marker, re.escape(str(paths["weights.pth"])))
+
+
+def test_every_torch_load_in_the_library_passes_weights_only_true():
+    """No loader in ``src/`` may unpickle arbitrary objects (torch.load, pickle, numpy pickles)."""
+    calls = []
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        for match in re.finditer(r"torch\.load\(([^()]*(?:\([^()]*\)[^()]*)*)\)", text):
+            calls.append((path.name, match.group(1)))
+        assert not re.search(r"\bpickle\.loads?\(|allow_pickle\s*=\s*True|\bdill\b|joblib\.load", text), path
+    assert calls, "no torch.load found: the search pattern is broken"
+    unsafe = [(name, args) for name, args in calls if not re.search(r"weights_only\s*=\s*True", args)]
+    assert unsafe == []
+
+
+# ============================================================================================ privacy
+def test_outputs_carry_no_identifying_dicom_data(tmp_path, dataset, capsys):
+    """Every generated DICOM carries a name, birth date, institution, referring physician and accession
+    number; no file written by eda, cache or predict (CSV, JSON, HTML, PNG, logs) and no printed line
+    contains any of them."""
+    import torch as _torch
+
+    from pneumodet.model import ModelConfig, build_model, save_checkpoint
+
+    _torch.manual_seed(0)
+    run = tmp_path / "run"
+    save_checkpoint(run / "best_model.pt", build_model(ModelConfig(encoder="resnet18", image_size=64)),
+                    extra={"threshold": 0.0, "image_size": 64})
+    out = tmp_path / "outputs"
+    images = dataset / "stage_2_train_images"
+    commands = [
+        ["eda", str(dataset), "--out", str(out / "eda"), "--workers", "1", "--samples", "2"],
+        ["cache", str(dataset), "--size", "32", "--out", str(out / "cache"), "--workers", "1"],
+        ["predict", str(run), str(images), "--out", str(out / "sub.csv"), "--json", str(out / "pred.json"),
+         "--overlays", str(out / "overlays"), "--threshold", "0.0"],
+    ]
+    printed = []
+    for command in commands:
+        assert main(command) == 0, command
+        captured = capsys.readouterr()
+        printed.append(captured.out + captured.err)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(list((out / "overlays").glob("*.png"))) == 12 and (out / "eda" / "report.html").exists()
+    assert pd.read_csv(out / "sub.csv")["patientId"].nunique() == 12
+    needles = [v.encode() for v in PHI.values()] + [v.replace("^", " ").encode() for v in PHI.values()]
+    leaks = [(str(p.relative_to(out)), n) for p in files for n in needles if n in p.read_bytes()]
+    leaks += [("stdout/stderr", n) for text in printed for n in needles if n.decode() in text]
+    assert leaks == []
+    # the check can fail: the identifying values are in the inputs and readable as bytes
+    assert PHI["PatientName"].encode() in (images / "p000.dcm").read_bytes()
+
+
+# ============================================================================================ paths
+def test_predict_does_not_follow_links_out_of_its_folder_unless_asked(tmp_path, capsys):
+    from pneumodet.model import ModelConfig, build_model, save_checkpoint
+
+    run = tmp_path / "run"
+    save_checkpoint(run / "best_model.pt", build_model(ModelConfig(encoder="resnet18", image_size=64)),
+                    extra={"threshold": 0.5, "image_size": 64})
+    outside = tmp_path / "outside"
+    make_dicom(outside / "secret.dcm", np.zeros((64, 64), np.uint8))
+    make_dicom(outside / "deeper" / "secret2.dcm", np.zeros((64, 64), np.uint8))
+    inputs = tmp_path / "inputs"
+    make_dicom(inputs / "mine.dcm", np.zeros((64, 64), np.uint8))
+    (inputs / "link.dcm").symlink_to(outside / "secret.dcm")
+    (inputs / "dir_link").symlink_to(outside / "deeper", target_is_directory=True)
+    (inputs / "inner.dcm").symlink_to(inputs / "mine.dcm")  # stays inside: followed (and a duplicate)
+
+    def predicted(*extra: str) -> tuple[set[str], str]:
+        sub = tmp_path / "sub.csv"
+        assert main(["predict", str(run), str(inputs), "--out", str(sub), *extra]) == 0
+        return set(pd.read_csv(sub)["patientId"]), capsys.readouterr().out
+
+    ids, out = predicted()
+    assert ids == {"mine"}
+    assert "symlinks not followed: 2" in out and "duplicate mine" in out
+    ids, out = predicted("--follow-symlinks")
+    assert ids == {"mine", "secret", "secret2"}
