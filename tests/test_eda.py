@@ -226,7 +226,7 @@ def test_impossible_age_is_flagged_and_a_bad_file_is_skipped(small_dataset, tmp_
     assert unreadable["reason"].str.len().gt(0).all()
     # age 150 is impossible: counted, listed, left out of the statistics
     assert summary["age"] == {"min": 40.0, "median": 50.0, "max": 60.0, "impossible": 1,
-                              "impossible_threshold": 100.0}
+                              "impossible_threshold": 100.0, "missing": 0}
     impossible = pd.read_csv(out / "impossible_ages.csv")
     assert impossible[["patient_id", "age"]].values.tolist() == [["p-old", 150.0]]
     by_class = pd.read_csv(out / "age_by_class.csv").set_index("class")
@@ -278,6 +278,13 @@ def test_cli_eda_exits_0_and_writes_the_report(small_dataset, tmp_path, capsys):
     summary = _load(out)
     for name in ["report.html", "summary.json", *summary["tables"]]:
         assert (out / name).stat().st_size > 0, name
+    assert "impossible_ages.csv" in summary["tables"]
+    # the age is corrected and the report re-run in the same folder: no stale table is left behind
+    _write_dicom(small_dataset / "stage_2_train_images" / "p-old.dcm", "p-old", "70", "M", "AP")
+    assert _cli(["eda", str(small_dataset), "--out", str(out), "--samples", "1"]) == 0
+    summary = _load(out)
+    assert summary["age"]["impossible"] == 0 and summary["age"]["max"] == 70
+    assert sorted(p.name for p in out.iterdir()) == sorted(["report.html", "summary.json", *summary["tables"]])
 
 
 def test_cli_eda_reports_a_missing_folder_in_one_line(tmp_path, capsys):

@@ -42,7 +42,7 @@ __all__ = [
     "scan_metadata",
 ]
 
-#: Ages above this (in years) are flagged as impossible; RSNA has a few ages of 148-155.
+#: Ages above this (in years) are flagged as impossible (the full RSNA training set has a few above 140).
 IMPOSSIBLE_AGE = 100.0
 #: Below this many headers a worker pool costs more than it saves.
 _POOL_MIN_FILES = 512
@@ -53,11 +53,16 @@ _HEXBIN_MIN_BOXES = 300
 _CLASS_COLORS = {"Normal": "#4c9f70", "Lung Opacity": "#d1495b", "No Lung Opacity / Not Normal": "#edae49"}
 _VIEW_COLORS = {"AP": "#3066be", "PA": "#e07a5f"}
 _IMAGE_KINDS = ("image_missing", "image_unlabelled")
+_BOX_QUANTITIES = ["x", "y", "width", "height", "area", "aspect"]
 _META_COLUMNS = ("patient_id", "age", "sex", "view_position", "modality", "body_part", "rows", "columns",
                  "photometric_interpretation", "transfer_syntax")
 
 
 # ---------------------------------------------------------------- frames
+def _has_image(record: PatientRecord) -> bool:
+    return record.image_path is not None and Path(record.image_path).is_file()
+
+
 def patient_frame(records: Sequence[PatientRecord]) -> pd.DataFrame:
     """One row per patient: ``patient_id, class, target, boxes, label_rows, has_image``.
 
@@ -71,7 +76,7 @@ def patient_frame(records: Sequence[PatientRecord]) -> pd.DataFrame:
         "target": np.fromiter((r.target for r in records), dtype=np.int64, count=len(records)),
         "boxes": boxes,
         "label_rows": np.maximum(boxes, 1),
-        "has_image": [r.image_path is not None and Path(r.image_path).is_file() for r in records],
+        "has_image": [_has_image(r) for r in records],
     })
 
 
@@ -96,8 +101,9 @@ class MetadataScan:
     """DICOM header fields of the images present.
 
     ``frame`` has one row per header read (columns ``patient_id, age, sex, view_position, modality,
-    body_part, rows, columns, photometric_interpretation, transfer_syntax``); ``failed`` lists ``(path, reason)`` of the files that could not be read;
-    ``present`` is how many images exist, of which ``len(frame) + len(failed)`` were scanned.
+    body_part, rows, columns, photometric_interpretation, transfer_syntax``); ``failed`` lists
+    ``(path, reason)`` of the files that could not be read; ``present`` is how many images exist,
+    of which ``len(frame) + len(failed)`` were scanned.
     """
 
     frame: pd.DataFrame
@@ -130,8 +136,7 @@ def scan_metadata(records: Sequence[PatientRecord], *, max_images: int | None = 
     At most ``max_images`` headers are read, a seeded random subset when there are more images.
     ``workers`` processes share the work when there are many files (``None``: all cores).
     """
-    present = [(r.patient_id, str(r.image_path)) for r in records
-               if r.image_path is not None and Path(r.image_path).is_file()]
+    present = [(r.patient_id, str(r.image_path)) for r in records if _has_image(r)]
     todo = present
     if max_images is not None and len(present) > max_images:
         pick = np.random.default_rng(seed).choice(len(present), size=max_images, replace=False)
@@ -185,8 +190,9 @@ def _age_by_class(meta: pd.DataFrame) -> pd.DataFrame:
     valid = meta[meta["age"] <= IMPOSSIBLE_AGE]
     table = valid.groupby("class", observed=False)["age"].describe()[["count", "mean", "min", "50%", "max"]]
     table = table.rename(columns={"count": "patients", "50%": "median"})
-    table["impossible_ages"] = meta.groupby("class", observed=False)["age"].apply(
-        lambda a: int((a > IMPOSSIBLE_AGE).sum()))
+    by_class = meta.groupby("class", observed=False)["age"]
+    table["impossible_ages"] = by_class.apply(lambda a: int((a > IMPOSSIBLE_AGE).sum()))
+    table["missing_ages"] = by_class.apply(lambda a: int(a.isna().sum()))
     table["patients"] = table["patients"].astype(int)
     return table.reset_index()
 
@@ -196,8 +202,6 @@ def _field_by_class(meta: pd.DataFrame, field: str) -> pd.DataFrame:
     table = pd.crosstab(meta["class"], values, margins=True, margins_name="all", dropna=False)
     return table.rename_axis(columns=None).reset_index()
 
-
-_BOX_QUANTITIES = ["x", "y", "width", "height", "area", "aspect"]
 
 
 def _image_format(meta: pd.DataFrame) -> pd.DataFrame:
@@ -298,7 +302,8 @@ def _age_figure(meta: pd.DataFrame) -> Figure:
     axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylim(0, axes[0].get_ylim()[1] * 1.35)  # headroom for the legend
     axes[0].set_title(f"Age by class (ages ≤ {IMPOSSIBLE_AGE:g})")
-    axes[0].legend(frameon=False, fontsize=8, loc="upper right")
+    if len(valid):
+        axes[0].legend(frameon=False, fontsize=8, loc="upper right")
     groups = [valid.loc[valid["class"] == n, "age"].to_numpy() for n in CLASS_NAMES]
     present = [i for i, g in enumerate(groups) if len(g)]
     if present:
@@ -511,10 +516,23 @@ class _Writer:
         self.out_dir = out_dir
         self.written: list[str] = []
 
-    def table(self, section: Section, name: str, frame: pd.DataFrame, caption: str, **kwargs: Any) -> None:
+    def save(self, name: str, frame: pd.DataFrame) -> None:
         frame.to_csv(self.out_dir / f"{name}.csv", index=False)
         self.written.append(f"{name}.csv")
+
+    def table(self, section: Section, name: str, frame: pd.DataFrame, caption: str, **kwargs: Any) -> None:
+        self.save(name, frame)
         section.table(frame, f"{caption} — `{name}.csv`", **kwargs)
+
+    def remove_stale(self, previous_summary: Path) -> None:
+        """Delete the tables an earlier report in this folder wrote and this one did not."""
+        try:
+            previous = json.loads(previous_summary.read_text(encoding="utf-8")).get("tables", [])
+        except (OSError, ValueError, AttributeError):
+            return
+        for name in set(previous) - set(self.written):
+            if isinstance(name, str) and name.endswith(".csv") and Path(name).name == name:
+                (self.out_dir / name).unlink(missing_ok=True)
 
 
 def build_eda_report(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
@@ -527,8 +545,9 @@ def build_eda_report(data_dir: str | os.PathLike[str], out_dir: str | os.PathLik
 
     Args:
         data_dir: folder laid out as the Kaggle download; ``labels``/``classes``/``images`` override parts.
+        out_dir: created if needed; files of the same names are replaced, and tables an earlier report
+            there wrote but this one does not (e.g. ``impossible_ages.csv``) are removed.
         strict: make any label problem fatal (:class:`~pneumodet.errors.LabelsError`) instead of reporting it.
-        out_dir: created if needed; existing files of the same names are replaced.
         seed: picks the sample images (and the header subset when capped).
         max_images: read at most this many DICOM headers (``None``: all).
         samples_per_class: sample images shown per class; ``opacity_grid``: Lung Opacity images with boxes.
@@ -537,8 +556,12 @@ def build_eda_report(data_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     Returns:
         The summary written to ``summary.json``: ``label_rows, patients, multi_box_patients, boxes,
         images_found, images_missing, label_problems, patients_per_class, rows_per_class,
-        patients_per_target, boxes_per_patient`` (``{"0": n, ...}``), ``age`` (``min, median, max,
-        impossible``), ``sex``, ``view_position``, ``headers_read``, ``headers_failed``, ``tables``.
+        patients_per_target, boxes_per_patient`` (``{"0": n, ...}``), ``age`` (``min, median, max`` of
+        the possible ages, ``impossible`` and ``missing`` counts), ``sex``, ``view_position``
+        (``{"AP": n, "PA": n}``), ``headers_read``, ``headers_failed``, ``images_unreadable``, ``tables``.
+
+    Raises:
+        LabelsError: the labels cannot be read (or, under ``strict``, have any problem).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -552,10 +575,8 @@ def build_eda_report(data_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     writer = _Writer(out)
 
     html = HtmlReport("pneumodet — data exploration", subtitle=str(Path(data_dir)))
-    overview = _overview(vreport, patients, scan)
-    _overview_section(html, writer, overview, vreport)
-    bpp = _boxes_per_patient(patients)
-    _boxes_section(html, writer, patients, bpp)
+    _overview_section(html, writer, _overview(vreport, patients, scan), vreport)
+    _boxes_section(html, writer, patients, _boxes_per_patient(patients))
     class_table, target_table, class_by_target = (_class_table(patients), _target_table(patients),
                                                   _class_by_target(patients))
     _classes_section(html, writer, vreport, class_table, target_table, class_by_target)
@@ -571,6 +592,7 @@ def build_eda_report(data_dir: str | os.PathLike[str], out_dir: str | os.PathLik
 
     summary = _summary(vreport, patients, class_table, target_table, meta, impossible, scan, len(failures))
     summary["tables"] = sorted(writer.written)
+    writer.remove_stale(out / "summary.json")
     html.write(out / "report.html")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
@@ -652,6 +674,9 @@ def _metadata_section(html: HtmlReport, writer: _Writer, records: Sequence[Patie
                      f"Patients with age > {IMPOSSIBLE_AGE:g}")
     else:
         sec.text(f"No impossible ages (> {IMPOSSIBLE_AGE:g} years).")
+    missing = int(meta["age"].isna().sum())
+    if missing:
+        sec.note(f"**{missing}** image(s) without a readable age (tag absent or malformed).")
     writer.table(sec, "age_by_class", _age_by_class(meta), "Age (years) per class, impossible ages excluded")
     sec.figure(_age_figure(meta), "Age against class.")
     sec.heading("Sex and view position")
@@ -659,9 +684,7 @@ def _metadata_section(html: HtmlReport, writer: _Writer, records: Sequence[Patie
     writer.table(sec, "view_by_class", _field_by_class(meta, "view_position"),
                  "Patients per view position × class (AP: front-to-back, bedside; PA: back-to-front, standing)")
     sec.figure(_categorical_figure(meta), "Sex and view position against class (images whose header was read).")
-    meta_out = meta.sort_values("patient_id").reset_index(drop=True)
-    meta_out.to_csv(writer.out_dir / "dicom_metadata.csv", index=False)
-    writer.written.append("dicom_metadata.csv")
+    writer.save("dicom_metadata", meta.sort_values("patient_id").reset_index(drop=True))
     sec.text("Every header read: `dicom_metadata.csv`.")
     return impossible
 
@@ -669,7 +692,7 @@ def _metadata_section(html: HtmlReport, writer: _Writer, records: Sequence[Patie
 def _images_section(html: HtmlReport, records: Sequence[PatientRecord], rng: np.random.Generator,
                     per_class: int, opacity_grid: int) -> list[tuple[str, str]]:
     sec = html.section("Sample images", "samples")
-    present = [r for r in records if r.image_path is not None and Path(r.image_path).is_file()]
+    present = [r for r in records if _has_image(r)]
     if not present:
         sec.note("No images present: this is a labels-only run, there are no images to show.")
         return []
@@ -742,7 +765,7 @@ def _summary(vreport: ValidationReport, patients: pd.DataFrame, class_table: pd.
              unreadable: int) -> dict[str, Any]:
     valid_age = meta.loc[meta["age"] <= IMPOSSIBLE_AGE, "age"]
     age = {"min": None, "median": None, "max": None, "impossible": int(len(impossible)),
-           "impossible_threshold": IMPOSSIBLE_AGE}
+           "impossible_threshold": IMPOSSIBLE_AGE, "missing": int(meta["age"].isna().sum())}
     if len(valid_age):
         age.update(min=float(valid_age.min()), median=float(valid_age.median()), max=float(valid_age.max()))
     return {
