@@ -18,6 +18,7 @@ from pneumodet.data.cache import (
     ARRAY_NAME,
     INDEX_NAME,
     LOCK_NAME,
+    MIN_POOL_TASKS,
     ImageCache,
     build_cache,
     default_cache_dir,
@@ -112,12 +113,19 @@ def test_cache_pickles_as_its_index_not_its_pixels(synth_records, tmp_path):
         np.testing.assert_array_equal(copy.image(pid), cache.image(pid))
 
 
-def test_parallel_build_equals_a_fresh_decode(real_sample, tmp_path):
+def test_parallel_build_equals_a_fresh_decode(real_sample, tmp_path, monkeypatch):
     """Two worker processes on the 16 real JPEG DICOMs write the same rows a fresh decode gives."""
+    # Decoding in this process would fail: the rows must come from the worker processes.
+    def refuse(path):
+        raise RuntimeError("decoded in the main process")
+
+    monkeypatch.setattr(pneumodet.data.dicom, "read_dicom", refuse)
     files = sorted((real_sample / "stage_2_train_images").glob("*.dcm"))
-    records = [PatientRecord(p.stem, "Normal", 0, (), p) for p in files]
+    # Each file under two ids: enough images for the build to start its worker pool.
+    records = [PatientRecord(f"{p.stem}-{copy}", "Normal", 0, (), p) for copy in (0, 1) for p in files]
+    assert len(records) >= MIN_POOL_TASKS
     report = build_cache(records, tmp_path / "cache", size=128, workers=2, progress=False)
-    assert report.cached == 16 and not report.failed, report.summary()
+    assert report.cached == 32 and not report.failed, report.summary()
     assert_cache_holds(tmp_path / "cache", records, size=128)
     assert ImageCache.open(tmp_path / "cache").original_size(records[0].patient_id) == (1024, 1024)
 

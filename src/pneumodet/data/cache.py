@@ -37,6 +37,8 @@ from pneumodet.errors import CacheError
 ARRAY_NAME = "images.npy"
 INDEX_NAME = "index.json"
 LOCK_NAME = ".lock"
+#: Fewer images than this are decoded in-process: starting worker processes costs about as much.
+MIN_POOL_TASKS = 32
 _FORMAT = "pneumodet-image-cache"
 _VERSION = 1
 _OK, _FAILED, _PENDING = "ok", "failed", "pending"
@@ -257,7 +259,7 @@ def _usable_cores() -> int:
 
 
 def _run_tasks(tasks: Sequence[_Task], workers: int) -> Iterator[_Result]:
-    if workers <= 1 or len(tasks) <= 1:
+    if workers <= 1 or len(tasks) < MIN_POOL_TASKS:
         yield from map(_decode_row, tasks)
         return
     # forkserver: workers do not inherit the parent's threads (torch, tqdm) or its open memmaps.
