@@ -429,8 +429,9 @@ def _lungs(canvas: _Canvas, a: _Anatomy) -> tuple[np.ndarray, np.ndarray, np.nda
         medial = np.clip((side * (canvas.u - a.cx) - 0.05 * a.scale) / 0.012, 0, 1)
         diaphragm = np.clip((_dome(canvas, a, side) - canvas.v) / 0.015, 0, 1)
         lungs = np.maximum(lungs, lung * medial * diaphragm)
-    heart = canvas.superellipse(a.cx + 0.06 * a.scale * a.heart, a.cy + 0.5 * a.lung_h,
-                                0.15 * a.scale * a.heart, 0.15 * a.scale * a.heart, power=2.4, edge=0.15)
+    # the heart sits mostly on the patient's left (image right), its base on the diaphragm
+    heart = canvas.superellipse(a.cx + 0.04 * a.scale * a.heart, a.cy + 0.6 * a.lung_h,
+                                0.16 * a.scale * a.heart, 0.16 * a.scale * a.heart, power=2.6, edge=0.15)
     lung_field = (lungs > 0.5) & (heart < 0.4)
     return lungs, lung_field, heart
 
