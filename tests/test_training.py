@@ -149,7 +149,7 @@ def test_sigkill_mid_epoch_then_resume_finishes_with_same_step_count(
                 step = torch.load(last, weights_only=True)["global_step"]
             except Exception:  # noqa: BLE001 - the file is replaced atomically; a read may race the rename
                 step = 0
-            if 0 < step and step % steps_per_epoch != 0:  # a mid-epoch checkpoint exists
+            if step > 0 and step % steps_per_epoch != 0:  # a mid-epoch checkpoint exists
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 killed_at = step

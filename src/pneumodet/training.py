@@ -239,7 +239,7 @@ class _WarmupCosine:
 def _versions() -> dict[str, str]:
     import pneumodet
 
-    return {"pneumodet": pneumodet.__version__, "torch": torch.__version__, "lightning": L.__version__}
+    return {"pneumodet": pneumodet.__version__, "torch": str(torch.__version__), "lightning": str(L.__version__)}
 
 
 def _rng_state() -> dict[str, Any]:
