@@ -338,23 +338,29 @@ def _categorical_figure(meta: pd.DataFrame) -> Figure:
     return fig
 
 
+def _axis_end(size: int, values: pd.DataFrame) -> float:
+    """The frame side, or further when labels reach beyond it (boxes are never clipped in the plots)."""
+    return max(float(size), float(np.nanmax(values.to_numpy(dtype=float), initial=0.0)))
+
+
 def _centre_density_figure(boxes: pd.DataFrame, size: int) -> Figure:
     fig = _fig(7.6, 7)  # proportions that keep the frame close to square (an equal aspect would
     grid = fig.add_gridspec(2, 2, width_ratios=(4, 1), height_ratios=(1, 4))  # misalign the marginals)
     ax = fig.add_subplot(grid[1, 0])
     top = fig.add_subplot(grid[0, 0], sharex=ax)
     side = fig.add_subplot(grid[1, 1], sharey=ax)
+    hi = _axis_end(size, boxes[["cx", "cy"]])
     if len(boxes) >= _HEXBIN_MIN_BOXES:
-        hb = ax.hexbin(boxes["cx"], boxes["cy"], gridsize=40, extent=(0, size, 0, size), cmap="magma_r",
+        hb = ax.hexbin(boxes["cx"], boxes["cy"], gridsize=40, extent=(0, hi, 0, hi), cmap="magma_r",
                        mincnt=1)
         fig.colorbar(hb, ax=side, label="boxes per hexagon", location="right")
     else:  # a density of a handful of points is noise: show the points
         ax.scatter(boxes["cx"], boxes["cy"], s=28, color="#d1495b", alpha=0.8, edgecolors="white")
-    ax.set_xlim(0, size)
-    ax.set_ylim(size, 0)  # image coordinates: y grows downwards
+    ax.set_xlim(0, hi)
+    ax.set_ylim(hi, 0)  # image coordinates: y grows downwards
     ax.set_xlabel("box centre x (px)")
     ax.set_ylabel("box centre y (px)")
-    bins = np.linspace(0, size, 65)
+    bins = np.linspace(0, hi, 65)
     top.hist(boxes["cx"], bins=bins, color="#555")
     top.set_ylabel("boxes")
     top.tick_params(labelbottom=False)
@@ -398,9 +404,10 @@ def _geometry_figure(boxes: pd.DataFrame, size: int, by: str | None = None) -> F
     """Densities of x, y, width and height; one curve per value of ``by`` (normalised) if given."""
     fig = _fig(10, 5.6)
     axes = fig.subplots(2, 2).ravel()
-    bins = np.linspace(0, size, 52)
     quantities = (("x", "box left edge x (px)"), ("y", "box top edge y (px)"),
                   ("width", "box width (px)"), ("height", "box height (px)"))
+    hi = _axis_end(size, boxes[[col for col, _ in quantities]])
+    bins = np.linspace(0, hi, 52)
     for ax, (col, label) in zip(axes, quantities, strict=True):
         if by is None:
             ax.hist(boxes[col], bins=bins, color="#3066be")
@@ -413,7 +420,7 @@ def _geometry_figure(boxes: pd.DataFrame, size: int, by: str | None = None) -> F
             ax.set_ylabel("density (1/px)")
             ax.legend(frameon=False, fontsize=8)
         ax.set_xlabel(label)
-        ax.set_xlim(0, size)
+        ax.set_xlim(0, hi)
     fig.suptitle("Box position and size" + (f" by {by.replace('_', ' ')}" if by else ""))
     return fig
 
