@@ -163,8 +163,9 @@ def write_run_report(run_dir: Path, *, samples: int = 8) -> Path:
                         f"recipe {cfg.recipe}")
     overview = report.section("Overview", "overview")
     overview.text(f"Best validation RSNA mAP: **{info.best_map:.4f}**.")
-    overview.table(pd.DataFrame([{k: v for k, v in cfg.to_dict().items() if k != "model"}]).T.reset_index()
-                   .rename(columns={"index": "setting", 0: "value"}), "Run configuration (config.yaml)")
+    settings = pd.DataFrame([(k, "–" if v is None else str(v)) for k, v in cfg.to_dict().items()],
+                            columns=["setting", "value"])
+    overview.table(settings, "Run configuration (config.yaml)")
     losses = report.section("Loss curves", "losses")
     losses.figure(_loss_figure(info.metrics, "train (solid) and validation (dashed) losses per epoch"))
     maps = report.section("Validation mAP", "map")
