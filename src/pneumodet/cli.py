@@ -256,7 +256,6 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 def _run_train(args: argparse.Namespace) -> None:
     from pneumodet.errors import ConfigError
-    from pneumodet.reports.runs import write_run_report
     from pneumodet.training import train
 
     if args.resume and (args.out / "config.yaml").exists():
@@ -269,8 +268,8 @@ def _run_train(args: argparse.Namespace) -> None:
             raise ConfigError("--data and --split are required (or --config with data_dir and split_dir)")
     result = train(config, resume=args.resume)
     print(result.summary())
-    if result.run_dir.joinpath("best_model.pt").exists():
-        print(f"report: {write_run_report(result.run_dir)}")
+    if (result.run_dir / "report.html").exists():
+        print(f"report: {result.run_dir / 'report.html'}")
 
 
 # ---------------------------------------------------------------- grid / compare / evaluate

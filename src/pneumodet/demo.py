@@ -29,7 +29,6 @@ def run_demo(out: Path, *, patients: int = 300, seed: int = 0, epochs: int | Non
     from pneumodet.inference import predict, write_prediction_submission
     from pneumodet.metrics import rsna_map
     from pneumodet.reports.eda import build_eda_report
-    from pneumodet.reports.runs import write_run_report
     from pneumodet.submission import read_ground_truth
     from pneumodet.training import train
 
@@ -70,7 +69,7 @@ def run_demo(out: Path, *, patients: int = 300, seed: int = 0, epochs: int | Non
     scored = rsna_map({r.patient_id: ground_truth[r.patient_id] for r in test_records},
                       prediction.submission_boxes())
     step("reports")
-    run_report = write_run_report(run_dir)
+    run_report = run_dir / "report.html"
     summary = {
         "test_rsna_map": metrics["rsna_map"], "threshold_from_validation": metrics["threshold"],
         "submission_rsna_map": scored.score, "global_class_accuracy": metrics["global_class"]["accuracy"],

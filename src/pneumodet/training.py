@@ -481,15 +481,17 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     result = TrainResult(run_dir=run_dir, best_map=float(best.get("val_map", keeper.best_map)),
                          threshold=float(best.get("threshold", float("nan"))), epochs=trainer.current_epoch,
                          steps=trainer.global_step, seconds=time.perf_counter() - started, resumed=resumed)
+    if trainer.world_size > 1:
+        _write_json(run_dir / f"rank{trainer.global_rank}.json", _rank_fingerprint(module, result))
     if trainer.is_global_zero:
+        if (run_dir / "best_model.pt").exists():
+            from pneumodet.reports.runs import write_run_report
+
+            write_run_report(run_dir)
         _write_json(run_dir / "done.json", {
             "best_val_map": result.best_map, "threshold": result.threshold, "epochs": result.epochs,
             "steps": result.steps, "seconds": result.seconds, "precision": resolve_precision(config),
             "versions": _versions()})
-        if trainer.world_size > 1:
-            _write_json(run_dir / f"rank{trainer.global_rank}.json", _rank_fingerprint(module, result))
-    elif trainer.world_size > 1:
-        _write_json(run_dir / f"rank{trainer.global_rank}.json", _rank_fingerprint(module, result))
     return result
 
 
