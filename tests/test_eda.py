@@ -287,11 +287,15 @@ def test_cli_eda_exits_0_and_writes_the_report(small_dataset, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == sorted(["report.html", "summary.json", *summary["tables"]])
 
 
-def test_cli_eda_reports_a_missing_folder_in_one_line(tmp_path, capsys):
+def test_cli_eda_reports_bad_input_in_one_line(small_dataset, tmp_path, capsys):
     missing = tmp_path / "nowhere"
     assert _cli(["eda", str(missing), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pneumodet eda: error:") and str(missing) in err and "\n" not in err
+    assert not (tmp_path / "out").exists()  # unreadable labels: nothing written
+    assert _cli(["eda", str(small_dataset), "--out", str(tmp_path / "out"), "--max-images", "-3"]) == 2
+    assert capsys.readouterr().err.strip() == "pneumodet eda: error: max_images must be >= 0, got -3"
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 # ---------------------------------------------------------------- the real sample

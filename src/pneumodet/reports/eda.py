@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from pneumodet.data.records import CLASS_NAMES, RSNA_IMAGE_SIZE, PatientRecord
 from pneumodet.data.rsna import PROBLEM_KINDS, Problem, ValidationReport, load_rsna
-from pneumodet.errors import DicomReadError
+from pneumodet.errors import ConfigError, DicomReadError
 from pneumodet.reports.html import HtmlReport, Section
 
 __all__ = [
@@ -569,10 +569,15 @@ def build_eda_report(data_dir: str | os.PathLike[str], out_dir: str | os.PathLik
 
     Raises:
         LabelsError: the labels cannot be read (or, under ``strict``, have any problem).
+        ConfigError: a count argument is negative.
     """
+    for name, value in (("max_images", max_images), ("samples_per_class", samples_per_class),
+                        ("opacity_grid", opacity_grid), ("workers", workers)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value}")
+    data = load_rsna(data_dir, labels=labels, classes=classes, images=images, strict=strict)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_rsna(data_dir, labels=labels, classes=classes, images=images, strict=strict)
     records, vreport = data.records, data.report
     patients = patient_frame(records)
     boxes = box_frame(records)
