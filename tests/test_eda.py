@@ -296,6 +296,10 @@ def test_cli_eda_reports_bad_input_in_one_line(small_dataset, tmp_path, capsys):
     assert _cli(["eda", str(small_dataset), "--out", str(tmp_path / "out"), "--max-images", "-3"]) == 2
     assert capsys.readouterr().err.strip() == "pneumodet eda: error: max_images must be >= 0, got -3"
     assert not (tmp_path / "out").exists()  # refused before anything is written
+    (tmp_path / "a-file").write_text("not a folder")
+    assert _cli(["eda", str(small_dataset), "--out", str(tmp_path / "a-file")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pneumodet eda: error: {tmp_path / 'a-file'}: cannot create the report folder")
 
 
 # ---------------------------------------------------------------- the real sample

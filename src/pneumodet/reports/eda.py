@@ -569,7 +569,7 @@ def build_eda_report(data_dir: str | os.PathLike[str], out_dir: str | os.PathLik
 
     Raises:
         LabelsError: the labels cannot be read (or, under ``strict``, have any problem).
-        ConfigError: a count argument is negative.
+        ConfigError: a count argument is negative, or ``out_dir`` cannot be created.
     """
     for name, value in (("max_images", max_images), ("samples_per_class", samples_per_class),
                         ("opacity_grid", opacity_grid), ("workers", workers)):
@@ -577,7 +577,10 @@ def build_eda_report(data_dir: str | os.PathLike[str], out_dir: str | os.PathLik
             raise ConfigError(f"{name} must be >= 0, got {value}")
     data = load_rsna(data_dir, labels=labels, classes=classes, images=images, strict=strict)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{out}: cannot create the report folder: {exc.strerror or exc}") from exc
     records, vreport = data.records, data.report
     patients = patient_frame(records)
     boxes = box_frame(records)
