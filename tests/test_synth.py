@@ -267,3 +267,53 @@ def test_cli_synth_and_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "patients must be >= 1" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="size"):
         make_synthetic_dataset(tmp_path / "tiny", patients=2, size=16)
+
+
+@pytest.mark.slow
+def test_a_tiny_cnn_learns_to_find_the_opacities() -> None:
+    """Learnable: a 4-layer CNN trained for 300 steps (~15 s of one core) on 240 films at 96 px locates
+    opacities on 100 unseen films (box-mask heat map; patient score = its maximum)."""
+    import torch
+    from torch import nn
+
+    size = 96
+
+    def films(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        x = np.zeros((n, 1, size, size), np.float32)
+        y = np.zeros((n, 1, size, size), np.float32)
+        for i, spec in enumerate(sample_patients(n, seed=seed)):
+            chest = render_chest(spec, size)
+            x[i, 0] = chest.image / 255.0
+            for x0, y0, x1, y1 in chest.boxes.astype(int):
+                y[i, 0, y0:y1 + 1, x0:x1 + 1] = 1.0
+        return torch.from_numpy(x), nn.functional.avg_pool2d(torch.from_numpy(y), 4), y.max(axis=(1, 2, 3))
+
+    x_train, y_train, _ = films(240, seed=1)
+    x_test, y_test, positive = films(100, seed=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        net = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 32, 3, padding=2, dilation=2), nn.ReLU(), nn.Conv2d(32, 1, 1))
+        opt = torch.optim.Adam(net.parameters(), 3e-3)
+        for _ in range(300):
+            idx = torch.randint(0, len(x_train), (16,), generator=gen)
+            loss = nn.functional.binary_cross_entropy_with_logits(net(x_train[idx]), y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            heat = torch.sigmoid(net(x_test))
+    finally:
+        torch.set_num_threads(threads)
+    score = heat.amax(dim=(1, 2, 3)).numpy()
+    pos, neg = score[positive == 1], score[positive == 0]
+    auc = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    truth, found = y_test > 0.5, heat > 0.5
+    iou = float((truth & found).sum() / (truth | found).sum())
+    assert auc > 0.85, f"patient-level AUC {auc:.3f}"
+    assert iou > 0.25, f"pixel IoU {iou:.3f}"
