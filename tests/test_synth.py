@@ -259,6 +259,32 @@ def test_summary_counts_what_was_written(tmp_path: Path) -> None:
     assert "12 patients" in text and f"{summary.boxes} boxes" in text and str(tmp_path) in text
 
 
+def test_existing_dataset_is_refused_unless_overwritten(tmp_path: Path) -> None:
+    make_synthetic_dataset(tmp_path, patients=6, size=96, seed=1)
+    before = (tmp_path / LABELS_FILE).read_bytes()
+    with pytest.raises(ConfigError, match="already holds a dataset"):
+        make_synthetic_dataset(tmp_path, patients=4, size=96, seed=2)
+    assert (tmp_path / LABELS_FILE).read_bytes() == before  # nothing touched
+    summary = make_synthetic_dataset(tmp_path, patients=4, size=96, seed=2, overwrite=True)
+    ids = {r["patientId"] for r in read_rows(tmp_path / LABELS_FILE)}
+    assert {p.stem for p in (tmp_path / IMAGES_DIR).glob("*.dcm")} == ids and summary.files == 4
+
+
+def test_interrupted_run_with_the_same_seed_resumes(tmp_path: Path) -> None:
+    make_synthetic_dataset(tmp_path, patients=5, size=96, seed=3)
+    (tmp_path / LABELS_FILE).unlink()
+    (tmp_path / CLASSES_FILE).unlink()
+    next((tmp_path / IMAGES_DIR).glob("*.dcm")).unlink()
+    assert make_synthetic_dataset(tmp_path, patients=5, size=96, seed=3).files == 5
+    assert len(list((tmp_path / IMAGES_DIR).glob("*.dcm"))) == 5
+
+
+def test_patient_ids_are_version_4_uuids() -> None:
+    uuid_re = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+    ids = [s.patient_id for s in sample_patients(200, seed=0)]
+    assert all(uuid_re.match(i) for i in ids) and len(set(ids)) == 200
+
+
 def test_cli_synth_and_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["synth", str(tmp_path / "ds"), "--patients", "5", "--size", "96", "--seed", "2"]) == 0
     assert "5 patients" in capsys.readouterr().out

@@ -40,12 +40,14 @@ def _add_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patients", type=int, default=200, help="number of patients (default 200)")
     p.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024, as RSNA)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT_DIR")
 
 
 def _run_synth(args: argparse.Namespace) -> None:
     from pneumodet.data.synth import make_synthetic_dataset
 
-    summary = make_synthetic_dataset(args.out_dir, patients=args.patients, size=args.size, seed=args.seed)
+    summary = make_synthetic_dataset(args.out_dir, patients=args.patients, size=args.size, seed=args.seed,
+                                     overwrite=args.overwrite, progress=sys.stderr.isatty())
     print(summary)
 
 

@@ -142,18 +142,22 @@ class SynthSummary:
 
 # ---------------------------------------------------------------------------------------------- dataset
 def make_synthetic_dataset(out_dir: Path, *, patients: int, size: int = 1024, seed: int = 0,
-                           progress: bool = False) -> SynthSummary:
+                           progress: bool = False, overwrite: bool = False) -> SynthSummary:
     """Write a synthetic dataset in the Kaggle layout; returns what was written.
 
     Args:
-        out_dir: created if needed; existing files of the same names are overwritten.
+        out_dir: created if needed. A folder that already holds a dataset (a labels CSV, or DICOMs of
+            other patients) is refused unless ``overwrite``; DICOMs of this very dataset (an interrupted
+            run with the same seed) are simply rewritten.
         patients: number of patients (one image each).
         size: image side in pixels; boxes are in this image's pixels.
         seed: same seed, same CSVs byte for byte and the same pixels.
         progress: show a progress bar.
+        overwrite: replace an existing dataset in ``out_dir`` (its CSVs and all its DICOMs).
 
     Raises:
-        ConfigError: ``patients < 1`` or ``size`` below :data:`MIN_SIZE`.
+        ConfigError: ``patients < 1``, ``size`` below :data:`MIN_SIZE`, or ``out_dir`` holds another
+            dataset and ``overwrite`` is false.
     """
     if patients < 1:
         raise ConfigError(f"synth: patients must be >= 1, got {patients}")
@@ -161,9 +165,9 @@ def make_synthetic_dataset(out_dir: Path, *, patients: int, size: int = 1024, se
         raise ConfigError(f"synth: size must be >= {MIN_SIZE} pixels, got {size}")
     out_dir = Path(out_dir)
     images_dir = out_dir / IMAGES_DIR
-    images_dir.mkdir(parents=True, exist_ok=True)
-
     specs = sample_patients(patients, seed=seed)
+    _clear_or_refuse(out_dir, {f"{s.patient_id}.dcm" for s in specs}, overwrite=overwrite)
+    images_dir.mkdir(parents=True, exist_ok=True)
     label_rows: list[tuple] = []
     class_rows: list[tuple[str, str]] = []
     n_boxes = 0
@@ -186,6 +190,18 @@ def make_synthetic_dataset(out_dir: Path, *, patients: int, size: int = 1024, se
     )
 
 
+def _clear_or_refuse(out_dir: Path, own_files: set[str], *, overwrite: bool) -> None:
+    labels = out_dir / LABELS_FILE
+    foreign = [p for p in (out_dir / IMAGES_DIR).glob("*.dcm") if p.name not in own_files]
+    if not overwrite and (labels.exists() or foreign):
+        found = f"{labels.name}" if labels.exists() else f"{len(foreign)} DICOMs of other patients"
+        raise ConfigError(f"synth: {out_dir} already holds a dataset ({found}); "
+                          "choose an empty folder or overwrite it")
+    if overwrite:
+        for path in foreign:
+            path.unlink()
+
+
 def sample_patients(patients: int, *, seed: int = 0) -> list[PatientSpec]:
     """Patient identities and classes; class counts are the real shares rounded (largest remainder)."""
     rng = np.random.default_rng(seed)
@@ -196,8 +212,9 @@ def sample_patients(patients: int, *, seed: int = 0) -> list[PatientSpec]:
     specs = []
     for label_class in classes:
         words = rng.integers(0, 2**32, size=4, dtype=np.uint64)
-        hexid = "".join(f"{int(w):08x}" for w in words)
-        patient_id = f"{hexid[:8]}-{hexid[8:12]}-{hexid[12:16]}-{hexid[16:20]}-{hexid[20:32]}"
+        h = "".join(f"{int(w):08x}" for w in words)
+        variant = "89ab"[int(h[16], 16) % 4]  # a version-4 UUID, as RSNA's ids are
+        patient_id = f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}"
         view = "AP" if rng.random() < AP_SHARE[label_class] else "PA"
         sex = "M" if rng.random() < MALE_SHARE else "F"
         age = int(np.clip(round(rng.normal(*AGE_MEAN_SD)), 1, 92))
