@@ -29,3 +29,12 @@ def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth_dataset")
     make_synthetic_dataset(out, patients=40, size=256, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def real_eda_report(real_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """``pneumodet eda`` of the real sample (seed 0), built once per session: (folder, summary)."""
+    from pneumodet.reports.eda import build_eda_report
+
+    out = tmp_path_factory.mktemp("eda_real")
+    return out, build_eda_report(real_sample, out, seed=0)

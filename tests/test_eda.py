@@ -321,12 +321,9 @@ def _expected_from_csv(real_sample: Path) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def real_eda(real_sample, tmp_path_factory) -> tuple[Path, dict]:
-    from pneumodet.reports.eda import build_eda_report
-
-    out = tmp_path_factory.mktemp("eda_real")
-    return out, build_eda_report(real_sample, out, seed=0)
+@pytest.fixture()
+def real_eda(real_eda_report) -> tuple[Path, dict]:
+    return real_eda_report  # built once per session (tests/conftest.py), shared with the browser test
 
 
 def test_real_sample_summary_numbers(real_eda, real_sample):

@@ -46,13 +46,9 @@ def driver():
     browser.quit()
 
 
-@pytest.fixture(scope="module")
-def real_report(real_sample, tmp_path_factory) -> Path:
-    from pneumodet.reports.eda import build_eda_report
-
-    out = tmp_path_factory.mktemp("eda_browser")
-    build_eda_report(real_sample, out, seed=0)
-    return out / "report.html"
+@pytest.fixture()
+def real_report(real_eda_report) -> Path:
+    return real_eda_report[0] / "report.html"
 
 
 def _screenshot(browser, element=None) -> bytes:
