@@ -1,0 +1,198 @@
+"""Model speed: pneumodet's RetinaNet vs torchvision's retinanet_resnet50_fpn, same input, same run.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_model.py [--size 512] [--batch 8]
+        [--infer-batch 1 16] [--repeats 5] [--precision fp32 bf16]
+
+Both models: ResNet-50 + FPN RetinaNet, random init, the same square input. Training = forward,
+loss, backward and an SGD step; inference = forward + decoding + NMS. "bf16" = CPU/CUDA autocast
+bf16 with channels_last weights and inputs. Times are medians after one warm-up step; the ratio is
+torchvision's time / pneumodet's time (higher = pneumodet faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.detection import retinanet_resnet50_fpn
+
+from pneumodet.model import ModelConfig, build_model
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+class Peer:
+    """One model under test, with a train step and an inference step on the same kind of data."""
+
+    def __init__(self, name: str, model: torch.nn.Module, size: int, device: torch.device) -> None:
+        self.name, self.model, self.size, self.device = name, model.to(device), size, device
+
+    def images(self, batch: int, channels_last: bool) -> torch.Tensor:
+        x = torch.rand(batch, 1, self.size, self.size, device=self.device)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    def boxes(self, batch: int) -> torch.Tensor:
+        """One lung-sized box per image, in input pixels: Tensor[B, 1, 4]."""
+        s = self.size
+        return torch.tensor([[0.2 * s, 0.25 * s, 0.45 * s, 0.7 * s]], device=self.device).expand(batch, 1, 4)
+
+
+class PneumodetPeer(Peer):
+    def train_step(self, images: torch.Tensor, boxes: torch.Tensor, optimizer) -> None:
+        outputs = self.model(images)
+        losses = self.model.loss(outputs, boxes, torch.ones(len(images), dtype=torch.long, device=self.device))
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+
+    def infer(self, images: torch.Tensor) -> None:
+        self.model.detect(self.model(images))
+
+    def forward_only(self, images: torch.Tensor) -> None:
+        self.model(images)
+
+
+class TorchvisionPeer(Peer):
+    """torchvision takes a list of 3-channel images; the 1-channel batch is expanded (a view)."""
+
+    def _list(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return list(images.expand(-1, 3, -1, -1))
+
+    def train_step(self, images: torch.Tensor, boxes: torch.Tensor, optimizer) -> None:
+        targets = [{"boxes": b, "labels": torch.ones(len(b), dtype=torch.long, device=self.device)} for b in boxes]
+        losses = self.model(self._list(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    def infer(self, images: torch.Tensor) -> None:
+        self.model(self._list(images))
+
+    def forward_only(self, images: torch.Tensor) -> None:
+        self.infer(images)
+
+
+def timed(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_rate(peer: Peer, batch: int, precision: str, repeats: int) -> float:
+    cl = precision == "bf16"
+    peer.model.train().to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    optimizer = torch.optim.SGD(peer.model.parameters(), lr=1e-4, momentum=0.9)
+    images, boxes = peer.images(batch, cl), peer.boxes(batch)
+
+    def step() -> None:
+        with autocast(peer.device, precision):
+            peer.train_step(images, boxes, optimizer)
+
+    return batch / timed(step, repeats, peer.device)
+
+
+def infer_rate(peer: Peer, batch: int, precision: str, repeats: int) -> float:
+    cl = precision == "bf16"
+    peer.model.eval().to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    images = peer.images(batch, cl)
+
+    def step() -> None:
+        with torch.inference_mode(), autocast(peer.device, precision):
+            peer.infer(images)
+
+    return batch / timed(step, repeats, peer.device)
+
+
+def gflops_per_image(peer: Peer) -> float:
+    peer.model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        peer.forward_only(peer.images(1, False))
+    return counter.get_total_flops() / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512, help="input side in pixels (default 512)")
+    parser.add_argument("--batch", type=int, default=8, help="training batch (default 8)")
+    parser.add_argument("--infer-batch", type=int, nargs="+", default=[1, 16], help="inference batches (1 16)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats after warm-up (default 5)")
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip-train", action="store_true", help="inference only")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    print(f"device: {where}; torch {torch.__version__}, torchvision {torchvision.__version__}, "
+          f"threads {torch.get_num_threads()}, cores {os.cpu_count()}, "
+          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"input {args.size}x{args.size}, train batch {args.batch}, inference batches {args.infer_batch}, "
+          f"median of {args.repeats} after 1 warm-up\n")
+
+    ours = PneumodetPeer("pneumodet", build_model(ModelConfig(encoder="resnet50", image_size=args.size)),
+                         args.size, device)
+    tv = TorchvisionPeer("torchvision", retinanet_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=2, min_size=args.size, max_size=args.size),
+        args.size, device)
+
+    f_ours, f_tv = gflops_per_image(ours), gflops_per_image(tv)
+    print(f"forward GFLOP/image: pneumodet {f_ours:.1f}, torchvision {f_tv:.1f}, ratio {f_tv / f_ours:.2f}x")
+    a_ours = ours.model.anchor_generator(args.size, args.size, device)[0].shape[0]
+    print(f"anchors/image: pneumodet {a_ours:,}; torchvision "
+          f"{sum(a.shape[0] for a in tv.model.anchor_generator(_image_list(args.size, device), _features(tv, args.size, device))):,}\n")
+
+    print(f"{'measure':<34}{'pneumodet':>12}{'torchvision':>13}{'ratio':>8}")
+    for precision in args.precision:
+        jobs = [] if args.skip_train else [(f"train img/s  b{args.batch} {precision}", train_rate, args.batch)]
+        jobs += [(f"infer img/s  b{b} {precision}", infer_rate, b) for b in args.infer_batch]
+        for label, fn, batch in jobs:
+            r_ours = fn(ours, batch, precision, args.repeats)
+            r_tv = fn(tv, batch, precision, args.repeats)
+            print(f"{label:<34}{r_ours:>12.2f}{r_tv:>13.2f}{r_ours / r_tv:>7.2f}x", flush=True)
+    print(f"\nload average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
+def _image_list(size: int, device: torch.device):
+    from torchvision.models.detection.image_list import ImageList
+
+    return ImageList(torch.zeros(1, 3, size, size, device=device), [(size, size)])
+
+
+def _features(peer: Peer, size: int, device: torch.device) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return list(peer.model.backbone(torch.zeros(1, 3, size, size, device=device)).values())
+
+
+if __name__ == "__main__":
+    main()
