@@ -391,6 +391,10 @@ def test_real_sample_report_has_every_section(real_eda):
     assert "No images present" not in html
     assert "Dataset.file_meta" in html and "(0010,1010) Patient&#x27;s Age" in html  # the full header
     assert "10 of 9,555 boxes, from 5 patients" in html  # the view split covers images present only
+    positive = summary["patients_per_target"]["1"]
+    several = positive - summary["boxes_per_patient"]["1"]
+    assert (f"<strong>{100 * positive / summary['patients']:.1f} %</strong> of patients have Target 1, with "
+            f"{summary['boxes'] / positive:.2f} boxes each on average; {100 * several / positive:.1f} %") in html
     images = _embedded_images(html)
     thumbs = [im for im in images if im.shape[:2] == (360, 360)]
     assert len(thumbs) == 4 + 4 + 4 + 5  # per-class samples (4 each) and the 5 Lung Opacity images

@@ -590,7 +590,7 @@ def build_eda_report(data_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     writer = _Writer(out)
 
     html = HtmlReport("pneumodet — data exploration", subtitle=str(Path(data_dir)))
-    _overview_section(html, writer, _overview(vreport, patients, scan), vreport)
+    _overview_section(html, writer, _overview(vreport, patients, scan), vreport, _key_facts(patients, boxes))
     _boxes_section(html, writer, patients, _boxes_per_patient(patients))
     class_table, target_table, class_by_target = (_class_table(patients), _target_table(patients),
                                                   _class_by_target(patients))
@@ -613,9 +613,30 @@ def build_eda_report(data_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     return summary
 
 
+def _key_facts(patients: pd.DataFrame, boxes: pd.DataFrame) -> list[str]:
+    """A few sentences computed from the labels, for the reader who stops after the first screen."""
+    if patients.empty:
+        return []
+    shares = patients["class"].value_counts(normalize=True)
+    positive = patients[patients["target"] == 1]
+    facts = [f"Largest class: **{shares.idxmax()}** ({100 * shares.max():.1f} % of patients); "
+             f"smallest: **{shares.idxmin()}** ({100 * shares.min():.1f} %)."]
+    if len(positive):
+        several = (positive["boxes"] > 1).mean()
+        facts.append(f"**{100 * len(positive) / len(patients):.1f} %** of patients have Target 1, with "
+                     f"{positive['boxes'].mean():.2f} boxes each on average; {100 * several:.1f} % of them "
+                     "have two or more boxes.")
+    if len(boxes):
+        facts.append(f"Median box: {boxes['width'].median():.0f} × {boxes['height'].median():.0f} px "
+                     f"(width × height), aspect ratio w/h {boxes['aspect'].median():.2f}.")
+    return facts
+
+
 def _overview_section(html: HtmlReport, writer: _Writer, overview: pd.DataFrame,
-                      vreport: ValidationReport) -> None:
+                      vreport: ValidationReport, facts: list[str]) -> None:
     sec = html.section("Overview", "overview")
+    if facts:
+        sec.text("\n".join(f"- {fact}" for fact in facts))
     sec.text("A **label row** is one line of the labels CSV: a Lung Opacity patient has one row per box, "
              "every other patient one row without coordinates. A **patient** is one image.")
     writer.table(sec, "overview", overview, "Dataset at a glance")
