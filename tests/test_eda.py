@@ -407,12 +407,22 @@ def test_labels_only_run_says_there_are_no_images(real_sample, tmp_path):
 
     data = tmp_path / "labels-only"
     data.mkdir()
-    for name in ("stage_2_train_labels.csv", "stage_2_detailed_class_info.csv"):
+    bad_rows = {"stage_2_train_labels.csv": "bad-patient,12,abc,100,100,1",  # y not a number: line 402
+                "stage_2_detailed_class_info.csv": "bad-patient,Lung Opacity"}
+    for name, bad in bad_rows.items():
         lines = (real_sample / name).read_text().splitlines()[:401]  # header + 400 rows, same order
-        (data / name).write_text("\n".join(lines) + "\n")
+        (data / name).write_text("\n".join([*lines, bad]) + "\n")
     out = tmp_path / "eda"
     summary = build_eda_report(data, out)
-    assert summary["label_rows"] == 400 and summary["images_found"] == 0
+    assert summary["label_rows"] == 401 and summary["images_found"] == 0
+    # the bad row is reported with its file and line, its patient dropped, the rest kept
+    assert summary["label_problems"] == 1
+    problems = pd.read_csv(out / "label_problems.csv")
+    assert problems[["line", "kind", "patient_id"]].values.tolist() == [[402, "non_numeric", "bad-patient"]]
+    assert problems["file"].str.endswith("stage_2_train_labels.csv").all()
+    good = pd.read_csv(data / "stage_2_train_labels.csv").head(400)
+    assert summary["patients"] == good["patientId"].nunique()  # the bad patient dropped, no other
+    assert sum(summary["rows_per_class"].values()) == 400
     assert summary["images_missing"] == summary["patients"] > 0
     assert summary["headers_read"] == 0 and summary["view_position"] == {} and summary["sex"] == {}
     assert summary["age"]["median"] is None and summary["age"]["impossible"] == 0
@@ -422,6 +432,7 @@ def test_labels_only_run_says_there_are_no_images(real_sample, tmp_path):
     assert "No images present" in dicom and "No images present" in samples
     assert "<img" not in dicom and "<img" not in samples
     assert "No images folder: a labels-only run" in html
+    assert "Row counts cover the 400 rows of the patients kept; the labels CSV has 401 rows" in html
     boxes = html[html.index('id="box-analysis"'):]
     assert boxes.count("<img") == 3  # centres, shape, position/size; no view split without headers
     assert "0 of " in boxes and "no split by view position" in boxes
