@@ -415,3 +415,21 @@ def test_bf16_prediction_stays_close_to_fp32(tiny_run, tmp_path):
         np.testing.assert_allclose(b.class_probs, a.class_probs, atol=0.02)
         assert len(a.boxes) > 0 and len(b.boxes) > 0
         np.testing.assert_allclose(b.boxes[0, 0], a.boxes[0, 0], atol=0.02)  # the best score
+
+
+def test_predict_on_the_synthetic_dataset_gives_a_row_per_image_that_scores(tiny_run, tmp_path, synth_dataset):
+    import pandas as pd
+
+    from pneumodet.inference import predict, write_prediction_submission
+    from pneumodet.submission import read_submission, score_submission
+
+    labels = pd.read_csv(synth_dataset / "stage_2_train_labels.csv")
+    result = predict(tiny_run, [synth_dataset / "stage_2_train_images"], threshold=0.3, precision="fp32",
+                     progress=False, batch_size=16)
+    assert set(result.predictions) == set(labels["patientId"]) and not result.unreadable
+    assert all(p.original_size == (256, 256) for p in result.predictions.values())
+    sub = write_prediction_submission(result, tmp_path / "sub.csv")
+    assert len(read_submission(sub)) == labels["patientId"].nunique() == 40
+    scored = score_submission(sub, synth_dataset / "stage_2_train_labels.csv")
+    assert scored.n_images + scored.n_excluded == 40 and 0.0 <= scored.score <= 1.0
+    assert set(scored.per_image) == set(result.predictions)

@@ -44,7 +44,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -53,6 +53,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from pneumodet.data.records import CLASS_INDEX, CLASS_NAMES
 from pneumodet.errors import CheckpointError, ConfigError, DicomReadError, PneumodetError
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+    from pneumodet.model import Detections
 
 #: The checkpoint :func:`predict` takes from a training run directory.
 RUN_CHECKPOINT = "best_model.pt"
@@ -433,7 +438,7 @@ class Predictor:
         return contextlib.nullcontext()
 
     @torch.inference_mode()
-    def _detect(self, images: torch.Tensor) -> list[Any]:
+    def _detect(self, images: torch.Tensor) -> list[Detections]:
         images = images.to(self.device, memory_format=torch.channels_last)
         with self._autocast():
             outputs = self.model(images)
@@ -606,7 +611,7 @@ def safe_filename(patient_id: str) -> str:
     return name or "_"
 
 
-def draw_overlay(pixels: np.ndarray, prediction: PatientPrediction):
+def draw_overlay(pixels: np.ndarray, prediction: PatientPrediction) -> PIL.Image.Image:
     """The grey image (uint8 ``[H, W]``) as RGB with the boxes, their scores and the class probabilities.
 
     Only the patient id is written; nothing else from the DICOM header reaches the picture.
@@ -781,7 +786,7 @@ def decode_onnx_outputs(
     score_thresh: float | None = None,
     nms_thresh: float | None = None,
     max_detections: int | None = None,
-) -> list[Any]:
+) -> list[Detections]:
     """Boxes from the four ONNX outputs, by the same decoding as :meth:`PneumoRetinaNet.detect`.
 
     Args:
@@ -814,7 +819,7 @@ def decode_onnx_outputs(
     )
 
 
-def run_onnx(onnx_path: Path | str, images: np.ndarray, **decode_options: Any) -> list[Any]:
+def run_onnx(onnx_path: Path | str, images: np.ndarray, **decode_options: Any) -> list[Detections]:
     """End to end with onnxruntime: ``images`` float32 ``[B, 1, S, S]`` in ``[0, 1]`` -> detections
     (see :func:`decode_onnx_outputs`)."""
     try:
