@@ -61,6 +61,7 @@ def coverage_table(boxes: np.ndarray, size: int) -> str:
 
 def draw_figure(boxes: np.ndarray, path: Path, size: int = 512) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -75,9 +76,15 @@ def draw_figure(boxes: np.ndarray, path: Path, size: int = 512) -> None:
         left.scatter(base[:, 2] - base[:, 0], base[:, 3] - base[:, 1], s=40, marker="s", label=f"P{level} anchors")
     left.set(xlabel=f"width (px at {size})", ylabel=f"height (px at {size})", xscale="log", yscale="log",
              title="Box shapes and the default anchor shapes")
+    for axis in (left.xaxis, left.yaxis):
+        axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.set_ticks([25, 50, 100, 200, 400])
     left.legend(loc="upper left", fontsize=8)
     bins = np.linspace(0, 1, 41)
     for name, overrides in CANDIDATES.items():
+        if "256" in name:  # the same geometry as the default at 512, scaled
+            continue
         cfg = ModelConfig(image_size=size, **overrides)
         best = best_anchor_iou(torch.as_tensor(scaled), AnchorGenerator.from_config(cfg), size, size).numpy()
         right.hist(best, bins=bins, histtype="step", linewidth=1.5, label=name)

@@ -179,6 +179,8 @@ def test_loss_with_boxes_and_with_empty_batch(small_model):
     torch.testing.assert_close(losses["total"], expected)
 
     empty = small_model.loss(outputs, torch.zeros(2, 3, 4), torch.tensor([0, 2]))
+    no_rows = small_model.loss(outputs, torch.zeros(2, 0, 4), torch.tensor([0, 2]))
+    torch.testing.assert_close(no_rows["total"], empty["total"])
     assert empty["regression"] == 0 and empty["classification"] > 0
     empty["total"].backward()
     grads = [p.grad for p in small_model.cls_head.parameters()]

@@ -91,6 +91,8 @@ class RetinaNetLoss(nn.Module):
             ``total``, ``classification``, ``regression``, ``global``: scalar fp32 tensors.
         """
         boxes = boxes.to(device=anchors.device, dtype=torch.float32)
+        if boxes.shape[1] == 0:  # a batch padded to zero boxes: one padding row keeps gather valid
+            boxes = boxes.new_zeros(boxes.shape[0], 1, 4)
         matched = match_anchors(anchors, boxes, self.fg_iou, self.bg_iou)  # [B, A]
         positive = matched >= 0
         num_pos = positive.sum().clamp(min=1).float()
