@@ -230,6 +230,13 @@ def test_garbage_file_is_listed_as_failed_and_others_are_fine(synth_records, tmp
     assert "garbage-patient" not in cache and "garbage-patient" in cache.failed
     with pytest.raises(KeyError, match="garbage-patient.*failed"):
         cache.image("garbage-patient")
+    failed_row = json.loads((out / INDEX_NAME).read_text())["entries"][2]
+    assert (failed_row["patient_id"], failed_row["status"]) == ("garbage-patient", "failed")
+    assert failed_row["cause"] == cache.failed["garbage-patient"] == report.failed[0][1] != ""
+    with pytest.raises(KeyError, match="row 2 .* holds no image"):
+        cache.image(failed_row["row"])
+    with pytest.raises(KeyError, match="holds no image"):
+        cache.image(len(records) + 5)
     assert_cache_holds(out, [*synth_records[:4]])
 
     # The failure is remembered: the unchanged file is not read again, and still reported.

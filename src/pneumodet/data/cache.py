@@ -466,6 +466,7 @@ class ImageCache:
         self.size = size
         self._array = array
         self._ok = {e.patient_id: e for e in entries if e.status == _OK}
+        self._ok_rows = {e.row for e in self._ok.values()}
         self.failed: dict[str, str] = {e.patient_id: e.cause for e in entries if e.status == _FAILED}
 
     @classmethod
@@ -520,6 +521,9 @@ class ImageCache:
     def image(self, key: str | int) -> np.ndarray:
         """uint8 ``[size, size]`` image of a patient id or array row: a read-only memory-mapped view."""
         row = self.index(key) if isinstance(key, str) else int(key)
+        if row not in self._ok_rows:
+            raise KeyError(f"row {key} of the cache {self.cache_dir} holds no image (failed, unfinished or "
+                           "out of range)")
         return self._array[row]
 
     def original_size(self, patient_id: str) -> tuple[int, int]:
