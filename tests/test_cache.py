@@ -197,6 +197,17 @@ def test_truncated_array_is_detected_and_damaged_rows_rebuilt(synth_records, tmp
     assert_cache_holds(out, synth_records)
 
 
+def test_lost_array_file_is_rebuilt_even_without_checksums(synth_records, tmp_path):
+    out = tmp_path / "cache"
+    build_cache(synth_records, out, size=SIZE, workers=1, progress=False)
+    (out / ARRAY_NAME).unlink()
+    with pytest.raises(CacheError, match="missing or not a uint8"):
+        ImageCache.open(out)
+    report = build_cache(synth_records, out, size=SIZE, workers=1, progress=False, verify=False)
+    assert (report.rebuilt, report.reused) == (len(synth_records), 0)
+    assert_cache_holds(out, synth_records)
+
+
 def test_corrupted_row_fails_its_checksum_and_is_rebuilt(synth_records, tmp_path):
     out = tmp_path / "cache"
     build_cache(synth_records, out, size=SIZE, workers=1, progress=False)
