@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.pixels import get_decoder, pixel_array
+from pydicom.pixels import apply_color_lut, get_decoder, pixel_array
 
 from pneumodet.data.dicom import dicom_header_text, parse_age, read_dicom
 from pneumodet.errors import DicomReadError
@@ -169,7 +169,13 @@ def test_rgb_ybr_and_palette_become_grey() -> None:
         assert np.abs(image.astype(int) - reference.astype(int)).mean() < 3, name
     palette, meta = read_dicom(pydicom_file("OT-PAL-8-face.dcm"))
     assert meta["photometric_interpretation"] == "PALETTE COLOR"
-    assert palette.shape == (480, 640) and palette.std() > 20
+    ds = pydicom.dcmread(pydicom_file("OT-PAL-8-face.dcm"), force=True)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    rgb = apply_color_lut(ds.pixel_array, ds).astype(float)
+    if ds.RedPaletteColorLookupTableDescriptor[2] == 16:
+        rgb = rgb / 257.0  # 16-bit LUT entries
+    assert np.abs(palette - np.rint(rgb @ [0.299, 0.587, 0.114])).mean() < 2
+    assert palette.std() > 20
 
 
 def test_multiframe_keeps_first_frame_and_warns_naming_the_file() -> None:

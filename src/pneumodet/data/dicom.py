@@ -32,7 +32,7 @@ from pydicom.uid import (
 
 from pneumodet.errors import DicomReadError
 
-__all__ = ["read_dicom", "dicom_header_text", "parse_age"]
+__all__ = ["read_dicom", "dicom_header_text", "extract_metadata", "parse_age"]
 
 #: Transfer syntaxes for which Pillow is tried before the other plugins (it is the fastest for them).
 _PILLOW_FIRST = {JPEGBaseline8Bit, JPEGExtended12Bit}
@@ -145,26 +145,32 @@ def _read_dataset(path: Path, *, stop_before_pixels: bool) -> Dataset:
     if path.stat().st_size == 0:
         raise DicomReadError(path, "empty file (0 bytes)")
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        return _dcmread(path, force=False, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
-        ds = None  # no 'DICM' preamble: may still be a bare dataset, checked below
+        pass  # no 'DICM' preamble: may still be a bare dataset, checked below
+    except DicomReadError:
+        raise
     except Exception as exc:
         raise DicomReadError(path, f"unreadable DICOM ({_describe(exc)})") from exc
-    if ds is not None:
-        _raise_if_truncated(path, caught)
-        return ds
     # Old files without the 128-byte preamble are legal; anything else read this way is noise, so
     # only accept it when it carries the tags every real image object has.
     try:
-        ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels)
+        ds = _dcmread(path, force=True, stop_before_pixels=stop_before_pixels)
         looks_real = "SOPClassUID" in ds or ("Rows" in ds and "Columns" in ds)
     except Exception:
         looks_real = False
     if not looks_real:
         raise DicomReadError(path, "not a DICOM file (no 'DICM' marker and no image header)")
     _infer_transfer_syntax(ds)
+    return ds
+
+
+def _dcmread(path: Path, *, force: bool, stop_before_pixels: bool) -> Dataset:
+    """``pydicom.dcmread`` with its warnings kept out of the caller's way and truncation made an error."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = pydicom.dcmread(path, force=force, stop_before_pixels=stop_before_pixels)
+    _raise_if_truncated(path, caught)
     return ds
 
 
@@ -200,11 +206,14 @@ def _decode_grey_uint8(ds: Dataset, path: Path) -> np.ndarray:
     arr = _decode_pixels(ds, first_frame_only=frames > 1)
     if photometric == "PALETTE COLOR":
         arr = apply_color_lut(arr, ds)
-    if arr.ndim == 3:  # RGB (pydicom has already converted YBR to RGB)
+        if arr.dtype != np.uint8:  # 16-bit LUT entries are display values on 0..65535
+            arr = np.rint(arr / 257.0).astype(np.uint8)
+    colour = arr.ndim == 3
+    if colour:  # RGB (pydicom has already converted YBR to RGB; the palette gave RGB)
         arr = _to_grey(arr)
-    bits = _int(_tag(ds, "BitsStored")) or 8
-    native_8bit = arr.dtype == np.uint8 and (bits == 8 or arr.ndim == 2 and photometric == "PALETTE COLOR")
-    image = arr if native_8bit else _window_to_uint8(arr, ds, photometric)
+    # 8-bit colour and 8-bit greyscale are display values already; anything else is windowed
+    display_ready = arr.dtype == np.uint8 and (colour or (_int(_tag(ds, "BitsStored")) or 8) == 8)
+    image = arr if display_ready else _window_to_uint8(arr, ds, photometric)
     if photometric == "MONOCHROME1":
         image = 255 - image
     return np.ascontiguousarray(image)
