@@ -70,7 +70,7 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fo
        background: var(--bg-soft); padding: 1px 4px; border-radius: 4px; }
 pre { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12.5px;
       line-height: 1.4; background: var(--bg-soft); border: 1px solid var(--line); border-radius: 6px;
-      padding: 12px 14px; overflow: auto; max-height: 480px; }
+      padding: 12px 14px; overflow: auto; max-height: 640px; }
 .note { background: var(--note-bg); border-left: 4px solid var(--note-line); padding: 8px 12px;
         border-radius: 4px; margin: 10px 0; max-width: 80ch; }
 figure { margin: 14px 0; }
