@@ -251,7 +251,7 @@ class RsnaDataModule(L.LightningDataModule):
 
     def _loader(self, name: str, *, train: bool) -> DataLoader:
         if name not in self.datasets:
-            raise ConfigError(f"no {name!r} set: call setup() first (the split has {sorted(self.datasets)})")
+            raise ConfigError(f"no {name!r} set: call setup() first (sets ready: {sorted(self.datasets)})")
         dataset = self.datasets[name]
         sampler = EpochSampler(len(dataset), shuffle=train, seed=self.seed)
         return DataLoader(
