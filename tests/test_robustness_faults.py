@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,6 +30,13 @@ from pneumodet.data.rsna import load_rsna
 from pneumodet.errors import CheckpointError, SubmissionError
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_stale_log_handlers(monkeypatch):
+    """Library loggers may hold a stream captured by an earlier test; a write to it must not print a
+    logging traceback into the stderr these tests read."""
+    monkeypatch.setattr(logging, "raiseExceptions", False)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -16,6 +17,13 @@ from pneumodet.cli import main
 from pneumodet.errors import CheckpointError
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "pneumodet"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_stale_log_handlers(monkeypatch):
+    """Library loggers may hold a stream captured by an earlier test; a write to it must not print a
+    logging traceback into the stderr these tests read."""
+    monkeypatch.setattr(logging, "raiseExceptions", False)
 
 
 class _CreatesFile:
