@@ -96,6 +96,8 @@ def test_export_command_and_its_errors(run_dir, tmp_path, capsys):
     assert "no such checkpoint file or run directory" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="best_model.pt"):
         export_onnx(tmp_path, tmp_path / "x.onnx")
+    with pytest.raises(ConfigError, match="smaller than the coarsest pyramid stride 64"):
+        export_onnx(out, tmp_path / "x.onnx", image_size=32)
 
 
 def _numpy_decode(cls_logits, box_deltas, global_logits, anchors, side, score_thresh):
