@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.encaps import generate_frames
 
 from pneumodet.cli import main
 from pneumodet.data.dicom import read_dicom
@@ -217,6 +218,8 @@ def test_dicoms_read_back_with_the_rsna_tags(synth_dataset: Path) -> None:
         assert ds.SOPClassUID == ds.file_meta.MediaStorageSOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
         assert ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID
         assert ds.BitsStored == 8 and ds.SamplesPerPixel == 1
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        assert frame[:2] == b"\xff\xd8" and b"\xff\xc0" in frame  # a JPEG with a baseline (SOF0) frame
         assert any(r["patientId"] == path.stem for r in labels)
     assert len(views) >= 1
 

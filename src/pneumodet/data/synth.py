@@ -254,6 +254,8 @@ def write_dicom(path: Path, image: np.ndarray, spec: PatientSpec, *, quality: in
     Args:
         image: uint8 ``[H, W]``.
     """
+    # pydicom 3.0 has no JPEG Baseline encoder: Pillow writes the (baseline, 8-bit) JPEG stream and
+    # pydicom encapsulates it
     buf = io.BytesIO()
     Image.fromarray(image, mode="L").save(buf, format="JPEG", quality=quality)
     rows, cols = image.shape
