@@ -433,3 +433,18 @@ def test_predict_on_the_synthetic_dataset_gives_a_row_per_image_that_scores(tiny
     scored = score_submission(sub, synth_dataset / "stage_2_train_labels.csv")
     assert scored.n_images + scored.n_excluded == 40 and 0.0 <= scored.score <= 1.0
     assert set(scored.per_image) == set(result.predictions)
+
+
+def test_default_precision_follows_the_hardware_as_training_does():
+    from pneumodet.errors import ConfigError
+    from pneumodet.inference import Predictor, resolve_precision
+    from pneumodet.training import hardware_has_bf16
+
+    expected = "bf16" if hardware_has_bf16("cpu") else "fp32"
+    assert resolve_precision(None, torch.device("cpu")) == expected
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    with pytest.raises(ConfigError, match="unknown precision 'fp16'"):
+        resolve_precision("fp16", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no usable CUDA GPU"):
+            Predictor(torch.nn.Identity(), SIZE, device="cuda")

@@ -336,9 +336,14 @@ def resolve_precision(precision: str | None, device: torch.device) -> Precision:
 
 
 def _bf16_native(device: torch.device) -> bool:
-    from pneumodet.training import hardware_has_bf16
-
-    return hardware_has_bf16("gpu" if device.type == "cuda" else "cpu")
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # The same test as training's (AVX512-BF16 or AMX), asked of torch so that prediction does not
+        # import Lightning; elsewhere bf16 is emulated and slower than fp32.
+        with contextlib.suppress(AttributeError):
+            return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
 
 
 # ---------------------------------------------------------------- image stream
@@ -427,6 +432,8 @@ class Predictor:
         if tta_merge not in ("wbf", "nms"):
             raise ConfigError(f"unknown TTA merge {tta_merge!r}; choose 'wbf' or 'nms'")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} asked for, but this machine has no usable CUDA GPU")
         self.precision = resolve_precision(precision, self.device)
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.image_size = image_size
