@@ -22,8 +22,8 @@ from pneumodet.model.anchors import best_anchor_iou, cell_anchors
 DEFAULT_LABELS = Path(__file__).resolve().parents[1].parent / "shared/data/rsna-sample/stage_2_train_labels.csv"
 THIRDS = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
 CANDIDATES = {
-    "pneumodet default (P4-P6)": {},
-    "pneumodet sizes on P3-P5 (for 256 px)": dict(pyramid_levels=(3, 4, 5)),
+    "pneumodet default": {},
+    "pneumodet sizes, fixed P4-P6": dict(pyramid_levels=(4, 5, 6)),
     "torchvision RetinaNet (P3-P7)": dict(
         pyramid_levels=(3, 4, 5, 6, 7), anchor_sizes=(1 / 16, 1 / 8, 1 / 4, 1 / 2, 1), anchor_scales=THIRDS,
         anchor_ratios=(0.5, 1.0, 2.0)),
@@ -54,6 +54,7 @@ def coverage_table(boxes: np.ndarray, size: int) -> str:
         config = ModelConfig(image_size=size, **overrides)
         r = anchor_coverage(boxes, config, source_size=RSNA_IMAGE_SIZE)
         levels = f"P{config.pyramid_levels[0]}-P{config.pyramid_levels[-1]}"
+        name = f"**{name}**" if not overrides else name
         lines.append(f"| {name} | {levels} | {r['num_anchors']:,} | {100 * r['coverage_iou50']:.2f} % | "
                      f"{100 * r['coverage_iou40']:.2f} % | {r['median_best_iou']:.3f} |")
     return "\n".join(lines)
@@ -83,7 +84,7 @@ def draw_figure(boxes: np.ndarray, path: Path, size: int = 512) -> None:
     left.legend(loc="upper left", fontsize=8)
     bins = np.linspace(0, 1, 41)
     for name, overrides in CANDIDATES.items():
-        if "256" in name:  # the same geometry as the default at 512, scaled
+        if "fixed" in name:  # the same as the default at 512
             continue
         cfg = ModelConfig(image_size=size, **overrides)
         best = best_anchor_iou(torch.as_tensor(scaled), AnchorGenerator.from_config(cfg), size, size).numpy()
@@ -110,7 +111,7 @@ def main() -> None:
         print(coverage_table(boxes, size), "\n")
     config = ModelConfig()
     sizes = ", ".join(f"{s:g}" for s in config.anchor_sizes)
-    print(f"default: levels {config.pyramid_levels}, sizes {sizes} x side, "
+    print(f"default at 512: levels {config.pyramid_levels}, sizes {sizes} x side, "
           f"scales {[round(s, 3) for s in config.anchor_scales]}, ratios (h/w) {config.anchor_ratios}")
     if args.figure:
         draw_figure(boxes, args.figure)

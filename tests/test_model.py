@@ -124,6 +124,12 @@ def test_default_anchors_cover_real_rsna_boxes_with_fewer_anchors(real_sample):
     assert ours["num_boxes"] == 9555
     assert ours["coverage_iou50"] >= 0.99 and ours["coverage_iou40"] >= 0.995
     assert ours["num_anchors"] * 4 <= tv["num_anchors"]
+    # the default levels follow the input size, so the geometry (and coverage) is the same at 256 and 1024
+    for size, levels in ((256, (3, 4, 5)), (1024, (5, 6, 7))):
+        config = ModelConfig(image_size=size)
+        assert config.pyramid_levels == levels
+        other = anchor_coverage(boxes, config, source_size=1024)
+        assert other["coverage_iou50"] == pytest.approx(ours["coverage_iou50"], abs=0.002)
 
 
 # ---------------------------------------------------------------- boxes and matching

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,18 +14,25 @@ BOX_LOSSES = ("smooth_l1", "giou")
 _TUPLE_FIELDS = ("pyramid_levels", "anchor_sizes", "anchor_scales", "anchor_ratios")
 
 
+def default_levels(image_size: int) -> tuple[int, int, int]:
+    """P4-P6 at 512 px, shifted one level per doubling/halving of the input side (lowest level 1)."""
+    first = max(1, 4 + round(math.log2(image_size / 512))) if image_size > 0 else 4
+    return (first, first + 1, first + 2)
+
+
 @dataclass
 class ModelConfig:
     """RetinaNet with a timm encoder, fitted to RSNA lung-opacity boxes.
 
     Anchor sizes are fractions of the input side (the shorter side for non-square input), one per
-    pyramid level, so one configuration serves 256, 512 and 1024 px inputs. ``anchor_ratios`` are
+    pyramid level; ``pyramid_levels=None`` picks the levels whose strides keep the same anchor/stride
+    geometry at every input size (P4-P6 at 512, P3-P5 at 256, P5-P7 at 1024). ``anchor_ratios`` are
     height / width. The defaults come from the box statistics in ``docs/ANCHORS.md``.
     """
 
     encoder: str = "resnet50"
     image_size: int = 512
-    pyramid_levels: tuple[int, ...] = (4, 5, 6)
+    pyramid_levels: tuple[int, ...] | None = None
     anchor_sizes: tuple[float, ...] = (0.125, 0.25, 0.5)
     anchor_scales: tuple[float, ...] = (2 ** (-1 / 3), 1.0, 2 ** (1 / 3))
     anchor_ratios: tuple[float, ...] = (0.8, 1.25, 2.0)
@@ -47,6 +55,8 @@ class ModelConfig:
     weights: str | None = None
 
     def __post_init__(self) -> None:
+        if self.pyramid_levels is None:
+            self.pyramid_levels = default_levels(self.image_size)
         for name in _TUPLE_FIELDS:
             setattr(self, name, tuple(getattr(self, name)))
         self.validate()
