@@ -448,3 +448,14 @@ def test_default_precision_follows_the_hardware_as_training_does():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no usable CUDA GPU"):
             Predictor(torch.nn.Identity(), SIZE, device="cuda")
+
+
+def test_predict_command_reports_errors_in_one_line(tiny_run, tmp_path, capsys):
+    from pneumodet.cli import main
+
+    assert main(["predict", str(tmp_path / "no_run"), str(tmp_path), "--out", str(tmp_path / "s.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no_run: no such checkpoint file or run directory" in err
+    assert main(["predict", str(tiny_run), str(tmp_path / "none.dcm"), "--out", str(tmp_path / "s.csv")]) == 2
+    assert "none.dcm: no such file or folder" in capsys.readouterr().err
+    assert not (tmp_path / "s.csv").exists()
