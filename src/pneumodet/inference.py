@@ -404,7 +404,7 @@ def _collate(items: list[_Item]) -> list[_Item]:
 
 # ---------------------------------------------------------------- prediction
 @dataclass(frozen=True)
-class _RawPrediction:
+class RawPrediction:
     """Boxes in model-input pixels before the threshold: xyxy ``[N, 4]``, scores ``[N]``, probs ``[C]``."""
 
     boxes: torch.Tensor
@@ -451,7 +451,7 @@ class Predictor:
             outputs = self.model(images)
         return self.model.detect(outputs)  # decodes in fp32 whatever the head's dtype
 
-    def __call__(self, images: torch.Tensor) -> list[_RawPrediction]:
+    def __call__(self, images: torch.Tensor) -> list[RawPrediction]:
         """images: float ``[B, 1, S, S]`` in ``[0, 1]`` -> ``B`` raw predictions in input pixels."""
         batch = images.shape[0]
         if self.tta == "hflip":
@@ -470,7 +470,7 @@ class Predictor:
                 probs = (probs + det_flip.class_probs.float().cpu()) / 2
             if self.gate:
                 scores = scores * probs[OPACITY_INDEX]
-            out.append(_RawPrediction(boxes.reshape(-1, 4), scores.reshape(-1), probs))
+            out.append(RawPrediction(boxes.reshape(-1, 4), scores.reshape(-1), probs))
         return out
 
 
