@@ -21,7 +21,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
+from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -244,9 +244,8 @@ def _window_to_uint8(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarr
     values = np.asarray(values, dtype=np.float32)
     if "VOILUTSequence" in ds and photometric.startswith("MONOCHROME"):
         lut_item = ds.VOILUTSequence[0]
-        out = np.asarray(apply_voi(values, ds, index=0), dtype=np.float32)
         bits = int(lut_item.LUTDescriptor[2])
-        return _scale(out, 0.0, float(2**bits - 1))
+        return _scale(_apply_voi_lut(values, lut_item, ds), 0.0, float(2**bits - 1))
     window = _window(ds)
     if window is not None and photometric.startswith("MONOCHROME"):
         centre, width = window
@@ -254,6 +253,23 @@ def _window_to_uint8(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarr
     sample = values[:: max(1, values.shape[0] // 256), :: max(1, values.shape[1] // 256)]
     lo, hi = np.percentile(sample, _ROBUST_PERCENTILES)
     return _scale(values, float(lo), float(hi))
+
+
+def _apply_voi_lut(values: np.ndarray, item: Dataset, ds: Dataset) -> np.ndarray:
+    """The VOI LUT ``item`` looked up for ``values`` (float32 in, float32 out).
+
+    Not pydicom's ``apply_voi``: it indexes an 8-bit LUT with uint8 indices, which wrap above 255,
+    so a 4096-entry 8-bit LUT would map 4000 to entry 160 without a word.
+    """
+    entries, first = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
+    data = item.LUTData
+    if isinstance(data, bytes):  # VR OW: 16-bit words in the file's byte order
+        little = getattr(getattr(ds, "file_meta", None), "_tsyntax_encoding", (None, True))[1] is not False
+        lut = np.frombuffer(data, dtype="<u2" if little else ">u2")[:entries]
+    else:
+        lut = np.atleast_1d(np.asarray(data))
+    index = np.clip(np.rint(values) - first, 0, len(lut) - 1).astype(np.int64)
+    return lut.astype(np.float32)[index]
 
 
 def _window(ds: Dataset) -> tuple[float, float] | None:
