@@ -52,6 +52,7 @@ def make_dicom(
     bits_stored: int | None = None,
     window: tuple[float, float] | None = None,
     voi_lut: np.ndarray | None = None,
+    voi_lut_bits: int = 12,
     palette: np.ndarray | None = None,
     frames: int = 1,
     transfer_syntax: UID = ExplicitVRLittleEndian,
@@ -83,7 +84,7 @@ def make_dicom(
         ds.WindowCenter, ds.WindowWidth = window
     if voi_lut is not None:
         item = Dataset()
-        item.LUTDescriptor = [len(voi_lut), 0, 12]
+        item.LUTDescriptor = [len(voi_lut), 0, voi_lut_bits]
         item.add_new(0x00283006, "US", [int(v) for v in voi_lut])  # LUTData
         ds.VOILUTSequence = DicomSequence([item])
     if palette is not None:  # palette: [256, 3] uint16 entries, 16-bit
@@ -152,6 +153,8 @@ def dicom_cases(folder: Path) -> dict[str, Path]:
         "12bit_no_window": lambda p: make_dicom(p, wide, bits_stored=12),
         "16bit_voi_lut": lambda p: make_dicom(p, wide, bits_stored=16,
                                               voi_lut=VOI_LUT),
+        "16bit_voi_lut_8bit_entries": lambda p: make_dicom(p, wide, bits_stored=16, voi_lut=np.arange(4096) // 16,
+                                                           voi_lut_bits=8),
         "signed_16bit": lambda p: make_dicom(p, (wide.astype(np.int32) - 2000).astype(np.int16), bits_stored=16),
         "rgb": lambda p: make_dicom(p, rgb, photometric="RGB"),
         "palette_colour": lambda p: make_dicom(p, grey, photometric="PALETTE COLOR", palette=palette),

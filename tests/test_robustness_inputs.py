@@ -87,6 +87,7 @@ DECODED = {
     "12bit_window": ((128, 128), (60, 60), (5, 5)),
     "12bit_no_window": ((128, 128), (60, 60), (5, 5)),
     "16bit_voi_lut": ((128, 128), (60, 60), (5, 5)),
+    "16bit_voi_lut_8bit_entries": ((128, 128), (60, 60), (5, 5)),
     "signed_16bit": ((128, 128), (60, 60), (5, 5)),
     "rgb": ((128, 128), (60, 60), (5, 5)),
     "palette_colour": ((128, 128), (60, 60), (5, 5)),
@@ -119,6 +120,12 @@ def test_voi_lut_is_applied_not_a_plain_min_max(good_dicoms):
     image, _ = read_dicom(good_dicoms["16bit_voi_lut"])
     assert image[5, 5] == round(int(VOI_LUT[100]) * 255 / 4095)
     assert image[60, 60] == round(int(VOI_LUT[4000]) * 255 / 4095)
+
+
+def test_an_8_bit_voi_lut_longer_than_256_entries_does_not_wrap(good_dicoms):
+    """4096 entries of 8 bits (entry i = i // 16): 4000 maps to 250, not to entry 4000 mod 256."""
+    image, _ = read_dicom(good_dicoms["16bit_voi_lut_8bit_entries"])
+    assert image[60, 60] == 250 and image[5, 5] == 100 // 16
 
 
 def test_missing_tags_give_none_not_an_error(good_dicoms):
