@@ -20,7 +20,7 @@ from pneumodet.inference import (
 )
 
 
-# ---------------------------------------------------------------- WBF and box helpers
+# ---------------------------------------------------------------- WBF and box functions
 def _t(rows) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)
 
