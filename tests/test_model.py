@@ -209,6 +209,11 @@ def test_box_loss_is_zero_for_perfect_deltas(box_loss):
     assert off["regression"] > 0.05
 
 
+def test_forward_refuses_three_channel_input(small_model):
+    with pytest.raises(ValueError, match=r"one-channel images of shape \[B, 1, H, W\], got \(1, 3, 64, 64\)"):
+        small_model(torch.rand(1, 3, 64, 64))
+
+
 # ---------------------------------------------------------------- detection
 def _outputs_with_hits(anchors, hits, batch, image_size=128):
     """Head outputs whose only confident anchors are ``hits`` = {(image, anchor): (logit, deltas)}."""

@@ -184,6 +184,8 @@ class PneumoRetinaNet(nn.Module):
 
     def forward(self, images: Tensor) -> HeadOutputs:
         """images: Tensor[B, 1, H, W] in [0, 1]."""
+        if images.ndim != 4 or images.shape[1] != 1:
+            raise ValueError(f"expected one-channel images of shape [B, 1, H, W], got {tuple(images.shape)}")
         features = self.encoder(images)
         pyramid = self.neck(features)
         anchors, per_level = self.anchor_generator(images.shape[-2], images.shape[-1], images.device)
