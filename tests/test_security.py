@@ -143,10 +143,11 @@ def test_every_torch_load_in_the_library_passes_weights_only_true():
 
 
 # ============================================================================================ privacy
-def test_outputs_carry_no_identifying_dicom_data(tmp_path, dataset, capsys):
+@pytest.mark.slow
+def test_outputs_carry_no_identifying_dicom_data(tmp_path, dataset, split_dir, capsys):
     """Every generated DICOM carries a name, birth date, institution, referring physician and accession
-    number; no file written by eda, cache or predict (CSV, JSON, HTML, PNG, logs) and no printed line
-    contains any of them."""
+    number; no file written by eda, cache, train (metrics, logs, report, checkpoints), predict (CSV,
+    JSON, overlays) or score, and no printed line, contains any of them."""
     import torch as _torch
 
     from pneumodet.model import ModelConfig, build_model, save_checkpoint
@@ -162,6 +163,9 @@ def test_outputs_carry_no_identifying_dicom_data(tmp_path, dataset, capsys):
         ["cache", str(dataset), "--size", "32", "--out", str(out / "cache"), "--workers", "1"],
         ["predict", str(run), str(images), "--out", str(out / "sub.csv"), "--json", str(out / "pred.json"),
          "--overlays", str(out / "overlays"), "--threshold", "0.0"],
+        ["score", str(out / "sub.csv"), "--labels", str(dataset / "stage_2_train_labels.csv"), "--json",
+         str(out / "score.json")],
+        train_args(dataset, split_dir, out / "train" / "run"),
     ]
     printed = []
     for command in commands:
@@ -170,6 +174,7 @@ def test_outputs_carry_no_identifying_dicom_data(tmp_path, dataset, capsys):
         printed.append(captured.out + captured.err)
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(list((out / "overlays").glob("*.png"))) == 12 and (out / "eda" / "report.html").exists()
+    assert (out / "train" / "run" / "report.html").exists() and (out / "score.json").exists()
     assert pd.read_csv(out / "sub.csv")["patientId"].nunique() == 12
     needles = [v.encode() for v in PHI.values()] + [v.replace("^", " ").encode() for v in PHI.values()]
     leaks = [(str(p.relative_to(out)), n) for p in files for n in needles if n in p.read_bytes()]
