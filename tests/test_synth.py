@@ -229,7 +229,7 @@ def test_stored_pixels_are_the_drawn_image(tmp_path: Path) -> None:
     chest = render_chest(spec, 256)
     make_synthetic_dataset(tmp_path, patients=20, size=256, seed=0)
     image, _ = read_dicom(tmp_path / IMAGES_DIR / f"{spec.patient_id}.dcm")
-    assert np.abs(image.astype(int) - chest.image.astype(int)).mean() < 2.0  # JPEG quality 90
+    assert np.abs(image.astype(int) - chest.image.astype(int)).mean() < 3.0  # JPEG quality 90 on film noise
     rows = [r for r in read_rows(tmp_path / LABELS_FILE) if r["patientId"] == spec.patient_id]
     written = np.array([[float(r[k]) for k in ("x", "y", "width", "height")] for r in rows])
     expected = np.c_[chest.boxes[:, :2], chest.boxes[:, 2:] - chest.boxes[:, :2] + 1]
@@ -312,7 +312,7 @@ def test_a_tiny_cnn_learns_to_find_the_opacities() -> None:
         y = np.zeros((n, 1, size, size), np.float32)
         for i, spec in enumerate(sample_patients(n, seed=seed)):
             chest = render_chest(spec, size)
-            x[i, 0] = chest.image / 255.0
+            x[i, 0] = (chest.image / 255.0 - 0.5) / 0.25  # normalised, as every encoder's input is
             for x0, y0, x1, y1 in chest.boxes.astype(int):
                 y[i, 0, y0:y1 + 1, x0:x1 + 1] = 1.0
         return torch.from_numpy(x), nn.functional.avg_pool2d(torch.from_numpy(y), 4), y.max(axis=(1, 2, 3))

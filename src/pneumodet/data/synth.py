@@ -422,7 +422,7 @@ def _sample_anatomy(spec: PatientSpec, rng: np.random.Generator) -> _Anatomy:
         scale=scale, heart=heart,
         lung_w=0.175 * scale * rng.normal(1.0, 0.04), lung_h=0.36 * scale * rng.normal(1.0, 0.04),
         rib_spacing=0.075 * scale * rng.normal(1.0, 0.05),
-        brightness=0.40 + rng.normal(0, 0.03), contrast=rng.normal(1.2, 0.06),
+        brightness=0.43 + rng.normal(0, 0.03), contrast=rng.normal(1.0, 0.06),
     )
 
 
@@ -552,7 +552,7 @@ def _opacities(canvas: _Canvas, a: _Anatomy, lung_field: np.ndarray, n: int, rng
         else:
             continue  # no room for another separate opacity in this lung: keep the ones placed
         boxes.append(box)
-        signal = np.maximum(signal, blob * rng.uniform(0.24, 0.34))
+        signal = np.maximum(signal, blob * rng.uniform(0.28, 0.40))
     return signal, np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
 
 
