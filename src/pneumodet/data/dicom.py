@@ -63,8 +63,13 @@ def read_dicom(path: str | Path, *, metadata_only: bool = False) -> tuple[np.nda
         DicomReadError: the file cannot be read or decoded; the message names the file and the cause.
     """
     path = Path(path)
-    ds = _read_dataset(path, stop_before_pixels=metadata_only)
-    metadata = extract_metadata(ds)
+    try:
+        ds = _read_dataset(path, stop_before_pixels=metadata_only)
+        metadata = extract_metadata(ds)
+    except DicomReadError:
+        raise
+    except Exception as exc:  # pydicom raises many types on odd headers; the boundary is here
+        raise DicomReadError(path, f"unreadable DICOM header ({_describe(exc)})") from exc
     if metadata_only:
         return None, metadata
     try:
