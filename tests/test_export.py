@@ -87,7 +87,7 @@ def test_side_file_records_what_decoding_needs(run_dir, exported):
 
 
 def test_export_command_and_its_errors(run_dir, tmp_path, capsys):
-    out, _ = run_dir
+    out, model = run_dir
     target = tmp_path / "sub" / "m.onnx"
     assert main(["export", str(out / "best_model.pt"), "--onnx", str(target), "--image-size", "64"]) == 0
     assert "[B, 1, 64, 64]" in capsys.readouterr().out
@@ -96,8 +96,9 @@ def test_export_command_and_its_errors(run_dir, tmp_path, capsys):
     assert "no such checkpoint file or run directory" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="best_model.pt"):
         export_onnx(tmp_path, tmp_path / "x.onnx")
-    with pytest.raises(ConfigError, match="smaller than the coarsest pyramid stride 64"):
-        export_onnx(out, tmp_path / "x.onnx", image_size=32)
+    stride = 2 ** max(model.config.pyramid_levels)
+    with pytest.raises(ConfigError, match=f"smaller than the coarsest pyramid stride {stride}"):
+        export_onnx(out, tmp_path / "x.onnx", image_size=stride // 2)
 
 
 def _numpy_decode(cls_logits, box_deltas, global_logits, anchors, side, score_thresh):
