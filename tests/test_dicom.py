@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_color_lut, get_decoder, pixel_array
@@ -308,3 +310,30 @@ def test_no_stray_warnings_on_real_files(real_sample: Path) -> None:
         warnings.simplefilter("error")
         for path in real_files(real_sample)[:4]:
             read_dicom(path)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_corrupted_bytes_give_an_image_or_a_dicom_read_error(data: st.DataObject, tmp_path: Path,
+                                                             synth_dataset: Path) -> None:
+    """Random byte damage (header or pixels, overwritten or cut) never lets another exception escape.
+    Sources: a 16-bit uncompressed MR and a JPEG-Baseline file as RSNA's."""
+    jpeg_file = sorted((synth_dataset / "stage_2_train_images").glob("*.dcm"))[0]
+    source = data.draw(st.sampled_from([pydicom_file("MR_small.dcm"), jpeg_file]), label="source")
+    original = source.read_bytes()
+    damaged = bytearray(original)
+    for _ in range(data.draw(st.integers(1, 8), label="hits")):
+        pos = data.draw(st.integers(0, len(damaged) - 1), label="position")
+        damaged[pos] = data.draw(st.integers(0, 255), label="byte")
+    cut = data.draw(st.integers(1, len(damaged)), label="length")
+    path = tmp_path / "damaged.dcm"
+    path.write_bytes(bytes(damaged[:cut]))
+    for metadata_only in (True, False):
+        try:
+            image, meta = read_dicom(path, metadata_only=metadata_only)
+        except DicomReadError as err:
+            assert "damaged.dcm" in str(err) and err.cause
+            continue
+        assert set(meta) == META_KEYS
+        if not metadata_only:
+            assert image.dtype == np.uint8 and image.ndim == 2
