@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pneumodet.data.records import CLASS_INDEX, CLASS_NAMES
 from pneumodet.errors import CheckpointError, ConfigError, DicomReadError, PneumodetError
+from pneumodet.hardware import bf16_is_native
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -329,21 +330,10 @@ def model_image_size(model: torch.nn.Module, extra: dict[str, Any]) -> int:
 def resolve_precision(precision: str | None, device: torch.device) -> Precision:
     """``None`` -> ``"bf16"`` where the device computes it natively, else ``"fp32"``."""
     if precision is None:
-        return "bf16" if _bf16_native(device) else "fp32"
+        return "bf16" if bf16_is_native(device.type) else "fp32"
     if precision not in ("bf16", "fp32"):
         raise ConfigError(f"unknown precision {precision!r}; choose 'bf16' or 'fp32'")
     return precision  # type: ignore[return-value]
-
-
-def _bf16_native(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        # The same test as training's (AVX512-BF16 or AMX), asked of torch so that prediction does not
-        # import Lightning; elsewhere bf16 is emulated and slower than fp32.
-        with contextlib.suppress(AttributeError):
-            return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return False
 
 
 # ---------------------------------------------------------------- image stream

@@ -35,6 +35,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from pneumodet.config import TrainConfig
 from pneumodet.errors import CheckpointError, ConfigError, PneumodetError
+from pneumodet.hardware import bf16_is_native
 from pneumodet.metrics import xyxy_to_xywh
 
 LOSS_NAMES = ("total", "classification", "regression", "global")
@@ -48,14 +49,9 @@ class NonFiniteLossError(PneumodetError):
 
 # ---------------------------------------------------------------------------------------------- hardware
 def hardware_has_bf16(accelerator: str = "auto") -> bool:
-    """Whether bf16 autocast is fast here: a recent GPU, or a CPU with AMX/AVX512-BF16."""
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    """Whether bf16 autocast is fast for this accelerator choice (a bf16 GPU, or an AMX/AVX512-BF16 CPU)."""
+    use_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return bf16_is_native("cuda" if use_gpu else "cpu")
 
 
 def resolve_precision(config: TrainConfig) -> str:
