@@ -368,7 +368,8 @@ class _Canvas:
     def random_point(self, mask: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
         """A uniformly random point ``(x, y)`` (fractions of S) on a non-empty boolean mask ``[S, S]``."""
         ys, xs = np.nonzero(mask)
-        x0, x1, y0, y1 = xs.min() / self.size, (xs.max() + 1) / self.size, ys.min() / self.size, (ys.max() + 1) / self.size
+        x0, x1 = xs.min() / self.size, (xs.max() + 1) / self.size
+        y0, y1 = ys.min() / self.size, (ys.max() + 1) / self.size
         while True:  # rejection in continuous coordinates: the same draws at every image size
             x, y = rng.uniform(x0, x1), rng.uniform(y0, y1)
             if mask[min(int(y * self.size), self.size - 1), min(int(x * self.size), self.size - 1)]:
