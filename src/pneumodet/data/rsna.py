@@ -433,9 +433,18 @@ def _scan_images(images_dir: Path) -> dict[str, Path]:
     """``patientId -> path`` of every ``*.dcm`` file in the folder, from one directory listing."""
     try:
         with os.scandir(images_dir) as it:
-            return {e.name[:-4]: Path(e.path) for e in it if e.name.lower().endswith(".dcm") and e.is_file()}
+            entries = [e for e in it if e.name.lower().endswith(".dcm")]
     except OSError as exc:
         raise LabelsError(f"{images_dir}: cannot list the images folder: {exc.strerror or exc}") from exc
+    return {e.name[:-4]: Path(e.path) for e in entries if _is_file(e)}
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    """A link that loops or cannot be followed is no image file (its patient is reported image_missing)."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------ public
