@@ -147,6 +147,24 @@ def test_window_centre_width_is_applied() -> None:
     np.testing.assert_array_equal(image, expected.astype(np.uint8))
 
 
+def test_voi_lut_sequence_is_applied(tmp_path: Path) -> None:
+    """A VOI LUT (here: an inverting 12-bit-in, 8-bit-out ramp) takes precedence over the window."""
+    ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+    first, entries = 100, 2100
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [entries, first, 8]
+    item.add_new("LUTData", "US", [int(v) for v in np.linspace(255, 0, entries).round()])
+    ds.VOILUTSequence = pydicom.Sequence([item])
+    out = tmp_path / "voi_lut.dcm"
+    ds.save_as(out)
+    image, _ = read_dicom(out)
+    stored = ds.pixel_array.astype(int)
+    lut = np.asarray(item.LUTData)
+    expected = lut[np.clip(stored - first, 0, entries - 1)]
+    np.testing.assert_array_equal(image, expected.astype(np.uint8))
+    assert np.corrcoef(image.ravel(), stored.ravel())[0, 1] < -0.99  # the LUT, not the window, decided
+
+
 def test_no_window_uses_robust_min_max() -> None:
     ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
     assert "WindowCenter" not in ds
