@@ -197,6 +197,24 @@ def test_eda_command_counts_unreadable_images_and_reports_the_rest(mixed_dataset
     assert "4 unreadable image(s)" in stdout
 
 
+def test_link_loops_in_the_images_folder_do_not_stop_split_or_cache(tmp_path, capsys):
+    """``p000.dcm`` -> ``x.dcm`` -> ``p000.dcm`` and a link from the folder to itself: p000 is reported
+    image_missing (file:line) and the other five patients are split and cached."""
+    root = write_dataset(tmp_path / "data", small_patients(6), size=64)
+    images = root / "stage_2_train_images"
+    (images / "p000.dcm").unlink()
+    (images / "p000.dcm").symlink_to(images / "x.dcm")
+    (images / "x.dcm").symlink_to(images / "p000.dcm")
+    (images / "again").symlink_to(images, target_is_directory=True)
+    code, _, err = run_cli(capsys, "split", root, "--out", tmp_path / "split", "--val", 0.2, "--test", 0.2)
+    assert code == 0, err
+    assert "images: 5 found, 1 missing" in err and "stage_2_train_labels.csv:2: image_missing: patient p000" in err
+    code, stdout, err = run_cli(capsys, "cache", root, "--size", 16, "--out", tmp_path / "cache", "--workers", 1)
+    assert code == 0, err
+    assert "cached 5," in stdout and "missing 1;" in stdout
+    assert sorted(ImageCache.open(tmp_path / "cache").patient_ids) == [f"p{i:03d}" for i in range(1, 6)]
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A run folder with a random 64-px resnet18 (what predict loads; boxes do not matter here)."""
