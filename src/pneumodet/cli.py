@@ -292,7 +292,10 @@ def _run_grid(args: argparse.Namespace) -> None:
     config = _train_config(args)
     if not config.data_dir:
         raise ConfigError("--data is required")
-    samples = [int(s) for s in args.samples.split(",") if s.strip()] or [None]
+    try:
+        samples = [int(s) for s in args.samples.split(",") if s.strip()] or [None]
+    except ValueError:
+        raise ConfigError(f"--samples takes comma-separated whole numbers, got {args.samples!r}") from None
     result = run_grid(config, args.out, encoders=_csv(args.encoders), augs=_csv(args.augs), samples=samples,
                       val=args.val, test=args.test)
     print(result.summary())
