@@ -160,9 +160,9 @@ def make_synthetic_dataset(out_dir: Path, *, patients: int, size: int = 1024, se
             dataset and ``overwrite`` is false.
     """
     if patients < 1:
-        raise ConfigError(f"synth: patients must be >= 1, got {patients}")
+        raise ConfigError(f"patients must be >= 1, got {patients}")
     if size < MIN_SIZE:
-        raise ConfigError(f"synth: size must be >= {MIN_SIZE} pixels, got {size}")
+        raise ConfigError(f"size must be >= {MIN_SIZE} pixels, got {size}")
     out_dir = Path(out_dir)
     images_dir = out_dir / IMAGES_DIR
     specs = sample_patients(patients, seed=seed)
@@ -195,8 +195,8 @@ def _clear_or_refuse(out_dir: Path, own_files: set[str], *, overwrite: bool) -> 
     foreign = [p for p in (out_dir / IMAGES_DIR).glob("*.dcm") if p.name not in own_files]
     if not overwrite and (labels.exists() or foreign):
         found = f"{labels.name}" if labels.exists() else f"{len(foreign)} DICOMs of other patients"
-        raise ConfigError(f"synth: {out_dir} already holds a dataset ({found}); "
-                          "choose an empty folder or overwrite it")
+        raise ConfigError(f"{out_dir} already holds a dataset ({found}); "
+                          "choose an empty folder, or overwrite it (--overwrite)")
     if overwrite:
         for path in foreign:
             path.unlink()
