@@ -442,6 +442,29 @@ def test_good_submission_still_scores(tmp_path, capsys, labels_csv):
     assert json.loads((tmp_path / "r.json").read_text())["score"] == pytest.approx(1.0)
 
 
+# ============================================================================================ commands
+@pytest.mark.parametrize("args, pattern", [
+    (["evaluate", "{tmp}/empty"], r"empty is not a finished training run: config\.yaml is missing"),
+    (["predict", "{tmp}/no_model", "{tmp}", "--out", "{tmp}/s.csv"], r"no_model: no such checkpoint"),
+    (["export", "{tmp}/no_model", "--onnx", "{tmp}/m.onnx"], r"no_model: no such checkpoint"),
+    (["score", "{tmp}/no.csv", "--labels", "{tmp}/no_labels.csv"], r"no(_labels)?\.csv: cannot read"),
+    (["cache", "{data}", "--size", "0", "--out", "{tmp}/c"], r"cache size must be positive, got 0"),
+    (["split", "{data}", "--out", "{tmp}/s", "--val", "1.5"], r"val fraction must be between 0 and 1"),
+    (["eda", "{tmp}/no_folder", "--out", "{tmp}/e"], r"no_folder: not a folder"),
+    (["compare", "{tmp}/empty", "--out", "{tmp}/c"], r"at least one run"),
+    (["grid", "--data", "{data}", "--out", "{tmp}/g", "--samples", "10,abc"], r"--samples takes .* whole numbers"),
+    (["train", "--config", "{tmp}/no.yaml", "--out", "{tmp}/r"], r"no\.yaml: cannot read config"),
+    (["train", "--out", "{tmp}/empty", "--resume"], r"--data and --split are required"),
+    (["augment-preview", "{data}", "--level", "extreme"], r"unknown augmentation level 'extreme'"),
+])
+def test_each_command_names_a_user_mistake_in_one_line(tmp_path, capsys, args, pattern):
+    data = dataset_with(tmp_path, [LABELS_HEADER, *GOOD_L], [CLASSES_HEADER, *GOOD_C])
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(tmp=tmp_path, data=data) for a in args]
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, argv[0], pattern)
+
+
 # ============================================================================================ fuzzing
 @pytest.fixture(scope="module")
 def seed_dicoms(good_dicoms, real_sample) -> list[bytes]:
