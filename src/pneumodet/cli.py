@@ -389,15 +389,11 @@ _Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[
 
 COMMANDS: list[_Command] = [
     ("synth", "write a synthetic RSNA-format dataset (Kaggle layout)", _add_synth, _run_synth),
+    ("eda", "data exploration report: one HTML file, summary.json and table CSVs", _add_eda, _run_eda),
     ("split", "split patients into train/val/test (patient level, stratified)", _add_split, _run_split),
     ("cache", "decode every DICOM once into a memory-mapped image cache", _add_cache, _run_cache),
     ("augment-preview", "before/after grid of an augmentation level on real images, boxes drawn",
      _add_augment_preview, _run_augment_preview),
-    ("score", "score a Kaggle submission CSV against the labels (RSNA mAP)", _add_score, _run_score),
-    ("predict", "predict boxes for DICOM files: Kaggle submission, JSON, overlays", _add_predict, _run_predict),
-    ("export", "export the network to ONNX (decoding documented and provided in Python)", _add_export,
-     _run_export),
-    ("eda", "data exploration report: one HTML file, summary.json and table CSVs", _add_eda, _run_eda),
     ("train", "train RetinaNet on a split (Lightning; checkpoints, metrics.csv, report.html)", _add_train,
      _run_train),
     ("grid", "train every encoder x augmentation x sample size; summary table", _add_grid, _run_grid),
@@ -405,6 +401,10 @@ COMMANDS: list[_Command] = [
      _run_compare),
     ("evaluate", "score a run's best model on the held-out test set (threshold from validation)",
      _add_evaluate, _run_evaluate),
+    ("predict", "predict boxes for DICOM files: Kaggle submission, JSON, overlays", _add_predict, _run_predict),
+    ("score", "score a Kaggle submission CSV against the labels (RSNA mAP)", _add_score, _run_score),
+    ("export", "export the network to ONNX (decoding documented and provided in Python)", _add_export,
+     _run_export),
     ("demo", "the whole job on synthetic data: synth, eda, split, cache, train, evaluate, predict, score",
      _add_demo, _run_demo),
 ]
