@@ -24,7 +24,7 @@ import pickle
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -393,11 +393,17 @@ class TrainResult:
     steps: int
     seconds: float
     resumed: bool
+    #: per set, the patients left out because their image is unreadable or missing (also in done.json)
+    excluded: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> str:
-        return (f"trained {self.epochs} epochs, {self.steps} optimiser steps in {self.seconds:.0f} s"
+        text = (f"trained {self.epochs} epochs, {self.steps} optimiser steps in {self.seconds:.0f} s"
                 f"{' (resumed)' if self.resumed else ''}; best validation RSNA mAP {self.best_map:.4f} "
                 f"at confidence threshold {self.threshold:.2f}; run in {self.run_dir}")
+        if any(self.excluded.values()):
+            counts = ", ".join(f"{name} {len(ids)}" for name, ids in self.excluded.items())
+            text += f"\npatients left out for an unreadable or missing image: {counts} (listed in done.json)"
+        return text
 
 
 def model_config_for(config: TrainConfig) -> dict[str, Any]:
@@ -476,7 +482,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     best = _read_extra(run_dir / "best_model.pt") if (run_dir / "best_model.pt").exists() else {}
     result = TrainResult(run_dir=run_dir, best_map=float(best.get("val_map", keeper.best_map)),
                          threshold=float(best.get("threshold", float("nan"))), epochs=trainer.current_epoch,
-                         steps=trainer.global_step, seconds=time.perf_counter() - started, resumed=resumed)
+                         steps=trainer.global_step, seconds=time.perf_counter() - started, resumed=resumed,
+                         excluded={name: list(ds.excluded) for name, ds in datamodule.datasets.items()})
     if trainer.world_size > 1:
         _write_json(run_dir / f"rank{trainer.global_rank}.json", _rank_fingerprint(module, result))
     if trainer.is_global_zero:
@@ -487,7 +494,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         _write_json(run_dir / "done.json", {
             "best_val_map": result.best_map, "threshold": result.threshold, "epochs": result.epochs,
             "steps": result.steps, "seconds": result.seconds, "precision": resolve_precision(config),
-            "versions": _versions()})
+            "images_excluded": result.excluded, "versions": _versions()})
     return result
 
 
