@@ -215,6 +215,25 @@ def test_link_loops_in_the_images_folder_do_not_stop_split_or_cache(tmp_path, ca
     assert sorted(ImageCache.open(tmp_path / "cache").patient_ids) == [f"p{i:03d}" for i in range(1, 6)]
 
 
+@pytest.mark.slow
+def test_train_leaves_out_unreadable_images_and_says_which(mixed_dataset, tmp_path, capsys):
+    """Four broken images among twelve: ``train`` finishes on the rest, prints how many it left out per
+    set and lists them in done.json (none is silently dropped)."""
+    split = tmp_path / "split"
+    code, _, err = run_cli(capsys, "split", mixed_dataset, "--out", split, "--val", 0.25, "--test", 0.25)
+    assert code == 0, err
+    run = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "train", "--data", mixed_dataset, "--split", split, "--out", run,
+                                "--encoder", "resnet18", "--image-size", 64, "--batch-size", 2, "--num-workers", 0,
+                                "--epochs", 1, "--aug", "resize_only", "--precision", "32-true",
+                                "--cache-dir", tmp_path / "cache")
+    assert code == 0, err
+    excluded = json.loads((run / "done.json").read_text())["images_excluded"]
+    assert sorted(pid for ids in excluded.values() for pid in ids) == ["p000", "p001", "p002", "p003"]
+    counts = ", ".join(f"{name} {len(ids)}" for name, ids in excluded.items())
+    assert f"patients left out for an unreadable or missing image: {counts}" in stdout
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A run folder with a random 64-px resnet18 (what predict loads; boxes do not matter here)."""
