@@ -5,8 +5,9 @@
 
 Both models: ResNet-50 + FPN RetinaNet, random init, the same square input. Training = forward,
 loss, backward and an SGD step; inference = forward + decoding + NMS. "bf16" = CPU/CUDA autocast
-bf16 with channels_last weights and inputs. Times are medians after one warm-up step; the ratio is
-torchvision's time / pneumodet's time (higher = pneumodet faster).
+bf16 with channels_last weights and inputs. Times are medians after one warm-up step, the two models'
+steps alternating so both see the same background load; the ratio is torchvision's time /
+pneumodet's time (higher = pneumodet faster).
 """
 
 from __future__ import annotations
@@ -86,19 +87,26 @@ class TorchvisionPeer(Peer):
         self.infer(images)
 
 
-def timed(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after one warm-up run."""
-    fn()
-    times = []
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_pair(steps: tuple[Callable[[], None], Callable[[], None]], repeats: int,
+               device: torch.device) -> tuple[float, float]:
+    """Median seconds of each step after one warm-up each. The two steps alternate, so on a shared
+    machine both see the same background load."""
+    for step in steps:
+        step()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for step, out in zip(steps, times, strict=True):
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def autocast(device: torch.device, precision: str):
@@ -107,7 +115,7 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def train_rate(peer: Peer, batch: int, precision: str, repeats: int) -> float:
+def train_step(peer: Peer, batch: int, precision: str) -> Callable[[], None]:
     cl = precision == "bf16"
     peer.model.train().to(memory_format=torch.channels_last if cl else torch.contiguous_format)
     optimizer = torch.optim.SGD(peer.model.parameters(), lr=1e-4, momentum=0.9)
@@ -117,10 +125,10 @@ def train_rate(peer: Peer, batch: int, precision: str, repeats: int) -> float:
         with autocast(peer.device, precision):
             peer.train_step(images, boxes, optimizer)
 
-    return batch / timed(step, repeats, peer.device)
+    return step
 
 
-def infer_rate(peer: Peer, batch: int, precision: str, repeats: int) -> float:
+def infer_step(peer: Peer, batch: int, precision: str) -> Callable[[], None]:
     cl = precision == "bf16"
     peer.model.eval().to(memory_format=torch.channels_last if cl else torch.contiguous_format)
     images = peer.images(batch, cl)
@@ -129,7 +137,7 @@ def infer_rate(peer: Peer, batch: int, precision: str, repeats: int) -> float:
         with torch.inference_mode(), autocast(peer.device, precision):
             peer.infer(images)
 
-    return batch / timed(step, repeats, peer.device)
+    return step
 
 
 def gflops_per_image(peer: Peer) -> float:
@@ -158,7 +166,7 @@ def main() -> None:
           f"threads {torch.get_num_threads()}, cores {os.cpu_count()}, "
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"input {args.size}x{args.size}, train batch {args.batch}, inference batches {args.infer_batch}, "
-          f"median of {args.repeats} after 1 warm-up\n")
+          f"median of {args.repeats} alternating runs after 1 warm-up\n")
 
     ours = PneumodetPeer("pneumodet", build_model(ModelConfig(encoder="resnet50", image_size=args.size)),
                          args.size, device)
@@ -174,11 +182,12 @@ def main() -> None:
 
     print(f"{'measure':<34}{'pneumodet':>12}{'torchvision':>13}{'ratio':>8}")
     for precision in args.precision:
-        jobs = [] if args.skip_train else [(f"train img/s  b{args.batch} {precision}", train_rate, args.batch)]
-        jobs += [(f"infer img/s  b{b} {precision}", infer_rate, b) for b in args.infer_batch]
-        for label, fn, batch in jobs:
-            r_ours = fn(ours, batch, precision, args.repeats)
-            r_tv = fn(tv, batch, precision, args.repeats)
+        jobs = [] if args.skip_train else [(f"train img/s  b{args.batch} {precision}", train_step, args.batch)]
+        jobs += [(f"infer img/s  b{b} {precision}", infer_step, b) for b in args.infer_batch]
+        for label, make_step, batch in jobs:
+            t_ours, t_tv = timed_pair((make_step(ours, batch, precision), make_step(tv, batch, precision)),
+                                      args.repeats, device)
+            r_ours, r_tv = batch / t_ours, batch / t_tv
             print(f"{label:<34}{r_ours:>12.2f}{r_tv:>13.2f}{r_ours / r_tv:>7.2f}x", flush=True)
     print(f"\nload average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
