@@ -16,11 +16,9 @@ timed alternately so that both see the same machine load.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -28,17 +26,8 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from _common import cpu_model
 from pneumodet.data.augment import LEVEL_SPECS, LEVELS, build_augmentation
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def test_image(side: int, seed: int = 0) -> np.ndarray:

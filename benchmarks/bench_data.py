@@ -30,21 +30,12 @@ import numpy as np
 import pydicom
 from PIL import Image
 
+from _common import cpu_model
 from pneumodet.data.cache import ImageCache, build_cache, resize_area
 from pneumodet.data.dicom import read_dicom
 from pneumodet.data.records import PatientRecord
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rsna-sample"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def rates(work: dict[str, Callable[[], int]], repeats: int, clock: Callable[[], float]) -> dict[str, float]:

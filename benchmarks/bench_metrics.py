@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -29,21 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import cpu_model
 from pneumodet.metrics import RSNA_IOU_THRESHOLDS, rsna_map, sweep_thresholds
 from pneumodet.submission import read_ground_truth
 
 DEFAULT_LABELS = (Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rsna-sample"
                   / "stage_2_train_labels.csv")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def seconds(work: Callable[[], object], repeats: int) -> tuple[float, object]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -27,20 +26,11 @@ import pydicom
 import torch
 import torch.nn.functional as F
 
+from _common import cpu_model
 from pneumodet.inference import predict, resolve_precision
 from pneumodet.model import ModelConfig, build_model, save_checkpoint
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rsna-sample" / "stage_2_train_images"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def peer_loop(model: torch.nn.Module, files: list[Path], size: int) -> int:
