@@ -347,7 +347,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- demo
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo folder (default runs/demo)")
-    p.add_argument("--patients", type=int, default=300, help="synthetic patients (default 300)")
+    p.add_argument("--patients", type=int, default=400, help="synthetic patients (default 400)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
 
 

@@ -19,7 +19,7 @@ DEMO_TRAINING: dict[str, Any] = dict(encoder="resnet50", aug="light", image_size
                                      num_workers=1, checkpoint_every_n_steps=50)
 
 
-def run_demo(out: Path, *, patients: int = 300, seed: int = 0, epochs: int | None = None,
+def run_demo(out: Path, *, patients: int = 400, seed: int = 0, epochs: int | None = None,
              say: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
     """Run every step into ``out`` and return the headline numbers (also in ``out/demo.json``)."""
     from pneumodet.data.rsna import load_rsna
