@@ -92,6 +92,10 @@ class Neck(nn.Module):
             channels,
             extra_blocks=ExtraLevels(channels, len(extra), deepest + 1) if extra else None,
         )
+        if deepest not in pyramid_levels and not extra:
+            # the deepest map then only feeds the top-down path: its output convolution would be dead
+            # weight (and DDP refuses parameters that never get a gradient)
+            self.fpn.layer_blocks[-1] = nn.Identity()
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
         """features: encoder maps (shallow to deep) -> one Tensor[B, channels, H_l, W_l] per pyramid level."""
