@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -25,15 +24,8 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import retinanet_resnet50_fpn
 
+from _common import cpu_model
 from pneumodet.model import ModelConfig, build_model
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 class Peer:
@@ -41,6 +33,7 @@ class Peer:
 
     def __init__(self, name: str, model: torch.nn.Module, size: int, device: torch.device) -> None:
         self.name, self.model, self.size, self.device = name, model.to(device), size, device
+        self.network = self.model  # what inference calls: the model, or its torch.compile'd form
 
     def images(self, batch: int, channels_last: bool) -> torch.Tensor:
         x = torch.rand(batch, 1, self.size, self.size, device=self.device)
@@ -61,7 +54,7 @@ class PneumodetPeer(Peer):
         optimizer.step()
 
     def infer(self, images: torch.Tensor) -> None:
-        self.model.detect(self.model(images))
+        self.model.detect(self.network(images))
 
     def forward_only(self, images: torch.Tensor) -> None:
         self.model(images)
@@ -81,7 +74,7 @@ class TorchvisionPeer(Peer):
         optimizer.step()
 
     def infer(self, images: torch.Tensor) -> None:
-        self.model(self._list(images))
+        self.network(self._list(images))
 
     def forward_only(self, images: torch.Tensor) -> None:
         self.infer(images)
@@ -157,11 +150,13 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-train", action="store_true", help="inference only")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both models for the inference rows (compilation in the warm-up)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     print(f"device: {where}; torch {torch.__version__}, torchvision {torchvision.__version__}, "
           f"threads {torch.get_num_threads()}, cores {os.cpu_count()}, "
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
@@ -180,6 +175,10 @@ def main() -> None:
     print(f"anchors/image: pneumodet {a_ours:,}; torchvision "
           f"{sum(a.shape[0] for a in tv.model.anchor_generator(_image_list(args.size, device), _features(tv, args.size, device))):,}\n")
 
+    if args.compile:
+        for peer in (ours, tv):
+            peer.network = torch.compile(peer.model)
+        print("inference rows: both models through torch.compile (compiled during the warm-up)\n")
     print(f"{'measure':<34}{'pneumodet':>12}{'torchvision':>13}{'ratio':>8}")
     for precision in args.precision:
         jobs = [] if args.skip_train else [(f"train img/s  b{args.batch} {precision}", train_step, args.batch)]

@@ -417,6 +417,23 @@ def test_bf16_prediction_stays_close_to_fp32(tiny_run, tmp_path):
         np.testing.assert_allclose(b.boxes[0, 0], a.boxes[0, 0], atol=0.02)  # the best score
 
 
+@pytest.mark.slow
+def test_compiled_prediction_matches_eager(tiny_run, tmp_path):
+    from pneumodet.inference import predict
+
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        write_dicom(tmp_path / f"c{i}.dcm", rng.integers(0, 256, (200, 240), dtype=np.uint8), patient_id=f"c{i}")
+    eager = predict(tiny_run, [tmp_path], threshold=0.0, precision="fp32", batch_size=2, progress=False)
+    compiled = predict(tiny_run, [tmp_path], threshold=0.0, precision="fp32", batch_size=2, compile=True,
+                       progress=False)  # batches of 2 and 1: a recompilation for the last one
+    for pid in ("c0", "c1", "c2"):
+        a, b = eager.predictions[pid], compiled.predictions[pid]
+        np.testing.assert_allclose(b.class_probs, a.class_probs, atol=1e-4)
+        assert len(a.boxes) == len(b.boxes) > 0
+        np.testing.assert_allclose(b.boxes, a.boxes, atol=1e-2)
+
+
 def test_predict_on_the_synthetic_dataset_gives_a_row_per_image_that_scores(tiny_run, tmp_path, synth_dataset):
     import pandas as pd
 

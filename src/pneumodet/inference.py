@@ -416,6 +416,7 @@ class Predictor:
         gate: bool = False,
         device: str | torch.device = "cpu",
         precision: str | None = None,
+        compile: bool = False,
     ) -> None:
         if tta not in (None, "hflip"):
             raise ConfigError(f"unknown TTA {tta!r}; the only one is 'hflip'")
@@ -426,6 +427,9 @@ class Predictor:
             raise ConfigError(f"device {device!r} asked for, but this machine has no usable CUDA GPU")
         self.precision = resolve_precision(precision, self.device)
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        # torch.compile pays a one-off compilation (about 20 s for ResNet50 on a 2-core CPU) for a faster
+        # network afterwards: worth it for large jobs (docs/BENCHMARKS.md)
+        self.network = torch.compile(self.model) if compile else self.model
         self.image_size = image_size
         self.tta, self.tta_merge, self.tta_iou, self.gate = tta, tta_merge, tta_iou, gate
 
@@ -438,7 +442,7 @@ class Predictor:
     def _detect(self, images: torch.Tensor) -> list[Detections]:
         images = images.to(self.device, memory_format=torch.channels_last)
         with self._autocast():
-            outputs = self.model(images)
+            outputs = self.network(images)
         return self.model.detect(outputs)  # decodes in fp32 whatever the head's dtype
 
     def __call__(self, images: torch.Tensor) -> list[RawPrediction]:
@@ -478,6 +482,7 @@ def predict(
     follow_symlinks: bool = False,
     overlay_dir: Path | str | None = None,
     workers: int = 0,
+    compile: bool = False,
     progress: bool = True,
 ) -> PredictionResult:
     """Predict boxes and class probabilities for every DICOM under ``inputs``.
@@ -492,6 +497,7 @@ def predict(
         precision: ``"bf16"`` (autocast) or ``"fp32"``; default bf16 where the device computes it natively.
         overlay_dir: when given, one PNG per predicted image with boxes, scores and class probabilities.
         workers: DataLoader processes decoding DICOMs (0: in this process).
+        compile: run the network through ``torch.compile`` (a one-off compilation, then faster batches).
 
     Returns:
         A :class:`PredictionResult`; unreadable files, duplicate patient ids and links not followed are
@@ -510,7 +516,7 @@ def predict(
         raise ConfigError(f"threshold must be a finite number, got {threshold}")
     image_size = model_image_size(model, extra)
     predictor = Predictor(model, image_size, tta=tta, tta_merge=tta_merge, gate=gate,
-                          device=device, precision=precision)
+                          device=device, precision=precision, compile=compile)
 
     search = find_dicom_files(inputs, follow_symlinks=follow_symlinks)
     if not search.files:
