@@ -183,18 +183,18 @@ def main() -> None:
         profiles[name] = profile_step(step)
 
     print("\nself CPU time of one profiled step, by group")
-    print(f"{'group':<16}" + "".join(f"{name:>18}" for name in profiles))
+    print(f"{'group':<16}" + "".join(f"{name:>19}" for name in profiles))
     for group in GROUPS:
         cells = []
         for groups, _ in profiles.values():
             total = sum(groups.values())
-            cells.append(f"{groups.get(group, 0.0):>9.2f} s {groups.get(group, 0.0) / total:>5.0%}")
-        print(f"{group:<16}" + "".join(f"{cell:>18}" for cell in cells))
+            cells.append(f"{groups.get(group, 0.0) * 1e3:>8.1f} ms {groups.get(group, 0.0) / total:>5.1%}")
+        print(f"{group:<16}" + "".join(f"{cell:>19}" for cell in cells))
     for name, (_, ops) in profiles.items():
         total = sum(s for _, s in ops)
         print(f"\ntop ops, {name} (self CPU, of {total:.2f} s)")
         for op, seconds in ops[:args.top]:
-            print(f"  {op:<60}{seconds:>7.2f} s {seconds / total:>5.0%}")
+            print(f"  {op:<60}{seconds * 1e3:>8.1f} ms {seconds / total:>5.1%}")
     print(f"\nload average at the end: {_load()}")
 
 
