@@ -83,7 +83,7 @@ def child(checkpoint: Path, images: Path, n: int, batch: int, interval: float) -
     wall = time.perf_counter() - start
     samples = sampler.stop()
     return {
-        "n": n, "wall_s": wall, "predicted": len(result.predictions), "unreadable": len(result.unreadable),
+        "n": n, "wall_s": wall, "predicted": len(result.predictions), "boxes": result.boxes_total, "unreadable": len(result.unreadable),
         "precision": result.precision, "rss_before": before,
         "rss_quarters": [at_fraction(samples, q) for q in QUARTERS],
         "rss_max": max(rss for _, rss in samples), "samples": len(samples),
@@ -150,7 +150,7 @@ def main() -> None:
                   + "".join(f"{rss:>7.0f}" for rss in row["rss_quarters"])
                   + f"{row['rss_max']:>7.0f}{row['ru_maxrss']:>10.0f}", flush=True)
     growth = rows[-1]["ru_maxrss"] - rows[0]["ru_maxrss"]
-    print(f"\nprecision {rows[-1]['precision']}; peak RSS (ru_maxrss) N vs N/4: {rows[-1]['ru_maxrss']:.0f} vs "
+    print(f"\nprecision {rows[-1]['precision']}; boxes kept at N: {rows[-1]['boxes']}; peak RSS (ru_maxrss) N vs N/4: {rows[-1]['ru_maxrss']:.0f} vs "
           f"{rows[0]['ru_maxrss']:.0f} MiB ({growth:+.0f} MiB, {rows[-1]['ru_maxrss'] / rows[0]['ru_maxrss']:.2f}x) "
           f"for {rows[-1]['n'] / rows[0]['n']:.0f}x the images")
     print(f"load average at the end: {_load()}")
