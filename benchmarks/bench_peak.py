@@ -22,6 +22,7 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -157,15 +158,16 @@ def main() -> None:
     print(f"median of {args.repeats} runs after 1 warm-up\n")
 
     b, c, h = args.conv
+    conv_label = f"conv 3x3 [{b},{c},{h},{h}] channels_last"
+    kernels = {f"matmul {args.matmul}x{args.matmul}": partial(matmul_peak, args.matmul),
+               conv_label: partial(conv_peak, b, c, h)}
     peaks = {}
     print(f"{'peak kernel':<44}{'fp32 GFLOP/s':>14}{'bf16 GFLOP/s':>14}{'bf16/fp32':>11}")
-    for label, measure in ((f"matmul {args.matmul}x{args.matmul}", lambda p: matmul_peak(
-            args.matmul, p, args.repeats, device)),
-            (f"conv 3x3 [{b},{c},{h},{h}] channels_last", lambda p: conv_peak(b, c, h, p, args.repeats, device))):
-        fp32, bf16 = measure("fp32"), measure("bf16")
-        peaks[label.split()[0]] = bf16
+    for label, measure in kernels.items():
+        fp32, bf16 = (measure(precision, args.repeats, device) for precision in ("fp32", "bf16"))
+        peaks[label] = bf16
         print(f"{label:<44}{fp32 / 1e9:>14.1f}{bf16 / 1e9:>14.1f}{bf16 / fp32:>10.2f}x", flush=True)
-    peak = peaks["conv"]
+    peak = peaks[conv_label]
 
     peer = PneumodetPeer("pneumodet", build_model(ModelConfig(encoder="resnet50", image_size=args.size)),
                          args.size, device)
