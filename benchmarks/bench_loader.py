@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from _common import cpu_model
+from _common import cpu_model, load_average
 from bench_model import PneumodetPeer, train_step
 from bench_peak import median_seconds
 from pneumodet.data.augment import LEVELS
@@ -73,10 +73,6 @@ def step_rate(size: int, batch: int, repeats: int) -> float:
     return batch / median_seconds(train_step(peer, batch, "bf16"), repeats, peer.device)
 
 
-def _load() -> str:
-    return " ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=200, help="synthetic patients (default 200)")
@@ -91,7 +87,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     print(f"device: {cpu_model()}; torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"cores {os.cpu_count()}, load average {_load()}")
+          f"cores {os.cpu_count()}, load average {load_average()}")
     step = step_rate(args.size, args.batch, args.step_repeats)
     print(f"peer: training step resnet50 {args.size} px bf16 + channels_last, batch {args.batch}: "
           f"{step:.2f} img/s (median of {args.step_repeats} after 1 warm-up)\n")
@@ -114,7 +110,7 @@ def main() -> None:
                     header = False
                 print(f"{level:<24}{workers:>8}{rate:>14.1f}{rate / step:>8.1f}x{rate / args.gpu_rate:>12.2f}x",
                       flush=True)
-    print(f"\nload average at the end: {_load()}")
+    print(f"\nload average at the end: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import retinanet_resnet50_fpn
 
-from _common import cpu_model
+from _common import cpu_model, load_average
 from pneumodet.model import ModelConfig, build_model
 
 
@@ -159,7 +159,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     print(f"device: {where}; torch {torch.__version__}, torchvision {torchvision.__version__}, "
           f"threads {torch.get_num_threads()}, cores {os.cpu_count()}, "
-          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+          f"load average {load_average()}")
     print(f"input {args.size}x{args.size}, train batch {args.batch}, inference batches {args.infer_batch}, "
           f"median of {args.repeats} alternating runs after 1 warm-up\n")
 
@@ -188,7 +188,7 @@ def main() -> None:
                                       args.repeats, device)
             r_ours, r_tv = batch / t_ours, batch / t_tv
             print(f"{label:<34}{r_ours:>12.2f}{r_tv:>13.2f}{r_ours / r_tv:>7.2f}x", flush=True)
-    print(f"\nload average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"\nload average at the end: {load_average()}")
 
 
 def _image_list(size: int, device: torch.device):

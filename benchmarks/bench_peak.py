@@ -28,7 +28,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
-from _common import cpu_model
+from _common import cpu_model, load_average
 from bench_model import PneumodetPeer, autocast, infer_step, train_step
 from pneumodet.model import ModelConfig, build_model
 
@@ -133,10 +133,6 @@ def profile_step(step: Callable[[], None]) -> tuple[dict[str, float], list[tuple
     return dict(groups), sorted(ops.items(), key=lambda kv: -kv[1])
 
 
-def _load() -> str:
-    return " ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="input side in pixels (default 512)")
@@ -154,7 +150,7 @@ def main() -> None:
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     print(f"device: {where}; torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"cores {os.cpu_count()}, load average {_load()}")
+          f"cores {os.cpu_count()}, load average {load_average()}")
     print(f"median of {args.repeats} runs after 1 warm-up\n")
 
     b, c, h = args.conv
@@ -197,7 +193,7 @@ def main() -> None:
         print(f"\ntop ops, {name} (self CPU, of {total:.2f} s)")
         for op, seconds in ops[:args.top]:
             print(f"  {op:<60}{seconds * 1e3:>8.1f} ms {seconds / total:>5.1%}")
-    print(f"\nload average at the end: {_load()}")
+    print(f"\nload average at the end: {load_average()}")
 
 
 if __name__ == "__main__":

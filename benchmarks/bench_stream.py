@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from _common import cpu_model
+from _common import cpu_model, load_average
 
 FRACTIONS = (0.25, 0.5, 1.0)
 QUARTERS = (0.25, 0.5, 0.75, 1.0)
@@ -112,10 +112,6 @@ def run_child(checkpoint: Path, images: Path, n: int, args: argparse.Namespace) 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _load() -> str:
-    return " ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000, help="DICOMs in the largest run (default 2000)")
@@ -131,7 +127,7 @@ def main() -> None:
         return
 
     print(f"device: {cpu_model()}; torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"cores {os.cpu_count()}, load average {_load()}")
+          f"cores {os.cpu_count()}, load average {load_average()}")
     with tempfile.TemporaryDirectory(prefix="bench_stream_") as tmp:
         start = time.perf_counter()
         checkpoint, images = prepare(Path(tmp), args.n, args.size, args.encoder)
@@ -153,7 +149,7 @@ def main() -> None:
     print(f"\nprecision {rows[-1]['precision']}; boxes kept at N: {rows[-1]['boxes']}; peak RSS (ru_maxrss) N vs N/4: {rows[-1]['ru_maxrss']:.0f} vs "
           f"{rows[0]['ru_maxrss']:.0f} MiB ({growth:+.0f} MiB, {rows[-1]['ru_maxrss'] / rows[0]['ru_maxrss']:.2f}x) "
           f"for {rows[-1]['n'] / rows[0]['n']:.0f}x the images")
-    print(f"load average at the end: {_load()}")
+    print(f"load average at the end: {load_average()}")
 
 
 if __name__ == "__main__":
