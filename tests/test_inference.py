@@ -426,7 +426,8 @@ def test_compiled_prediction_matches_eager(tiny_run, tmp_path):
         write_dicom(tmp_path / f"c{i}.dcm", rng.integers(0, 256, (200, 240), dtype=np.uint8), patient_id=f"c{i}")
     eager = predict(tiny_run, [tmp_path], threshold=0.0, precision="fp32", batch_size=2, progress=False)
     compiled = predict(tiny_run, [tmp_path], threshold=0.0, precision="fp32", batch_size=2, compile=True,
-                       progress=False)  # batches of 2 and 1: a recompilation for the last one
+                       progress=False)  # batches of 2 and 1: the last one padded to 2
+    assert compiled.compiled and not eager.compiled
     for pid in ("c0", "c1", "c2"):
         a, b = eager.predictions[pid], compiled.predictions[pid]
         np.testing.assert_allclose(b.class_probs, a.class_probs, atol=1e-4)

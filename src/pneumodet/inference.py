@@ -58,7 +58,7 @@ from pneumodet.hardware import bf16_is_native
 if TYPE_CHECKING:
     import PIL.Image
 
-    from pneumodet.model import Detections
+    from pneumodet.model import Detections, HeadOutputs
 
 #: The checkpoint :func:`predict` takes from a training run directory.
 RUN_CHECKPOINT = "best_model.pt"
@@ -117,6 +117,7 @@ class PredictionResult:
     tta: str | None = None
     gate: bool = False
     precision: str = "fp32"
+    compiled: bool = False
 
     @property
     def boxes_total(self) -> int:
@@ -134,7 +135,8 @@ class PredictionResult:
         lines = [
             f"files found: {self.files_found}; patients predicted: {len(self.predictions)} "
             f"({self.patients_with_boxes} with boxes, {self.boxes_total} boxes; threshold {self.threshold:.3f}, "
-            f"tta {self.tta or 'none'}, gate {'on' if self.gate else 'off'}, {self.precision})",
+            f"tta {self.tta or 'none'}, gate {'on' if self.gate else 'off'}, {self.precision}"
+            f"{', compiled' if self.compiled else ''})",
             f"unreadable: {len(self.unreadable)}; duplicate patient ids: {len(self.duplicates)}; "
             f"symlinks not followed: {len(self.skipped_links)}; warnings: {len(self.warnings)}",
         ]
@@ -402,6 +404,13 @@ class RawPrediction:
     class_probs: torch.Tensor
 
 
+def check_tta(tta: str | None, tta_merge: str) -> None:
+    if tta not in (None, "hflip"):
+        raise ConfigError(f"unknown TTA {tta!r}; the only one is 'hflip'")
+    if tta_merge not in ("wbf", "nms"):
+        raise ConfigError(f"unknown TTA merge {tta_merge!r}; choose 'wbf' or 'nms'")
+
+
 class Predictor:
     """A loaded model plus the prediction options; turns a batch of input images into raw predictions."""
 
@@ -417,21 +426,31 @@ class Predictor:
         device: str | torch.device = "cpu",
         precision: str | None = None,
         compile: bool = False,
+        fold_batchnorm: bool = True,
     ) -> None:
-        if tta not in (None, "hflip"):
-            raise ConfigError(f"unknown TTA {tta!r}; the only one is 'hflip'")
-        if tta_merge not in ("wbf", "nms"):
-            raise ConfigError(f"unknown TTA merge {tta_merge!r}; choose 'wbf' or 'nms'")
+        """Takes over ``model``: it is put in eval mode on ``device``, channels_last, and (unless
+        ``fold_batchnorm`` is false) its encoder's batch norms are folded into the convolutions."""
+        check_tta(tta, tta_merge)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} asked for, but this machine has no usable CUDA GPU")
         self.precision = resolve_precision(precision, self.device)
+        from pneumodet.model import fusion
+
+        if fold_batchnorm:
+            model = fusion.fold_batchnorm(model, inplace=True)
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
-        # torch.compile pays a one-off compilation (about 20 s for ResNet50 on a 2-core CPU) for a faster
-        # network afterwards: worth it for large jobs (docs/BENCHMARKS.md)
-        self.network = torch.compile(self.model) if compile else self.model
+        # Compiling costs about 8 s per batch shape for ResNet50 on a 2-core CPU, then each batch runs
+        # about 1.4x faster (docs/BENCHMARKS.md): worth it for large jobs only.
+        self.network = fusion.compile_for_inference(self.model) if compile else self.model
+        self._compiled_batch: int | None = None  # the batch shape compiled first; smaller ones are padded
         self.image_size = image_size
         self.tta, self.tta_merge, self.tta_iou, self.gate = tta, tta_merge, tta_iou, gate
+
+    @property
+    def compiled(self) -> bool:
+        """Whether batches run through the compiled network (false again after a failed compilation)."""
+        return self.network is not self.model
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "bf16":
@@ -442,8 +461,30 @@ class Predictor:
     def _detect(self, images: torch.Tensor) -> list[Detections]:
         images = images.to(self.device, memory_format=torch.channels_last)
         with self._autocast():
-            outputs = self.network(images)
+            outputs = self._forward(images)
         return self.model.detect(outputs)  # decodes in fp32 whatever the head's dtype
+
+    def _forward(self, images: torch.Tensor) -> HeadOutputs:
+        if self.network is self.model:
+            return self.model(images)
+        batch = images.shape[0]
+        if self._compiled_batch is None:
+            self._compiled_batch = batch
+        missing = self._compiled_batch - batch
+        if missing > 0:  # a zero-padded batch costs less than compiling for a new shape
+            images = torch.cat((images, images.new_zeros((missing, *images.shape[1:]))))
+            images = images.contiguous(memory_format=torch.channels_last)
+        try:
+            outputs = self.network(images)
+        except Exception as err:  # noqa: BLE001 - Inductor raises many kinds (no compiler, lowering bugs)
+            warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); "
+                          "predicting without compilation", stacklevel=4)
+            self.network = self.model
+            return self.model(images[:batch])
+        if missing > 0:
+            outputs = outputs._replace(cls_logits=outputs.cls_logits[:batch], box_deltas=outputs.box_deltas[:batch],
+                                       global_logits=outputs.global_logits[:batch])
+        return outputs
 
     def __call__(self, images: torch.Tensor) -> list[RawPrediction]:
         """images: float ``[B, 1, S, S]`` in ``[0, 1]`` -> ``B`` raw predictions in input pixels."""
@@ -482,7 +523,7 @@ def predict(
     follow_symlinks: bool = False,
     overlay_dir: Path | str | None = None,
     workers: int = 0,
-    compile: bool = False,
+    compile: bool | None = None,
     progress: bool = True,
 ) -> PredictionResult:
     """Predict boxes and class probabilities for every DICOM under ``inputs``.
@@ -497,7 +538,9 @@ def predict(
         precision: ``"bf16"`` (autocast) or ``"fp32"``; default bf16 where the device computes it natively.
         overlay_dir: when given, one PNG per predicted image with boxes, scores and class probabilities.
         workers: DataLoader processes decoding DICOMs (0: in this process).
-        compile: run the network through ``torch.compile`` (a one-off compilation, then faster batches).
+        compile: run the network through ``torch.compile`` with frozen weights (seconds of compilation,
+            then faster batches); ``None`` compiles for jobs of ``COMPILE_MIN_IMAGES`` images or more
+            where a compiler is available.
 
     Returns:
         A :class:`PredictionResult`; unreadable files, duplicate patient ids and links not followed are
@@ -505,6 +548,7 @@ def predict(
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    check_tta(tta, tta_merge)
     model, extra = load_for_inference(model_source)
     threshold_from_run = threshold is None
     if threshold is None:
@@ -515,12 +559,16 @@ def predict(
     if not math.isfinite(threshold):
         raise ConfigError(f"threshold must be a finite number, got {threshold}")
     image_size = model_image_size(model, extra)
-    predictor = Predictor(model, image_size, tta=tta, tta_merge=tta_merge, gate=gate,
-                          device=device, precision=precision, compile=compile)
-
     search = find_dicom_files(inputs, follow_symlinks=follow_symlinks)
     if not search.files:
         raise PneumodetError(_nothing_found(inputs, search))
+    if compile is None:
+        from pneumodet.model.fusion import compile_pays_off
+
+        compile = compile_pays_off(len(search.files), device)
+    predictor = Predictor(model, image_size, tta=tta, tta_merge=tta_merge, gate=gate,
+                          device=device, precision=precision, compile=compile)
+
     result = PredictionResult({}, threshold, len(search.files), unreadable=list(search.missing),
                               skipped_links=list(search.skipped_links), tta=tta, gate=gate,
                               precision=predictor.precision)
@@ -536,6 +584,7 @@ def predict(
                         collate_fn=_collate)
     for items in _progress(loader, progress, total=len(loader)):
         _predict_batch(items, predictor, result, overlays)
+    result.compiled = predictor.compiled  # false if the compilation failed and eager took over
     return result
 
 

@@ -1,0 +1,73 @@
+"""Inference-only rewrites of a trained network: batch norm folded into convolutions, compilation.
+
+Neither changes what the network computes (up to rounding); both are applied to a copy used for
+prediction, never to the model that is trained or saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+
+import torch
+from torch import nn
+from torch.fx.experimental.optimization import fuse
+
+log = logging.getLogger(__name__)
+
+
+def count_batchnorms(module: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """``model`` (a copy unless ``inplace``) in eval mode with its encoder's batch norms folded into
+    the convolutions before them (an affine map per channel, free once merged into the weights).
+
+    The encoder is traced with ``torch.fx``; a pair is folded only where the convolution's output
+    feeds nothing but the batch norm. Encoders that cannot be traced (timm's PNASNet branches on
+    tensor shapes) are returned unfolded, which is slower but identical in results.
+    """
+    folded = (model if inplace else copy.deepcopy(model)).eval()
+    body = getattr(getattr(folded, "encoder", None), "body", None)
+    if body is None or count_batchnorms(body) == 0:
+        return folded
+    try:
+        fused = fuse(body, inplace=True)
+    except Exception as err:  # noqa: BLE001 - torch.fx raises several kinds for untraceable code
+        log.info("batch norm left unfolded: the encoder cannot be traced (%s: %s)", type(err).__name__, err)
+        return folded
+    fused.feature_info = body.feature_info  # what the rest of the model reads from the timm body
+    folded.encoder.body = fused
+    return folded
+
+
+def has_cpp_compiler() -> bool:
+    """Inductor on CPU writes and compiles C++; without a compiler ``torch.compile`` cannot help."""
+    from torch._inductor import config
+
+    candidates = config.cpp.cxx if isinstance(config.cpp.cxx, tuple) else (config.cpp.cxx,)
+    return any(shutil.which(c) for c in candidates if c)
+
+
+def compile_for_inference(model: nn.Module) -> nn.Module:
+    """``torch.compile`` with Inductor's freezing: the weights become constants, so batch norm is
+    folded, convolution + activation fused and weights pre-packed for oneDNN. Shapes are static:
+    one compilation per distinct batch shape (callers pad the last batch)."""
+    return torch.compile(model, dynamic=False, options={"freezing": True})
+
+
+#: Below this many images a compilation (seconds per batch shape) costs more than it saves.
+COMPILE_MIN_IMAGES = 500
+
+
+def compile_pays_off(num_images: int, device: torch.device | str) -> bool:
+    """Whether ``compile=None`` ("auto") compiles: a large enough job on a device Inductor can target."""
+    if num_images < COMPILE_MIN_IMAGES:
+        return False
+    if torch.device(device).type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return has_triton()
+    return torch.device(device).type == "cpu" and has_cpp_compiler()
