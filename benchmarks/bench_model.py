@@ -4,10 +4,15 @@
         [--infer-batch 1 16] [--repeats 5] [--precision fp32 bf16]
 
 Both models: ResNet-50 + FPN RetinaNet, random init, the same square input. Training = forward,
-loss, backward and an SGD step; inference = forward + decoding + NMS. "bf16" = CPU/CUDA autocast
-bf16 with channels_last weights and inputs. Times are medians after one warm-up step, the two models'
-steps alternating so both see the same background load; the ratio is torchvision's time /
+loss, backward and an SGD step; inference = forward + decoding + NMS, pneumodet's network as
+``Predictor`` runs it (encoder batch norm folded into the convolutions). "bf16" = CPU/CUDA autocast
+bf16 with channels_last weights and inputs. Times are medians after one warm-up step, the models'
+steps alternating so all see the same background load; the ratio is torchvision's time /
 pneumodet's time (higher = pneumodet faster).
+
+``--compile`` adds inference rows where both networks go through ``compile_for_inference``
+(torch.compile, frozen weights, static shapes; compilation in the warm-up), with torchvision eager
+timed in the same alternation as a third column: what a user of each gets by default on large jobs.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torchvision
@@ -26,6 +31,7 @@ from torchvision.models.detection import retinanet_resnet50_fpn
 
 from _common import cpu_model, load_average
 from pneumodet.model import ModelConfig, build_model
+from pneumodet.model.fusion import compile_for_inference, fold_batchnorm
 
 
 class Peer:
@@ -33,7 +39,18 @@ class Peer:
 
     def __init__(self, name: str, model: torch.nn.Module, size: int, device: torch.device) -> None:
         self.name, self.model, self.size, self.device = name, model.to(device), size, device
-        self.network = self.model  # what inference calls: the model, or its torch.compile'd form
+        self.network = self.inference_network()  # what inference calls
+
+    def inference_network(self) -> torch.nn.Module:
+        return self.model
+
+    def compiled(self) -> Peer:
+        """The same peer whose inference runs through ``compile_for_inference``."""
+        twin = type(self).__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        twin.name = f"{self.name} compiled"
+        twin.network = compile_for_inference(self.inference_network().eval())
+        return twin
 
     def images(self, batch: int, channels_last: bool) -> torch.Tensor:
         x = torch.rand(batch, 1, self.size, self.size, device=self.device)
@@ -46,6 +63,9 @@ class Peer:
 
 
 class PneumodetPeer(Peer):
+    def inference_network(self) -> torch.nn.Module:
+        return fold_batchnorm(self.model)  # a copy, as Predictor does
+
     def train_step(self, images: torch.Tensor, boxes: torch.Tensor, optimizer) -> None:
         outputs = self.model(images)
         losses = self.model.loss(outputs, boxes, torch.ones(len(images), dtype=torch.long, device=self.device))
@@ -85,13 +105,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_pair(steps: tuple[Callable[[], None], Callable[[], None]], repeats: int,
-               device: torch.device) -> tuple[float, float]:
-    """Median seconds of each step after one warm-up each. The two steps alternate, so on a shared
-    machine both see the same background load."""
+def timed_group(steps: Sequence[Callable[[], None]], repeats: int, device: torch.device) -> list[float]:
+    """Median seconds of each step after one warm-up each. The steps take turns, so on a shared
+    machine all see the same background load."""
     for step in steps:
         step()
-    times: tuple[list[float], list[float]] = ([], [])
+    times: list[list[float]] = [[] for _ in steps]
     for _ in range(repeats):
         for step, out in zip(steps, times, strict=True):
             _sync(device)
@@ -99,7 +118,7 @@ def timed_pair(steps: tuple[Callable[[], None], Callable[[], None]], repeats: in
             step()
             _sync(device)
             out.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return [statistics.median(t) for t in times]
 
 
 def autocast(device: torch.device, precision: str):
@@ -123,7 +142,9 @@ def train_step(peer: Peer, batch: int, precision: str) -> Callable[[], None]:
 
 def infer_step(peer: Peer, batch: int, precision: str) -> Callable[[], None]:
     cl = precision == "bf16"
-    peer.model.eval().to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    peer.model.eval().to(memory_format=fmt)
+    peer.network.to(memory_format=fmt)
     images = peer.images(batch, cl)
 
     def step() -> None:
@@ -151,7 +172,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-train", action="store_true", help="inference only")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile both models for the inference rows (compilation in the warm-up)")
+                        help="also time inference with both networks compiled with frozen weights (compilation in the warm-up)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -175,20 +196,34 @@ def main() -> None:
     print(f"anchors/image: pneumodet {a_ours:,}; torchvision "
           f"{sum(a.shape[0] for a in tv.model.anchor_generator(_image_list(args.size, device), _features(tv, args.size, device))):,}\n")
 
-    if args.compile:
-        for peer in (ours, tv):
-            peer.network = torch.compile(peer.model)
-        print("inference rows: both models through torch.compile (compiled during the warm-up)\n")
     print(f"{'measure':<34}{'pneumodet':>12}{'torchvision':>13}{'ratio':>8}")
     for precision in args.precision:
         jobs = [] if args.skip_train else [(f"train img/s  b{args.batch} {precision}", train_step, args.batch)]
         jobs += [(f"infer img/s  b{b} {precision}", infer_step, b) for b in args.infer_batch]
         for label, make_step, batch in jobs:
-            t_ours, t_tv = timed_pair((make_step(ours, batch, precision), make_step(tv, batch, precision)),
-                                      args.repeats, device)
+            t_ours, t_tv = timed_group((make_step(ours, batch, precision), make_step(tv, batch, precision)),
+                                       args.repeats, device)
             r_ours, r_tv = batch / t_ours, batch / t_tv
             print(f"{label:<34}{r_ours:>12.2f}{r_tv:>13.2f}{r_ours / r_tv:>7.2f}x", flush=True)
+    if args.compile:
+        compiled_rows(ours, tv, args, device)
     print(f"\nload average at the end: {load_average()}")
+
+
+def compiled_rows(ours: Peer, tv: Peer, args: argparse.Namespace, device: torch.device) -> None:
+    """Inference with both networks compiled (a fresh compilation per batch shape, in the warm-up),
+    torchvision eager in the same alternation."""
+    print(f"\n{'compiled (frozen weights)':<34}{'pneumodet':>12}{'torchvision':>13}{'ratio':>8}"
+          f"{'tv eager':>10}{'ratio':>8}")
+    for precision in args.precision:
+        for batch in args.infer_batch:
+            peers = (ours.compiled(), tv.compiled(), tv)
+            start = time.perf_counter()
+            times = timed_group([infer_step(p, batch, precision) for p in peers], args.repeats, device)
+            r_ours, r_tv, r_eager = (batch / t for t in times)
+            print(f"{f'infer img/s  b{batch} {precision}':<34}{r_ours:>12.2f}{r_tv:>13.2f}{r_ours / r_tv:>7.2f}x"
+                  f"{r_eager:>10.2f}{r_ours / r_eager:>7.2f}x   ({time.perf_counter() - start:.0f} s with "
+                  "compilation)", flush=True)
 
 
 def _image_list(size: int, device: torch.device):
