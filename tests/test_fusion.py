@@ -172,3 +172,33 @@ def test_compiled_predictor_pads_a_short_batch_to_the_compiled_shape(resnet18_mo
     want = eager(short)[0]
     np.testing.assert_allclose(out[0].class_probs, want.class_probs, atol=1e-5)
     np.testing.assert_allclose(out[0].scores[:10], want.scores[:10], atol=1e-4)
+
+
+def test_predict_compiles_by_itself_only_from_the_size_threshold(tmp_path, monkeypatch):
+    import pneumodet.model.fusion as fusion
+    from pneumodet.inference import predict
+    from pneumodet.model import save_checkpoint
+    from test_inference import write_dicom
+
+    model = build_model(ModelConfig(encoder="resnet18", image_size=SIZE))
+    save_checkpoint(tmp_path / "model.pt", model, extra={"threshold": 0.5, "image_size": SIZE})
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        write_dicom(tmp_path / "in" / f"p{i}.dcm", rng.integers(0, 256, (150, 140), dtype=np.uint8),
+                    patient_id=f"p{i}")
+    calls = []
+
+    def recording(net):
+        calls.append(net)
+        return net  # "compiled" = the network itself: no compilation cost in this test
+
+    monkeypatch.setattr(fusion, "compile_for_inference", recording)
+    monkeypatch.setattr(fusion, "has_cpp_compiler", lambda: True)
+    small = predict(tmp_path / "model.pt", [tmp_path / "in"], progress=False)
+    assert not calls and len(small.predictions) == 3
+    monkeypatch.setattr(fusion, "COMPILE_MIN_IMAGES", 3)
+    predict(tmp_path / "model.pt", [tmp_path / "in"], progress=False)
+    assert len(calls) == 1
+    predict(tmp_path / "model.pt", [tmp_path / "in"], progress=False, compile=False)
+    assert len(calls) == 1  # an explicit choice wins over the size rule

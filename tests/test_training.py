@@ -204,6 +204,7 @@ def test_evaluate_uses_the_validation_threshold(finished_run: Path) -> None:
     _, extra = load_checkpoint(finished_run / "best_model.pt")
     assert metrics["threshold"] == pytest.approx(extra["threshold"])
     assert 0.0 <= metrics["rsna_map"] <= 1.0
+    assert metrics["compiled"] is False  # a few images: compiling would cost more than it saves
     assert set(metrics["rsna_map_per_iou_threshold"]) == {"0.40", "0.45", "0.50", "0.55", "0.60", "0.65",
                                                           "0.70", "0.75"}
     cm = metrics["global_class"]["confusion_matrix"]

@@ -331,13 +331,15 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", choices=["hflip"], help="test-time augmentation, as predict's")
     p.add_argument("--gate", action="store_true", help="scale box scores by P(Lung Opacity), as predict's")
     p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval_<split>)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="as predict's (default: on from 500 images where a C++ compiler exists)")
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
     from pneumodet.evaluation import evaluate
 
     metrics = evaluate(args.run_dir, split=args.split, batch_size=args.batch_size, precision=args.precision,
-                       tta=args.tta, gate=args.gate, out_dir=args.out)
+                       tta=args.tta, gate=args.gate, out_dir=args.out, compile=args.compile)
     gc = metrics["global_class"]
     print(f"{args.split}: RSNA mAP {metrics['rsna_map']:.4f} over {metrics['images_scored']} images at "
           f"confidence threshold {metrics['threshold']:.2f} (chosen on validation)")

@@ -69,11 +69,12 @@ def confusion_matrix(true: np.ndarray, pred: np.ndarray, n_classes: int) -> np.n
 
 def evaluate(run_dir: Path, *, split: str = "test", batch_size: int = 16, num_workers: int = 0,
              precision: str | None = None, device: str = "auto", tta: str | None = None, gate: bool = False,
-             out_dir: Path | None = None) -> dict[str, Any]:
+             out_dir: Path | None = None, compile: bool | None = None) -> dict[str, Any]:
     """Score a run's best model on ``split`` and write ``metrics.json`` and plots to
-    ``RUN_DIR/eval_<split>/`` (or ``out_dir``). ``precision``, ``tta`` and ``gate`` are ``predict``'s.
-    Returns the metrics dict."""
+    ``RUN_DIR/eval_<split>/`` (or ``out_dir``). ``precision``, ``tta``, ``gate`` and ``compile``
+    are ``predict``'s. Returns the metrics dict."""
     from pneumodet.inference import Predictor
+    from pneumodet.model.fusion import compile_pays_off
 
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -81,8 +82,11 @@ def evaluate(run_dir: Path, *, split: str = "test", batch_size: int = 16, num_wo
     model, extra, config = load_run(run_dir)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    predictor = Predictor(model, config.image_size, tta=tta, gate=gate, device=dev, precision=precision)
     loader = split_loader(config, split, batch_size=batch_size, num_workers=num_workers)
+    if compile is None:
+        compile = compile_pays_off(len(loader.dataset), dev)
+    predictor = Predictor(model, config.image_size, tta=tta, gate=gate, device=dev, precision=precision,
+                          compile=compile)
 
     gt: dict[str, np.ndarray] = {}
     preds: dict[str, np.ndarray] = {}
@@ -108,6 +112,7 @@ def evaluate(run_dir: Path, *, split: str = "test", batch_size: int = 16, num_wo
     curve = _threshold_curve(gt, preds)
     metrics = {
         "run": str(run_dir), "split": split, "images": len(gt), "precision": predictor.precision,
+        "compiled": predictor.compiled,
         "tta": tta, "gate": gate,
         "threshold": threshold, "threshold_source": "chosen on the validation set during training",
         "rsna_map": result.score, "rsna_map_per_iou_threshold": result.to_dict()["per_threshold"],
