@@ -12,7 +12,8 @@ pneumodet's time (higher = pneumodet faster).
 
 ``--compile`` adds inference rows where both networks go through ``compile_for_inference``
 (torch.compile, frozen weights, static shapes; compilation in the warm-up), with torchvision eager
-timed in the same alternation as a third column: what a user of each gets by default on large jobs.
+timed in the same alternation as a third column: what a user of each gets by default on large jobs;
+and a training row with pneumodet's forward compiled (as ``TrainConfig.compile``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Peer:
     def __init__(self, name: str, model: torch.nn.Module, size: int, device: torch.device) -> None:
         self.name, self.model, self.size, self.device = name, model.to(device), size, device
         self.network = self.inference_network()  # what inference calls
+        self.train_network = self.model  # what a training step calls: the model or its torch.compile'd form
 
     def inference_network(self) -> torch.nn.Module:
         return self.model
@@ -67,7 +69,7 @@ class PneumodetPeer(Peer):
         return fold_batchnorm(self.model)  # a copy, as Predictor does
 
     def train_step(self, images: torch.Tensor, boxes: torch.Tensor, optimizer) -> None:
-        outputs = self.model(images)
+        outputs = self.train_network(images)
         losses = self.model.loss(outputs, boxes, torch.ones(len(images), dtype=torch.long, device=self.device))
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
@@ -216,6 +218,8 @@ def compiled_rows(ours: Peer, tv: Peer, args: argparse.Namespace, device: torch.
     print(f"\n{'compiled (frozen weights)':<34}{'pneumodet':>12}{'torchvision':>13}{'ratio':>8}"
           f"{'tv eager':>10}{'ratio':>8}")
     for precision in args.precision:
+        if not args.skip_train:
+            compiled_train_row(ours, tv, args.batch, precision, args.repeats, device)
         for batch in args.infer_batch:
             peers = (ours.compiled(), tv.compiled(), tv)
             start = time.perf_counter()
@@ -224,6 +228,21 @@ def compiled_rows(ours: Peer, tv: Peer, args: argparse.Namespace, device: torch.
             print(f"{f'infer img/s  b{batch} {precision}':<34}{r_ours:>12.2f}{r_tv:>13.2f}{r_ours / r_tv:>7.2f}x"
                   f"{r_eager:>10.2f}{r_ours / r_eager:>7.2f}x   ({time.perf_counter() - start:.0f} s with "
                   "compilation)", flush=True)
+
+
+def compiled_train_row(ours: Peer, tv: Peer, batch: int, precision: str, repeats: int,
+                       device: torch.device) -> None:
+    """pneumodet's training step with ``torch.compile(model)`` (as ``TrainConfig.compile``), its eager
+    step and torchvision's eager step in one alternation. torchvision's training path (lists of
+    images, Python loss loops) is not compiled: it would break the graph at every image."""
+    twin = type(ours).__new__(type(ours))
+    twin.__dict__.update(ours.__dict__)
+    twin.train_network = torch.compile(ours.model)
+    start = time.perf_counter()
+    t_comp, t_eager, t_tv = timed_group([train_step(p, batch, precision) for p in (twin, ours, tv)], repeats, device)
+    print(f"{f'train img/s  b{batch} {precision}':<34}{batch / t_comp:>12.2f}{'-':>13}{'':>8}"
+          f"{batch / t_tv:>10.2f}{t_tv / t_comp:>7.2f}x   (pneumodet eager {batch / t_eager:.2f}: "
+          f"{t_eager / t_comp:.2f}x; {time.perf_counter() - start:.0f} s with compilation)", flush=True)
 
 
 def _image_list(size: int, device: torch.device):
