@@ -22,3 +22,23 @@ def bf16_is_native(device_type: str) -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def release_free_heap() -> bool:
+    """Hand the C heap's free pages back to the operating system (glibc ``malloc_trim``).
+
+    A long stream of per-image buffers under glibc's mmap threshold fragments the heap: freed memory
+    stays mapped and the resident size creeps up with the number of images (docs/BENCHMARKS.md,
+    streaming prediction). Calling this every few batches keeps it flat. Returns whether memory was
+    released; a no-op (False) where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0))

@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pneumodet.data.records import CLASS_INDEX, CLASS_NAMES
 from pneumodet.errors import CheckpointError, ConfigError, DicomReadError, PneumodetError
-from pneumodet.hardware import bf16_is_native
+from pneumodet.hardware import bf16_is_native, release_free_heap
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -62,6 +62,8 @@ if TYPE_CHECKING:
 
 #: The checkpoint :func:`predict` takes from a training run directory.
 RUN_CHECKPOINT = "best_model.pt"
+#: How often a streaming prediction returns freed heap pages to the system (see release_free_heap).
+_TRIM_EVERY_BATCHES = 16
 #: Index of "Lung Opacity" in the global head's probabilities (used by ``gate``).
 OPACITY_INDEX = CLASS_INDEX["Lung Opacity"]
 
@@ -582,8 +584,10 @@ def predict(
     stream = DicomImageStream(search.files, image_size, keep_pixels=overlays is not None)
     loader = DataLoader(stream, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=_collate)
-    for items in _progress(loader, progress, total=len(loader)):
+    for number, items in enumerate(_progress(loader, progress, total=len(loader)), 1):
         _predict_batch(items, predictor, result, overlays)
+        if number % _TRIM_EVERY_BATCHES == 0:
+            release_free_heap()
     result.compiled = predictor.compiled  # false if the compilation failed and eager took over
     return result
 
