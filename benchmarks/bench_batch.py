@@ -13,7 +13,8 @@ CUDA ``max_memory_allocated`` minus ``memory_allocated`` before it. The two ``--
 (one warm-up + one timed step each) fit ``step memory = fixed + per_image * batch`` and
 ``step time = a + b * batch``. The largest batch is the one whose step memory fits in
 ``(1 - --margin)`` of the memory available to the step (``MemAvailable`` from ``/proc/meminfo``, or
-the GPU's free memory, read in the probe with its model loaded), rounded down to a multiple of 2.
+the GPU's free memory, read in the probe with its model loaded; ``--memory-limit`` for a smaller
+machine), rounded down to a multiple of 2 (not a power of two: on CPU nothing favours one).
 
 Verification runs that batch (one warm-up + ``--repeats`` timed steps; median img/s, peak memory). A
 run that fails for memory (allocation error, or killed by a signal) is retried at 85 % of its batch,
@@ -82,7 +83,7 @@ class StepMemory:
     step); CUDA: allocated tensor memory.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, limit_mib: float | None = None) -> None:
         self.device = device
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -95,6 +96,8 @@ class StepMemory:
             Path("/proc/self/clear_refs").write_text("5")
             self.before = _proc_kib("/proc/self/status", "VmRSS") / 1024
             self.available = mem_available_mib()
+        if limit_mib is not None:
+            self.available = min(self.available, limit_mib)
 
     def peak(self) -> float:
         if self.device.type == "cuda":
@@ -103,14 +106,14 @@ class StepMemory:
 
 
 def child(encoder: str, precision: str, batch: int, repeats: int, size: int, device: torch.device,
-          cap_memory: bool) -> dict:
+          cap_memory: bool, limit_mib: float | None) -> dict:
     """Build the model, run one warm-up + ``repeats`` timed steps at ``batch``; what was measured."""
     from pneumodet.model import ModelConfig, build_model
 
     torch.manual_seed(0)
     peer = PneumodetPeer(encoder, build_model(ModelConfig(encoder=encoder, image_size=size)), size, device)
     step = train_step(peer, batch, precision)
-    memory = StepMemory(device)
+    memory = StepMemory(device, limit_mib)
     if cap_memory and device.type == "cpu":
         cap_data_segment(memory.available)
     seconds = timed_group([step], repeats, device)[0]
@@ -125,6 +128,8 @@ def run_child(args: argparse.Namespace, encoder: str, precision: str, batch: int
                "--size", str(args.size), "--device", args.device]
     if not args.cap_memory:
         command.append("--no-cap-memory")
+    if args.memory_limit is not None:
+        command += ["--memory-limit", str(args.memory_limit)]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
@@ -141,7 +146,7 @@ def child_main(args: argparse.Namespace) -> None:
     encoder, precision, batch, repeats = args.child
     try:
         result = child(encoder, precision, int(batch), int(repeats), args.size, torch.device(args.device),
-                       args.cap_memory)
+                       args.cap_memory, args.memory_limit)
     except (MemoryError, torch.OutOfMemoryError) as err:
         print(f"out of memory: {type(err).__name__}: {err}", file=sys.stderr)
         raise SystemExit(_OOM_EXIT) from None
@@ -241,7 +246,7 @@ class Pair:
 def share_out(pairs: list[Pair], seconds: float, cap: int, repeats: int) -> None:
     """Water-filling: cheapest pair first, each gets at most an equal share of what is left."""
     full = {id(p): p.run_seconds(min(p.largest, cap), repeats) for p in pairs}
-    left = list(sorted(pairs, key=lambda p: full[id(p)]))
+    left = sorted(pairs, key=lambda p: full[id(p)])
     while left:
         pair = left.pop(0)
         seconds -= pair.plan(cap, seconds / (len(left) + 1), repeats)
@@ -253,12 +258,13 @@ def verify(pair: Pair, args: argparse.Namespace) -> None:
         result = run_child(args, pair.encoder, pair.precision, pair.headline, args.repeats)
         if "failed" in result:
             pair.notes.append(f"batch {pair.headline}: {result['failed']}")
+            pair.run_batch = min(pair.run_batch, floor_even(pair.headline * _STEP_DOWN))
         else:
             pair.runs[pair.headline] = result
     else:
         pair.notes.append(f"batch {pair.headline} predicted not to fit")
     batch = pair.run_batch
-    for _ in range(_MAX_STEP_DOWNS + 1):
+    for attempt in range(_MAX_STEP_DOWNS + 1):
         if batch < 1 or batch in pair.runs:
             break
         result = run_child(args, pair.encoder, pair.precision, batch, args.repeats)
@@ -266,7 +272,8 @@ def verify(pair: Pair, args: argparse.Namespace) -> None:
             pair.runs[batch] = result
             break
         lower = min(batch - 2, floor_even(batch * _STEP_DOWN))
-        pair.notes.append(f"batch {batch}: {result['failed']}; stepping down to {lower}")
+        last = attempt == _MAX_STEP_DOWNS or lower < 1
+        pair.notes.append(f"batch {batch}: {result['failed']}; " + ("giving up" if last else f"stepping down to {lower}"))
         batch = lower
     pair.run_batch = batch if batch in pair.runs else 0
 
@@ -289,7 +296,8 @@ def print_table(pairs: list[Pair], headline: int) -> None:
         print(f"{p.encoder:<14}{p.precision:<6}{p.memory.slope:>8.0f}{p.memory.intercept:>7.0f}{p.largest:>7}"
               f"{p.run_batch or '-':>6}{peak:>20}{rate_b8:>10}{rate:>9}{ratio:>7}")
     for p in pairs:
-        if run := p.runs.get(p.headline):
+        run = p.runs.get(p.headline)
+        if run and p.headline not in (pr["batch"] for pr in p.probes):
             print(f"  {p.encoder} {p.precision}: fit check at batch {p.headline}: step memory predicted "
                   f"{p.memory(p.headline):.0f} MiB, measured {run['step_mib']:.0f} MiB")
         for note in p.notes:
@@ -310,6 +318,8 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=1200.0,
                         help="seconds for the whole run; caps the verified batches (default 1200)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--memory-limit", type=float, metavar="MIB",
+                        help="memory available to a step, if less than the machine has (what fits on a smaller one)")
     parser.add_argument("--no-cap-memory", dest="cap_memory", action="store_false",
                         help="do not cap each CPU child's data segment at the available memory")
     parser.add_argument("--child", nargs=4, metavar=("ENCODER", "PRECISION", "BATCH", "REPEATS"),
