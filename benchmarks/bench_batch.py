@@ -339,7 +339,7 @@ def main() -> None:
           f"cores {os.cpu_count()}, {memory}, load average {load_average()}")
     print(f"input {args.size}x{args.size}; fits through batches {b1} and {b2}; largest batch = even batch "
           f"within {1 - args.margin:.0%} of available memory; 1 warm-up + {args.repeats} timed steps, "
-          f"median; time budget {args.time_budget:.0f} s\n")
+          f"median; time budget {args.time_budget:.0f} s\n", flush=True)
 
     start = time.perf_counter()
     pairs = []
