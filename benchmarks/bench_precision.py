@@ -1,7 +1,7 @@
 """Training precision: bf16 + channels_last against fp32, same data, same configuration, same seeds.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_precision.py [--patients 360] [--size 160]
-        [--encoder resnet18] [--epochs 8] [--batch 8] [--seeds 0 1] [--precision fp32 bf16]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_precision.py [--patients 360] [--size 192]
+        [--encoder resnet50] [--epochs 8] [--batch 8] [--seeds 0 1] [--precision fp32 bf16]
         [--eval-precision same] [--out DIR]
 
 One synthetic dataset (``make_synthetic_dataset``, ``--patients`` at ``--size`` px, seed 0), one
@@ -11,8 +11,9 @@ augmentation, ``--epochs``, batch ``--batch``) is trained once per precision: "f
 ``32-true`` with contiguous tensors, "bf16" = ``bf16-mixed`` autocast with channels_last weights and
 inputs. Precisions take turns within a seed so both see the same background load.
 
-Per run: train wall time (``train``'s fit: every epoch's training and validation), images/s (training
-images x epochs / that time), validation RSNA mAP (best epoch, threshold swept on validation) and, from
+Per run: train wall time (``train``'s fit: every epoch's training and validation), CPU seconds of this
+process (all its threads; loader workers not included) over the ``train`` call, which stays honest when
+other jobs pause or crowd the run, images/s (training images x epochs / wall time), validation RSNA mAP (best epoch, threshold swept on validation) and, from
 ``pneumodet.evaluation.evaluate`` on the held-out test split, the test RSNA mAP at the
 validation-chosen threshold and the pneumonia AUC of the global head. Evaluation runs at the
 precision the model trained in (``--eval-precision same``) unless told otherwise. Then per precision
@@ -50,7 +51,7 @@ PRECISIONS: dict[str, dict[str, object]] = {
     "fp32": dict(precision="32-true", channels_last=False),
     "bf16": dict(precision="bf16-mixed", channels_last=True),
 }
-METRICS = ("seconds", "images_per_s", "val_map", "test_map", "auc")
+METRICS = ("seconds", "cpu_seconds", "images_per_s", "val_map", "test_map", "auc")
 
 
 @dataclass
@@ -60,6 +61,7 @@ class RunResult:
     precision: str
     seed: int
     seconds: float
+    cpu_seconds: float
     images_per_s: float
     val_map: float
     test_map: float
@@ -91,24 +93,31 @@ def run_config(args: argparse.Namespace, data_dir: Path, split_dir: Path, run_di
 
 def train_and_evaluate(config: TrainConfig, precision: str, eval_precision: str) -> RunResult:
     """Train ``config`` and score its best model on the test split."""
+    cpu_start = time.process_time()
     result = train(config, progress=False)
+    cpu_seconds = time.process_time() - cpu_start
     metrics = evaluate(Path(config.out_dir), split="test", device="cpu",
                        precision=precision if eval_precision == "same" else eval_precision)
     trained = len(read_split(Path(config.split_dir))["train"]) - len(result.excluded.get("train", []))
     return RunResult(precision=precision, seed=config.seed, seconds=result.seconds,
+                     cpu_seconds=cpu_seconds,
                      images_per_s=trained * result.epochs / result.seconds, val_map=result.best_map,
                      test_map=float(metrics["rsna_map"]), auc=float(metrics["global_class"]["pneumonia_auc"]),
                      threshold=result.threshold)
 
 
+def header(label: str, seed: str) -> str:
+    return f"{label:<10}{seed:>6}{'train s':>10}{'cpu s':>8}{'img/s':>9}{'val mAP':>10}{'test mAP':>10}{'AUC':>10}"
+
+
 def row(label: str, seed: str, values: Sequence[float]) -> str:
-    seconds, rate, *scores = values
-    return f"{label:<10}{seed:>6}{seconds:>10.1f}{rate:>9.2f}" + "".join(f"{v:>10.4f}" for v in scores)
+    seconds, cpu_seconds, rate, *scores = values
+    return f"{label:<10}{seed:>6}{seconds:>10.1f}{cpu_seconds:>8.1f}{rate:>9.2f}" + "".join(f"{v:>10.4f}" for v in scores)
 
 
 def summarize(results: list[RunResult], precisions: Sequence[str]) -> list[str]:
     """Mean and spread per precision, bf16 - fp32 of the means against the spread, time ratio."""
-    lines = [f"\n{'mean':<10}{'seeds':>6}{'train s':>10}{'img/s':>9}{'val mAP':>10}{'test mAP':>10}{'AUC':>10}"]
+    lines = ["", header("mean", "seeds")]
     means: dict[str, dict[str, float]] = {}
     spreads: dict[str, dict[str, float]] = {}
     for precision in precisions:
@@ -130,7 +139,8 @@ def summarize(results: list[RunResult], precisions: Sequence[str]) -> list[str]:
         verdict = "within" if abs(d) <= noise else "outside"
         lines.append(f"{name:<9} bf16 - fp32 = {d:+.4f}; seed-to-seed spread up to {noise:.4f}: {verdict} "
                      "the noise")
-    lines.append(f"train time ratio fp32 / bf16: {means['fp32']['seconds'] / means['bf16']['seconds']:.2f}x")
+    lines.append(f"train time ratio fp32 / bf16: {means['fp32']['seconds'] / means['bf16']['seconds']:.2f}x wall, "
+                 f"{means['fp32']['cpu_seconds'] / means['bf16']['cpu_seconds']:.2f}x CPU")
     return lines
 
 
@@ -144,8 +154,8 @@ def quiet_lightning() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=360, help="synthetic patients (default 360)")
-    parser.add_argument("--size", type=int, default=160, help="image side in pixels (default 160)")
-    parser.add_argument("--encoder", default="resnet18", help="timm encoder, random init (default resnet18)")
+    parser.add_argument("--size", type=int, default=192, help="image side in pixels (default 192)")
+    parser.add_argument("--encoder", default="resnet50", help="timm encoder, random init (default resnet50)")
     parser.add_argument("--epochs", type=int, default=8, help="epochs per run (default 8)")
     parser.add_argument("--batch", type=int, default=8, help="training batch (default 8)")
     parser.add_argument("--workers", type=int, default=1, help="loader workers (default 1)")
@@ -169,7 +179,7 @@ def main() -> None:
         data_dir, split_dir, sets = prepare(root, args.patients, args.size)
         print(f"data: {args.patients} synthetic patients ({', '.join(f'{k} {v}' for k, v in sets.items())}), "
               f"split and cache made in {time.perf_counter() - start:.0f} s\n", flush=True)
-        print(f"{'precision':<10}{'seed':>6}{'train s':>10}{'img/s':>9}{'val mAP':>10}{'test mAP':>10}{'AUC':>10}")
+        print(header("precision", "seed"))
         results = []
         for seed in args.seeds:
             for precision in args.precision:
