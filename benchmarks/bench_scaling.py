@@ -23,7 +23,9 @@ For each N, two subprocesses, so each has its own peak memory:
    validation on the fixed ``--val`` patients. A Lightning callback added to the trainer that ``train``
    builds records the times: "epoch s" runs from the epoch's start (loader workers started) to the end
    of its last optimiser step, so validation, the epoch-end checkpoints and the process start are not
-   in it; validation is shown on its own ("val s").
+   in it; validation is shown on its own ("val s"). "2nd half" is the rate over the epoch's second half
+   of steps (a slowdown within the epoch shows there). "CPU s" is the CPU time of the process and its
+   loader workers over the same span: on a shared machine it is the steadier figure.
 
 Memory of the training subprocess: ``resource.getrusage`` ``ru_maxrss`` of the process itself
 (RUSAGE_SELF: imports, model, optimiser, the cached pages it read) plus that of its largest loader
@@ -31,7 +33,8 @@ worker (RUSAGE_CHILDREN: the workers have exited when ``train`` returns); the pe
 figure (ideal ratio 1.00: flat). RSS counts pages of the memory-mapped cache that a process has read,
 which grow with N up to the cache's size without being memory held; so a thread also samples, every
 ``--sample-ms`` ms, the proportional set size (PSS, ``/proc/PID/smaps_rollup``) of the process and its
-workers, split into anonymous memory (what the program holds) and file pages (the cache, libraries).
+workers, split into anonymous memory (what the program holds) and file pages (the cache, libraries);
+the table shows its maximum up to the start of validation, i.e. over the imports, setup and the epoch.
 
 Time: the peer of each row is perfect linear scaling from the smallest N: ratio = (t_N / t_first) /
 (N / N_first), ideal 1.00; above 1 means each image costs more as N grows.
