@@ -1,6 +1,6 @@
 """Training precision: bf16 + channels_last against fp32, same data, same configuration, same seeds.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_precision.py [--patients 360] [--size 192]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_precision.py [--patients 300] [--size 192]
         [--encoder resnet50] [--epochs 8] [--batch 8] [--seeds 0 1] [--precision fp32 bf16]
         [--eval-precision same] [--out DIR]
 
@@ -153,7 +153,7 @@ def quiet_lightning() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patients", type=int, default=360, help="synthetic patients (default 360)")
+    parser.add_argument("--patients", type=int, default=300, help="synthetic patients (default 300)")
     parser.add_argument("--size", type=int, default=192, help="image side in pixels (default 192)")
     parser.add_argument("--encoder", default="resnet50", help="timm encoder, random init (default resnet50)")
     parser.add_argument("--epochs", type=int, default=8, help="epochs per run (default 8)")
