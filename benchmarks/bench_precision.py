@@ -11,11 +11,12 @@ augmentation, ``--epochs``, batch ``--batch``) is trained once per precision: "f
 ``32-true`` with contiguous tensors, "bf16" = ``bf16-mixed`` autocast with channels_last weights and
 inputs. Precisions take turns within a seed so both see the same background load.
 
-Per run: train wall time (``train``'s fit: every epoch's training and validation), CPU seconds of this
-process (all its threads; loader workers not included) over the ``train`` call, which stays honest when
-other jobs pause or crowd the run, images/s (training images x epochs / wall time), validation RSNA mAP (best epoch, threshold swept on validation) and, from
-``pneumodet.evaluation.evaluate`` on the held-out test split, the test RSNA mAP at the
-validation-chosen threshold and the pneumonia AUC of the global head. Evaluation runs at the
+Per run: train wall time (``train``'s fit: every epoch's training and validation); CPU seconds of this
+process over the ``train`` call (all its threads, loader workers not included), which stays honest
+when other jobs pause or crowd the run; images/s (training images x epochs / wall time); validation
+RSNA mAP (best epoch, threshold swept on validation); and, from ``pneumodet.evaluation.evaluate`` on
+the held-out test split, the test RSNA mAP at the validation-chosen threshold and the pneumonia AUC
+of the global head. Evaluation runs at the
 precision the model trained in (``--eval-precision same``) unless told otherwise. Then per precision
 the mean and the seed-to-seed spread (max - min), the bf16 - fp32 difference of the means set against
 that spread (the noise of this measurement), and the train-time ratio fp32 / bf16 (higher = bf16
@@ -66,7 +67,6 @@ class RunResult:
     val_map: float
     test_map: float
     auc: float
-    threshold: float
 
 
 def prepare(root: Path, patients: int, size: int) -> tuple[Path, Path, dict[str, int]]:
@@ -102,8 +102,7 @@ def train_and_evaluate(config: TrainConfig, precision: str, eval_precision: str)
     return RunResult(precision=precision, seed=config.seed, seconds=result.seconds,
                      cpu_seconds=cpu_seconds,
                      images_per_s=trained * result.epochs / result.seconds, val_map=result.best_map,
-                     test_map=float(metrics["rsna_map"]), auc=float(metrics["global_class"]["pneumonia_auc"]),
-                     threshold=result.threshold)
+                     test_map=float(metrics["rsna_map"]), auc=float(metrics["global_class"]["pneumonia_auc"]))
 
 
 def header(label: str, seed: str) -> str:
@@ -133,15 +132,23 @@ def summarize(results: list[RunResult], precisions: Sequence[str]) -> list[str]:
     diff = [means["bf16"][m] - means["fp32"][m] for m in METRICS]
     lines.append(row("bf16-fp32", "", diff))
     lines.append("")
-    for metric, name in (("val_map", "val mAP"), ("test_map", "test mAP"), ("auc", "AUC")):
-        d = means["bf16"][metric] - means["fp32"][metric]
-        noise = max(spreads["fp32"][metric], spreads["bf16"][metric])
-        verdict = "within" if abs(d) <= noise else "outside"
-        lines.append(f"{name:<9} bf16 - fp32 = {d:+.4f}; seed-to-seed spread up to {noise:.4f}: {verdict} "
-                     "the noise")
+    if min(sum(r.precision == p for r in results) for p in ("fp32", "bf16")) < 2:
+        lines.append("one seed per precision: no seed-to-seed spread to set the difference against")
+    else:
+        lines += [noise_verdict(means, spreads, metric, name)
+                  for metric, name in (("val_map", "val mAP"), ("test_map", "test mAP"), ("auc", "AUC"))]
     lines.append(f"train time ratio fp32 / bf16: {means['fp32']['seconds'] / means['bf16']['seconds']:.2f}x wall, "
                  f"{means['fp32']['cpu_seconds'] / means['bf16']['cpu_seconds']:.2f}x CPU")
     return lines
+
+
+def noise_verdict(means: dict[str, dict[str, float]], spreads: dict[str, dict[str, float]], metric: str,
+                  name: str) -> str:
+    """Whether bf16 - fp32 of the means is within the larger seed-to-seed spread of the two."""
+    d = means["bf16"][metric] - means["fp32"][metric]
+    noise = max(spreads["fp32"][metric], spreads["bf16"][metric])
+    verdict = "within" if abs(d) <= noise else "outside"
+    return f"{name:<9} bf16 - fp32 = {d:+.4f}; seed-to-seed spread up to {noise:.4f}: {verdict} the noise"
 
 
 def quiet_lightning() -> None:
