@@ -1,7 +1,7 @@
 """Model speed: pneumodet's RetinaNet vs torchvision's retinanet_resnet50_fpn, same input, same run.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_model.py [--size 512] [--batch 8]
-        [--infer-batch 1 16] [--repeats 5] [--precision fp32 bf16]
+        [--infer-batch 1 16] [--repeats 5] [--precision fp32 bf16] [--encoder resnet50] [--compile]
 
 Both models: ResNet-50 + FPN RetinaNet, random init, the same square input. Training = forward,
 loss, backward and an SGD step; inference = forward + decoding + NMS, pneumodet's network as
@@ -168,11 +168,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="input side in pixels (default 512)")
     parser.add_argument("--batch", type=int, default=8, help="training batch (default 8)")
-    parser.add_argument("--infer-batch", type=int, nargs="+", default=[1, 16], help="inference batches (1 16)")
+    parser.add_argument("--infer-batch", type=int, nargs="*", default=[1, 16],
+                        help="inference batches (default 1 16; none: training only)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats after warm-up (default 5)")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-train", action="store_true", help="inference only")
+    parser.add_argument("--encoder", default="resnet50",
+                        help="pneumodet's encoder (default resnet50; the peer is always torchvision's ResNet-50)")
     parser.add_argument("--compile", action="store_true",
                         help="also time inference with both networks compiled with frozen weights (compilation in the warm-up)")
     args = parser.parse_args()
@@ -183,10 +186,10 @@ def main() -> None:
     print(f"device: {where}; torch {torch.__version__}, torchvision {torchvision.__version__}, "
           f"threads {torch.get_num_threads()}, cores {os.cpu_count()}, "
           f"load average {load_average()}")
-    print(f"input {args.size}x{args.size}, train batch {args.batch}, inference batches {args.infer_batch}, "
+    print(f"pneumodet encoder {args.encoder}; input {args.size}x{args.size}, train batch {args.batch}, inference batches {args.infer_batch}, "
           f"median of {args.repeats} alternating runs after 1 warm-up\n")
 
-    ours = PneumodetPeer("pneumodet", build_model(ModelConfig(encoder="resnet50", image_size=args.size)),
+    ours = PneumodetPeer("pneumodet", build_model(ModelConfig(encoder=args.encoder, image_size=args.size)),
                          args.size, device)
     tv = TorchvisionPeer("torchvision", retinanet_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=2, min_size=args.size, max_size=args.size),
@@ -201,7 +204,7 @@ def main() -> None:
     print(f"{'measure':<34}{'pneumodet':>12}{'torchvision':>13}{'ratio':>8}")
     for precision in args.precision:
         jobs = [] if args.skip_train else [(f"train img/s  b{args.batch} {precision}", train_step, args.batch)]
-        jobs += [(f"infer img/s  b{b} {precision}", infer_step, b) for b in args.infer_batch]
+        jobs += [(f"infer img/s  b{b} {precision}", infer_step, b) for b in args.infer_batch or ()]
         for label, make_step, batch in jobs:
             t_ours, t_tv = timed_group((make_step(ours, batch, precision), make_step(tv, batch, precision)),
                                        args.repeats, device)
