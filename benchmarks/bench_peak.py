@@ -10,8 +10,9 @@ convolution with as many input as output channels on a channels_last ``[B, C, H,
 ``--batch`` and inference (forward, decoding, NMS) at ``--infer-batch``. FLOPs of one step, backward
 included, come from ``torch.utils.flop_counter.FlopCounterMode``; achieved FLOP/s = FLOPs / median
 step time, reported as a fraction of the bf16 convolution peak (the kernel the backbone mostly runs).
-Finally one profiled step of each (``torch.profiler``, shapes not recorded): self CPU time grouped as
-convolution / matmul / batch norm / loss + matching / NMS / other, and the top ops.
+Finally one profiled step of each (``torch.profiler``, shapes not recorded): self CPU time (on a GPU,
+the device time of the kernels each op launched) grouped as convolution / matmul / batch norm /
+loss + matching / NMS / other, and the top ops.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -118,16 +120,21 @@ def op_group(event) -> str:
     return "other"
 
 
-def profile_step(step: Callable[[], None]) -> tuple[dict[str, float], list[tuple[str, float]]]:
-    """Self CPU seconds of one step per group, and per op name (largest first)."""
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+def profile_step(step: Callable[[], None], device: torch.device) -> tuple[dict[str, float], list[tuple[str, float]]]:
+    """Self seconds of one step per group, and per op name (largest first): CPU time on the CPU; on a GPU
+    the device time of the kernels each op launched (ops, not kernels, so the groups still apply)."""
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+    with profile(activities=activities, record_shapes=False) as prof:
         step()
+        if on_gpu:
+            torch.cuda.synchronize(device)
     groups: dict[str, float] = defaultdict(float)
     ops: dict[str, float] = defaultdict(float)
     for event in prof.events():
-        if event.name == LOSS_RANGE:
-            continue
-        seconds = event.self_cpu_time_total / 1e6
+        if event.name == LOSS_RANGE or (on_gpu and event.device_type != DeviceType.CPU):
+            continue  # a kernel's time is counted in the op that launched it
+        seconds = (event.self_device_time_total if on_gpu else event.self_cpu_time_total) / 1e6
         groups[op_group(event)] += seconds
         ops[event.name] += seconds
     return dict(groups), sorted(ops.items(), key=lambda kv: -kv[1])
@@ -147,6 +154,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = True  # fixed shapes: the conv peak and the steps get autotuned kernels
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     print(f"device: {where}; torch {torch.__version__}, threads {torch.get_num_threads()}, "
@@ -178,9 +186,10 @@ def main() -> None:
         flops = count_flops(step)
         print(f"{name:<14}{flops / 1e9:>12.1f}{seconds:>9.2f}{batch / seconds:>8.2f}{flops / seconds / 1e9:>10.1f}"
               f"{flops / seconds / peak:>18.0%}", flush=True)
-        profiles[name] = profile_step(step)
+        profiles[name] = profile_step(step, device)
 
-    print("\nself CPU time of one profiled step, by group")
+    clock = "device" if device.type == "cuda" else "CPU"
+    print(f"\nself {clock} time of one profiled step, by group")
     print(f"{'group':<16}" + "".join(f"{name:>19}" for name in profiles))
     for group in GROUPS:
         cells = []
@@ -190,7 +199,7 @@ def main() -> None:
         print(f"{group:<16}" + "".join(f"{cell:>19}" for cell in cells))
     for name, (_, ops) in profiles.items():
         total = sum(s for _, s in ops)
-        print(f"\ntop ops, {name} (self CPU, of {total:.2f} s)")
+        print(f"\ntop ops, {name} (self {clock}, of {total:.2f} s)")
         for op, seconds in ops[:args.top]:
             print(f"  {op:<60}{seconds * 1e3:>8.1f} ms {seconds / total:>5.1%}")
     print(f"\nload average at the end: {load_average()}")
