@@ -2,10 +2,12 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_scaling.py [--sizes 1000 2000 4000 8000] [--size 64]
         [--encoder resnet18] [--batch 8] [--workers 2] [--aug heavy] [--val 64] [--work DIR]
-        [--sample-ms 200]
+        [--sample-ms 200] [--epochs 1] [--source-size PX]
 
-Data: ``make_synthetic_dataset`` writes max(N) + 2 x ``--val`` patients at ``--size`` px (timed), once,
-into a temporary folder or ``--work DIR`` (kept there and reused while patients, size and seed match).
+Data: ``make_synthetic_dataset`` writes max(N) + 2 x ``--val`` patients (timed), once, into a temporary
+folder or ``--work DIR`` (kept there and reused while patients, size and seed match), at
+``--source-size`` px (default ``--size``; a smaller source only makes the data quicker to write: the
+cache resizes every image to ``--size``, so what is read, augmented and trained on is the same).
 One patient-level ``split_patients`` split (seed 0) sets ``--val`` validation and ``--val`` test
 patients aside and leaves exactly max(N) training patients; the training set of size N is the first N
 of them in labels-file order (a random order: the synthetic patients are shuffled), so the sets are
@@ -16,14 +18,15 @@ For each N, two subprocesses, so each has its own peak memory:
 1. cache: ``build_cache`` of the N training images into a fresh folder at ``--size`` px with its default
    worker processes (timed end to end: planning, decoding, CRCs, index writes, the worker pool's start),
    then, untimed, the fixed validation and test images into the same cache.
-2. train: ``pneumodet.training.train`` for one epoch, the ``default`` recipe (AdamW, warm-up + cosine
+2. train: ``pneumodet.training.train`` for ``--epochs`` epochs (default 1), the ``default`` recipe (AdamW, warm-up + cosine
    LR, gradient clipping), precision ``auto`` (bf16 where the CPU has it natively), channels_last,
    random-init ``--encoder`` at ``--size`` px, augmentation ``--aug``, batch ``--batch``, ``--workers``
    persistent loader worker processes, the default periodic checkpoint every 200 steps, then
    validation on the fixed ``--val`` patients. A Lightning callback added to the trainer that ``train``
    builds records the times: "epoch s" runs from the epoch's start (loader workers started) to the end
    of its last optimiser step, so validation, the epoch-end checkpoints and the process start are not
-   in it; validation is shown on its own ("val s"). "2nd half" is the rate over the epoch's second half
+   in it; validation is shown on its own ("val s"). With more than one epoch the times are the last
+   epoch's: workers already running, a GPU's kernels already tuned. "2nd half" is the rate over the epoch's second half
    of steps (a slowdown within the epoch shows there). "CPU s" is the CPU time of the process and its
    loader workers over the same span: on a shared machine it is the steadier figure.
 
@@ -172,7 +175,7 @@ def cache_child(work: Path, n: int, size: int) -> dict[str, Any]:
 
 
 def train_child(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Train run ``n`` for one epoch through :func:`pneumodet.training.train`; times and memory."""
+    """Train run ``n`` for ``args.epochs`` epochs through :func:`pneumodet.training.train`; times and memory."""
     import lightning as L
 
     import pneumodet.training as training
@@ -192,6 +195,7 @@ def train_child(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
             self.epoch_memory: dict[str, float] = {}
 
         def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.step_ends = []  # the last epoch's marks are the ones reported
             self.rss_at_start = status_mib("VmRSS")
             self.cpu_start = cpu_seconds()
             self.epoch_start = time.perf_counter()
@@ -218,7 +222,7 @@ def train_child(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     training.build_trainer = build_trainer_with_clock
     config = TrainConfig.with_recipe(
         "default", data_dir=str(work / "data"), split_dir=str(split_dir(work, n)), out_dir=str(run_dir(work, n)),
-        cache_dir=str(cache_dir(work, n)), encoder=args.encoder, image_size=args.size, aug=args.aug, epochs=1,
+        cache_dir=str(cache_dir(work, n)), encoder=args.encoder, image_size=args.size, aug=args.aug, epochs=args.epochs,
         batch_size=args.batch, num_workers=args.workers, seed=SEED)
     rss_before = status_mib("VmRSS")
     sampler.start()
@@ -294,7 +298,7 @@ def write_splits(work: Path, sizes: list[int], val: int) -> str:
 def run_child(kind: str, work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     command = [sys.executable, __file__, "--child", kind, str(work), str(n), "--size", str(args.size),
                "--encoder", args.encoder, "--batch", str(args.batch), "--workers", str(args.workers),
-               "--aug", args.aug, "--sample-ms", str(args.sample_ms)]
+               "--aug", args.aug, "--sample-ms", str(args.sample_ms), "--epochs", str(args.epochs)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{kind} child for N={n} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -343,6 +347,8 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=64, help="validation (and test) patients (default 64)")
     parser.add_argument("--work", type=Path, help="keep the synthetic data here and reuse it (default: temp)")
     parser.add_argument("--sample-ms", type=float, default=200.0, help="PSS sampling interval (default 200)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per run; times are the last one's (default 1)")
+    parser.add_argument("--source-size", type=int, help="side of the synthetic DICOMs in px (default --size)")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "WORK", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -360,9 +366,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_scaling_") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        print(prepare_data(work, max(sizes) + 2 * args.val, args.size))
+        print(prepare_data(work, max(sizes) + 2 * args.val, args.source_size or args.size))
         print(write_splits(work, sizes, args.val))
-        print(f"one epoch each: {args.encoder} (random init) at {args.size} px, default recipe, batch "
+        epochs = "one epoch" if args.epochs == 1 else f"{args.epochs} epochs, the last one timed,"
+        print(f"{epochs} each: {args.encoder} (random init) at {args.size} px, default recipe, batch "
               f"{args.batch}, aug {args.aug}, {args.workers} loader workers; each N in its own subprocesses\n")
         print(HEADER + "  (MiB)", flush=True)
         rows: dict[int, dict[str, Any]] = {}
