@@ -98,6 +98,8 @@ def test_compile_is_chosen_only_for_large_jobs_with_a_compiler(monkeypatch):
     assert compile_pays_off(COMPILE_MIN_IMAGES, "cpu")
     monkeypatch.setattr(fusion, "has_cpp_compiler", lambda: False)
     assert not compile_pays_off(10 * COMPILE_MIN_IMAGES, "cpu")
+    monkeypatch.setattr(fusion, "has_cpp_compiler", lambda: True)
+    assert not compile_pays_off(10 * COMPILE_MIN_IMAGES, "cuda")  # eager is fast there; explicit only
 
 
 def test_has_cpp_compiler_follows_the_path(monkeypatch, tmp_path):

@@ -137,7 +137,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
                    help="follow symbolic links that lead out of an input folder")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the network with frozen weights: seconds of compilation per batch shape, "
-                        "then ~1.4x faster batches (default: on from 500 images where a C++ compiler exists)")
+                        "then ~1.4x faster batches (default: on for CPU jobs from 500 images where a C++ compiler exists)")
 
 
 def _run_predict(args: argparse.Namespace) -> None:
@@ -332,7 +332,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate", action="store_true", help="scale box scores by P(Lung Opacity), as predict's")
     p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval_<split>)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="as predict's (default: on from 500 images where a C++ compiler exists)")
+                   help="as predict's (default: on for CPU jobs from 500 images where a C++ compiler exists)")
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:

@@ -541,8 +541,8 @@ def predict(
         overlay_dir: when given, one PNG per predicted image with boxes, scores and class probabilities.
         workers: DataLoader processes decoding DICOMs (0: in this process).
         compile: run the network through ``torch.compile`` with frozen weights (seconds of compilation,
-            then faster batches); ``None`` compiles for jobs of ``COMPILE_MIN_IMAGES`` images or more
-            where a compiler is available.
+            then faster batches); ``None`` compiles for CPU jobs of ``COMPILE_MIN_IMAGES`` images or
+            more where a C++ compiler is available (never automatically on a GPU).
 
     Returns:
         A :class:`PredictionResult`; unreadable files, duplicate patient ids and links not followed are
