@@ -18,17 +18,18 @@ For each N, two subprocesses, so each has its own peak memory:
 1. cache: ``build_cache`` of the N training images into a fresh folder at ``--size`` px with its default
    worker processes (timed end to end: planning, decoding, CRCs, index writes, the worker pool's start),
    then, untimed, the fixed validation and test images into the same cache.
-2. train: ``pneumodet.training.train`` for ``--epochs`` epochs (default 1), the ``default`` recipe (AdamW, warm-up + cosine
-   LR, gradient clipping), precision ``auto`` (bf16 where the CPU has it natively), channels_last,
-   random-init ``--encoder`` at ``--size`` px, augmentation ``--aug``, batch ``--batch``, ``--workers``
-   persistent loader worker processes, the default periodic checkpoint every 200 steps, then
-   validation on the fixed ``--val`` patients. A Lightning callback added to the trainer that ``train``
-   builds records the times: "epoch s" runs from the epoch's start (loader workers started) to the end
-   of its last optimiser step, so validation, the epoch-end checkpoints and the process start are not
-   in it; validation is shown on its own ("val s"). With more than one epoch the times are the last
-   epoch's: workers already running, a GPU's kernels already tuned. "2nd half" is the rate over the epoch's second half
-   of steps (a slowdown within the epoch shows there). "CPU s" is the CPU time of the process and its
-   loader workers over the same span: on a shared machine it is the steadier figure.
+2. train: ``pneumodet.training.train`` for ``--epochs`` epochs (default 1), the ``default`` recipe
+   (AdamW, warm-up + cosine LR, gradient clipping), precision ``auto`` (bf16 where the CPU has it
+   natively), channels_last, random-init ``--encoder`` at ``--size`` px, augmentation ``--aug``, batch
+   ``--batch``, ``--workers`` persistent loader worker processes, the default periodic checkpoint every
+   200 steps, then validation on the fixed ``--val`` patients. A Lightning callback added to the trainer
+   that ``train`` builds records the times: "epoch s" runs from the epoch's start (loader workers
+   started) to the end of its last optimiser step, so validation, the epoch-end checkpoints and the
+   process start are not in it; validation is shown on its own ("val s"). With more than one epoch the
+   times are the last epoch's: workers already running, a GPU's kernels already tuned. "2nd half" is the
+   rate over the epoch's second half of steps (a slowdown within the epoch shows there). "CPU s" is the
+   CPU time of the process and its loader workers over the same span: on a shared machine it is the
+   steadier figure.
 
 Memory of the training subprocess: ``resource.getrusage`` ``ru_maxrss`` of the process itself
 (RUSAGE_SELF: imports, model, optimiser, the cached pages it read) plus that of its largest loader

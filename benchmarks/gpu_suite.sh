@@ -35,7 +35,7 @@ step() {  # step NAME LIMIT_S CMD...: run CMD under LIMIT_S unless the budget is
   local name=$1 limit=$2; shift 2
   local left=$((BUDGET_S - ($(date +%s) - START)))
   if [ "$left" -lt "$limit" ]; then
-    echo "== $name: skipped ($left s of the budget left, needs $limit s)" | tee -a "$SUMMARY"
+    echo "== $name: skipped ($left s of the budget left, needs $limit s)" >>"$SUMMARY"
     return
   fi
   local t0=$(date +%s)

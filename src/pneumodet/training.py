@@ -452,7 +452,7 @@ def build_trainer(config: TrainConfig, run_dir: Path, *, progress: bool = True,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         deterministic=False,
-        benchmark=accelerator == "gpu",  # fixed input size: cuDNN's autotuned kernels pay off from the 2nd step
+        benchmark=accelerator in ("gpu", "cuda"),  # fixed input size: cuDNN's autotuned kernels pay off from the 2nd step
         log_every_n_steps=10,
     )
 
