@@ -42,3 +42,7 @@ class ConfigError(PneumodetError):
 
 class CheckpointError(PneumodetError):
     """A checkpoint or weights file cannot be loaded safely."""
+
+
+class RunError(PneumodetError):
+    """A run folder is not a run, has not finished, or holds a damaged file; the message names it."""
