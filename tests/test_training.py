@@ -21,7 +21,8 @@ from pneumodet.data.rsna import load_rsna
 from pneumodet.data.split import read_split, split_patients, write_split
 from pneumodet.errors import ConfigError
 from pneumodet.model.checkpoint import load_checkpoint
-from pneumodet.training import NonFiniteLossError, read_metrics, train
+from pneumodet.rundir import RunDir
+from pneumodet.training import NonFiniteLossError, train
 
 SMALL = dict(encoder="resnet18", image_size=96, batch_size=4, epochs=2, num_workers=0, aug="light",
              checkpoint_every_n_steps=0, precision="32-true", lr=1e-3)
@@ -57,7 +58,7 @@ def test_run_directory_holds_everything(finished_run: Path, split_dir: Path) -> 
                  "checkpoints/last.ckpt", "checkpoints/best.ckpt"):
         assert (finished_run / name).exists(), name
     assert list((finished_run / "tensorboard").rglob("events.out.tfevents.*"))
-    rows = read_metrics(finished_run / "metrics.csv")
+    rows = RunDir(finished_run).read_metrics()
     assert [r["epoch"] for r in rows] == [0, 1]
     for stage in ("train", "val"):
         for name in ("total", "classification", "regression", "global"):
@@ -162,7 +163,7 @@ def test_sigkill_mid_epoch_then_resume_finishes_with_same_step_count(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     done = json.loads((out / "done.json").read_text())
     assert done["steps"] == expected_steps(split_dir, 2, epochs)
-    assert [r["epoch"] for r in read_metrics(out / "metrics.csv")] == list(range(epochs))
+    assert [r["epoch"] for r in RunDir(out).read_metrics()] == list(range(epochs))
 
 
 @pytest.mark.slow
@@ -222,7 +223,8 @@ def test_run_report_and_comparison(finished_run: Path, tmp_path: Path) -> None:
         assert f'id="{section}"' in report
     assert report.count("data:image/png;base64,") >= 3
     out = compare_runs([finished_run], tmp_path / "cmp")
-    text = out.read_text()
+    assert out.compared == 1 and out.skipped == []
+    text = out.report.read_text()
     assert 'id="by_aug"' in text and 'id="by_encoder"' in text
     table = pd.read_csv(tmp_path / "cmp" / "best_map.csv")
     assert table.loc[0, "run"] == finished_run.name

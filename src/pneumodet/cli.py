@@ -235,20 +235,20 @@ _OPTION_FIELDS = {"data": "data_dir", "aug": "aug", "epochs": "epochs", "batch_s
                   "max_steps": "max_steps", "encoder": "encoder", "split": "split_dir", "out": "out_dir"}
 
 
-def _train_config(args: argparse.Namespace):
-    from pneumodet.config import TrainConfig
-
+def _given_options(args: argparse.Namespace) -> dict:
+    """The training options set on the command line, as config fields (paths as strings)."""
     given = {field: getattr(args, option) for option, field in _OPTION_FIELDS.items()
              if getattr(args, option, None) is not None}
-    given = {k: str(v) if isinstance(v, Path) else v for k, v in given.items()}
-    if args.config:
-        from pneumodet.config import RECIPES
+    return {k: str(v) if isinstance(v, Path) else v for k, v in given.items()}
 
-        base = TrainConfig.from_yaml(args.config).to_dict()
-        if args.recipe:  # a recipe named on the command line replaces the config's optimisation settings
-            base = {k: v for k, v in base.items() if k not in RECIPES[base["recipe"]]}
-        return TrainConfig.with_recipe(args.recipe or base["recipe"], **{**base, **given})
-    return TrainConfig.with_recipe(args.recipe or "default", **given)
+
+def _train_config(args: argparse.Namespace):
+    """Recipe defaults, then ``--config FILE``'s values, then the options given on the command line."""
+    from pneumodet.config import TrainConfig
+
+    base = TrainConfig.from_yaml(args.config).to_dict() if args.config else {}
+    base.pop("split_fingerprint", None)  # a new run records its own
+    return TrainConfig.layered(recipe=args.recipe, base=base, overrides=_given_options(args))
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
@@ -260,21 +260,30 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> None:
+    from pneumodet.config import TrainConfig
     from pneumodet.errors import ConfigError
-    from pneumodet.training import train
+    from pneumodet.reports.runs import write_run_report
+    from pneumodet.rundir import RunDir
+    from pneumodet.training import prepare_run, train
 
-    if args.resume and (args.out / "config.yaml").exists():
-        from pneumodet.config import TrainConfig
-
-        config = TrainConfig.from_yaml(args.out / "config.yaml")
+    run = RunDir(args.out)
+    if args.resume:
+        if args.config or args.recipe:
+            raise ConfigError("--config and --recipe start a new run; --resume continues the one in --out")
+        if not run.is_run():
+            raise ConfigError(f"{args.out}: no run to resume ({run.config.name} not found)")
+        config = TrainConfig.from_dict({**TrainConfig.from_yaml(run.config).to_dict(), **_given_options(args)})
+        _, notes = prepare_run(config, resume=True)
+        for note in notes:
+            print(f"resuming with {note}", file=sys.stderr)
     else:
         config = _train_config(args)
         if not config.data_dir or not config.split_dir:
             raise ConfigError("--data and --split are required (or --config with data_dir and split_dir)")
     result = train(config, resume=args.resume)
     print(result.summary())
-    if (result.run_dir / "report.html").exists():
-        print(f"report: {result.run_dir / 'report.html'}")
+    if run.has_model():
+        print(f"report: {write_run_report(run.root)}")
 
 
 # ---------------------------------------------------------------- grid / compare / evaluate
@@ -294,7 +303,7 @@ def _run_grid(args: argparse.Namespace) -> None:
 
     config = _train_config(args)
     if not config.data_dir:
-        raise ConfigError("--data is required")
+        raise ConfigError("--data is required (or --config with data_dir)")
     try:
         samples = [int(s) for s in args.samples.split(",") if s.strip()] or [None]
     except ValueError:
@@ -315,12 +324,18 @@ def _add_compare(p: argparse.ArgumentParser) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> None:
+    from pneumodet.errors import RunError
     from pneumodet.reports.runs import compare_runs
+    from pneumodet.rundir import find_runs
 
-    runs = [d for run_dir in args.run_dirs
-            for d in ([run_dir] if (run_dir / "config.yaml").exists()
-                      else sorted(p.parent for p in run_dir.glob("*/metrics.csv")))]
-    print(f"report: {compare_runs(runs, args.out)}")
+    runs = find_runs(args.run_dirs)
+    if not runs:
+        raise RunError("no training run found in " + ", ".join(str(p) for p in args.run_dirs))
+    comparison = compare_runs([r.root for r in runs], args.out)
+    for line in comparison.skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    print(f"compared {comparison.compared} run(s)"
+          + (f", skipped {len(comparison.skipped)}" if comparison.skipped else "") + f"; report: {comparison.report}")
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
@@ -436,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args._run(args)
     except PneumodetError as exc:
         print(f"pneumodet {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except OSError as exc:  # disk full, permissions: the environment, not a bug; one line naming the file
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"pneumodet {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)

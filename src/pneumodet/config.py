@@ -6,6 +6,7 @@ A run's ``config.yaml`` is enough to reproduce it: ``pneumodet train --config RU
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,17 @@ RECIPES: dict[str, dict[str, Any]] = {
     "reference": dict(optimizer="adam", lr=1e-5, weight_decay=0.0, scheduler="plateau", warmup_fraction=0.0,
                       grad_clip=0.05, plateau_patience=4, plateau_factor=0.2),
 }
+
+#: What ``train --resume`` may change: how long to go on and how to feed it, not what is learned.
+RESUME_CHANGEABLE = frozenset({"epochs", "max_steps", "num_workers", "checkpoint_every_n_steps"})
+#: Fields holding paths: compared as resolved paths, stored absolute by ``train``.
+PATH_FIELDS = ("data_dir", "split_dir", "cache_dir", "out_dir", "weights")
+
+
+def _same_setting(key: str, stored: Any, given: Any) -> bool:
+    if key in PATH_FIELDS and stored and given:
+        return Path(stored).absolute() == Path(given).absolute()
+    return stored == given
 
 
 @dataclass
@@ -63,13 +75,63 @@ class TrainConfig:
     max_steps: int = -1
     limit_val_batches: float | int = 1.0
     model: dict[str, Any] = field(default_factory=dict)
+    #: set by ``train``: SHA-256 of the split's set files; ``evaluate`` and ``--resume`` check it
+    split_fingerprint: str | None = None
 
     @classmethod
     def with_recipe(cls, recipe: str, **overrides: Any) -> TrainConfig:
         """A config whose optimisation fields come from ``RECIPES[recipe]``, then ``overrides``."""
-        if recipe not in RECIPES:
-            raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-        return cls.from_dict({**RECIPES[recipe], "recipe": recipe, **overrides})
+        return cls.layered(recipe=recipe, overrides=overrides)
+
+    @classmethod
+    def layered(cls, *, recipe: str | None = None, base: Mapping[str, Any] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+        """The config of ``recipe``'s defaults, then ``base`` (a config file's values), then ``overrides``
+        (command-line options). A ``recipe`` named here replaces the optimisation settings of ``base``;
+        without one, ``base``'s recipe (else ``default``) applies."""
+        base = dict(base or {})
+        overrides = dict(overrides or {})
+        name = recipe or overrides.pop("recipe", None) or base.get("recipe") or "default"
+        overrides.pop("recipe", None)
+        if not isinstance(name, str) or name not in RECIPES:
+            raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+        if recipe and recipe != base.get("recipe", recipe):
+            base = {k: v for k, v in base.items() if k not in RECIPES[recipe]}
+        return cls.from_dict({**RECIPES[name], **base, **overrides, "recipe": name})
+
+    def with_absolute_paths(self) -> TrainConfig:
+        """The same config with every path made absolute (what ``train`` records: a run is read from
+        anywhere, and a relative path would silently mean another folder from another directory)."""
+        values = self.to_dict()
+        for key in PATH_FIELDS:
+            if values.get(key):
+                values[key] = str(Path(values[key]).absolute())
+        return TrainConfig.from_dict(values)
+
+    def resumed_with(self, requested: Mapping[str, Any], run_dir: Path) -> tuple[TrainConfig, list[str]]:
+        """This stored run config continued in ``run_dir`` with the ``requested`` values.
+
+        ``run_dir`` is the run (a moved run folder resumes where it now is). Only the fields in
+        :data:`RESUME_CHANGEABLE` may change; any other requested value that differs from the stored one
+        is refused with :class:`ConfigError` naming each. Returns the config and one note per change.
+        """
+        stored = self.to_dict()
+        notes, refused = [], []
+        for key, value in requested.items():
+            if key in ("out_dir", "split_fingerprint") or key not in stored:
+                continue
+            if _same_setting(key, stored[key], value):
+                continue
+            if key in RESUME_CHANGEABLE:
+                notes.append(f"{key}: {stored[key]} -> {value}")
+                stored[key] = value
+            else:
+                refused.append(f"{key} (run: {stored[key]}, given: {value})")
+        if refused:
+            raise ConfigError(f"{run_dir}: cannot change {', '.join(refused)} when resuming; only "
+                              f"{', '.join(sorted(RESUME_CHANGEABLE))} can change (start a new run with another --out)")
+        stored["out_dir"] = str(Path(run_dir).absolute())
+        return TrainConfig.from_dict(stored), notes
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

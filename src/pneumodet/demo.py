@@ -6,13 +6,14 @@ evaluate on the held-out test set → predict the test DICOMs into a submission 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pneumodet.config import TrainConfig
+from pneumodet.rundir import RunDir
+from pneumodet.safeio import write_json
 
 #: The demo's training settings: small enough for 2 CPU cores, large enough to learn the opacities.
 DEMO_TRAINING: dict[str, Any] = dict(encoder="resnet50", aug="light", image_size=256, epochs=8, batch_size=8,
@@ -29,6 +30,7 @@ def run_demo(out: Path, *, patients: int = 400, seed: int = 0, epochs: int | Non
     from pneumodet.inference import predict, write_prediction_submission
     from pneumodet.metrics import rsna_map
     from pneumodet.reports.eda import build_eda_report
+    from pneumodet.reports.runs import write_run_report
     from pneumodet.submission import read_ground_truth
     from pneumodet.training import train
 
@@ -52,11 +54,11 @@ def run_demo(out: Path, *, patients: int = 400, seed: int = 0, epochs: int | Non
     config = TrainConfig.with_recipe("default", data_dir=str(data_dir), split_dir=str(split_dir),
                                      out_dir=str(run_dir), seed=seed,
                                      **{**DEMO_TRAINING, **({"epochs": epochs} if epochs else {})})
-    if not (run_dir / "done.json").exists():
+    run = RunDir(run_dir)
+    if not run.is_finished():
         step(f"train: {config.encoder}, {config.image_size} px, {config.epochs} epochs, aug {config.aug} "
              "(the image cache is built first)")
-        resume = (run_dir / "checkpoints" / "last.ckpt").exists()
-        say(train(config, resume=resume, progress=progress).summary())
+        say(train(config, resume=run.is_run(), progress=progress).summary())
     step("evaluate: best model on the held-out test set")
     metrics = evaluate(run_dir, split="test")
     step("predict: the test DICOMs into a Kaggle submission")
@@ -69,15 +71,15 @@ def run_demo(out: Path, *, patients: int = 400, seed: int = 0, epochs: int | Non
     scored = rsna_map({r.patient_id: ground_truth[r.patient_id] for r in test_records},
                       prediction.submission_boxes())
     step("reports")
-    run_report = run_dir / "report.html"
+    run_report = write_run_report(run.root)
     summary = {
         "test_rsna_map": metrics["rsna_map"], "threshold_from_validation": metrics["threshold"],
         "submission_rsna_map": scored.score, "global_class_accuracy": metrics["global_class"]["accuracy"],
         "pneumonia_auc": metrics["global_class"]["pneumonia_auc"], "seconds": time.perf_counter() - started,
         "reports": {"eda": str(out / "eda" / "report.html"), "run": str(run_report),
-                    "evaluation": str(run_dir / "eval_test" / "metrics.json"), "submission": str(submission)},
+                    "evaluation": str(run.eval_dir("test") / "metrics.json"), "submission": str(submission)},
     }
-    (out / "demo.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "demo.json", summary)
     say("")
     say(f"test RSNA mAP {summary['test_rsna_map']:.4f} (threshold {metrics['threshold']:.2f} chosen on "
         f"validation); the submission scores {scored.score:.4f}; global-class accuracy "

@@ -19,8 +19,9 @@ import torch
 
 from pneumodet.config import TrainConfig
 from pneumodet.data.records import CLASS_INDEX, CLASS_NAMES
-from pneumodet.errors import ConfigError
+from pneumodet.errors import ConfigError, RunError
 from pneumodet.metrics import rsna_map, sweep_thresholds, xyxy_to_xywh
+from pneumodet.rundir import RunDir
 
 #: Sets that can be evaluated (the training set is augmented, so it is not one of them).
 SPLITS = ("val", "test")
@@ -141,15 +142,39 @@ def _threshold_curve(gt: dict[str, np.ndarray], preds: dict[str, np.ndarray]) ->
 
 
 def load_run(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any], TrainConfig]:
-    """The best model of a run, its stored extras (validation threshold) and its training config."""
+    """The best model of a run, its stored extras (validation threshold) and its training config.
+
+    The config's data paths are checked first: they must be absolute (a relative path would mean another
+    folder from another working directory), exist, and the split must be the one trained on (its
+    fingerprint, recorded by ``train``). The config is checked before the model is built.
+    """
     from pneumodet.model.checkpoint import load_checkpoint
 
-    run_dir = Path(run_dir)
-    for needed in ("config.yaml", "best_model.pt"):
-        if not (run_dir / needed).exists():
-            raise ConfigError(f"{run_dir} is not a finished training run: {needed} is missing")
-    model, extra = load_checkpoint(run_dir / "best_model.pt")
-    return model, extra, TrainConfig.from_yaml(run_dir / "config.yaml")
+    run = RunDir(Path(run_dir))
+    for needed in (run.config, run.best_model):
+        if not needed.exists():
+            raise RunError(f"{run.root} is not a finished training run: {needed.name} is missing")
+    config = TrainConfig.from_yaml(run.config)
+    check_run_sources(config, run)
+    model, extra = load_checkpoint(run.best_model)
+    return model, extra, config
+
+
+def check_run_sources(config: TrainConfig, run: RunDir) -> None:
+    """:class:`RunError` unless the run's data and split folders are where, and what, training used."""
+    from pneumodet.data.split import split_fingerprint
+
+    for key in ("data_dir", "split_dir"):
+        value = getattr(config, key)
+        if not value or not Path(value).is_absolute():
+            raise RunError(f"{run.config}: {key} {value!r} is not an absolute path, so it would be read from "
+                           "the current directory; set it to the folder the run was trained on")
+        if not Path(value).is_dir():
+            raise RunError(f"{run.config}: {key} {value} does not exist (moved or deleted?); "
+                           f"set {key} in {run.config.name} to where it is now")
+    if config.split_fingerprint and split_fingerprint(Path(config.split_dir)) != config.split_fingerprint:
+        raise RunError(f"{config.split_dir}: the split has changed since {run.root} was trained on it "
+                       f"(fingerprint recorded in {run.config.name}); its scores would not be comparable")
 
 
 def split_loader(config: TrainConfig, split: str, *, batch_size: int, num_workers: int = 0) -> Any:

@@ -2,8 +2,8 @@
 
 ``GRID_DIR`` holds ``splits/n<N>/`` (one patient-level split per sample size, drawn once), one run
 directory per combination (``<encoder>_<aug>_n<N>``) and ``summary.csv`` / ``summary.md``. Finished
-runs (``done.json``) are skipped, unfinished ones (``checkpoints/last.ckpt``) resumed, and a failing
-run is recorded in the summary while the others go on.
+runs are skipped, unfinished ones resumed, a run with a damaged record is reported as ``damaged``, and a
+failing run is recorded in the summary while the others go on. Ctrl-C stops the grid (resumable).
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from typing import Any
 import pandas as pd
 
 from pneumodet.config import TrainConfig
-from pneumodet.errors import ConfigError
+from pneumodet.errors import ConfigError, RunError
+from pneumodet.reports.runs import write_run_report
+from pneumodet.rundir import RunDir
+from pneumodet.safeio import atomic_open, write_text
 
 
 @dataclass
@@ -85,43 +88,46 @@ def run_grid(base: TrainConfig, grid_dir: Path, *, encoders: Sequence[str], augs
         for encoder, aug in itertools.product(encoders, augs):
             run = GridRun(run_name(encoder, aug, n), encoder, aug, n)
             result.runs.append(run)
-            run_dir = grid_dir / run.name
-            if (run_dir / "done.json").exists():
-                run.status = "skipped (already done)"
-                _read_done(run, run_dir)
+            run_dir = RunDir(grid_dir / run.name)
+            if run_dir.is_finished():
+                try:
+                    _read_done(run, run_dir.read_done())
+                    run.status = "skipped (already done)"
+                except (RunError, TypeError, ValueError) as exc:  # damaged: say so, go on with the others
+                    run.status, run.error = "damaged", str(exc).splitlines()[0][:300]
                 continue
             config = TrainConfig.from_dict({**base.to_dict(), "encoder": encoder, "aug": aug,
-                                            "split_dir": str(split_dir), "out_dir": str(run_dir)})
+                                            "split_dir": str(split_dir), "out_dir": str(run_dir.root)})
             try:
-                outcome = train_fn(config, resume=(run_dir / "checkpoints" / "last.ckpt").exists(),
-                                   progress=progress)
+                outcome = train_fn(config, resume=run_dir.last_ckpt.exists(), progress=progress)
                 run.status, run.best_val_map, run.threshold = "done", outcome.best_map, outcome.threshold
                 run.steps, run.seconds = outcome.steps, outcome.seconds
+                if run_dir.has_model():
+                    write_run_report(run_dir.root)
             except Exception as exc:  # one failing run must not stop the grid
+                if getattr(exc, "exit_code", 2) in (130, 143):  # Ctrl-C / SIGTERM stop the grid, resumably
+                    _write_summary(result)
+                    raise
                 run.status = "failed"
                 run.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-                (run_dir).mkdir(parents=True, exist_ok=True)
-                (run_dir / "error.txt").write_text(traceback.format_exc())
+                write_text(run_dir.root / "error.txt", traceback.format_exc())
             _write_summary(result)
     _write_summary(result)
     return result
 
 
-def _read_done(run: GridRun, run_dir: Path) -> None:
-    import json
-
-    done = json.loads((run_dir / "done.json").read_text())
-    run.best_val_map = float(done.get("best_val_map", float("nan")))
-    run.threshold = float(done.get("threshold", float("nan")))
-    run.steps, run.seconds = int(done.get("steps", 0)), float(done.get("seconds", 0.0))
+def _read_done(run: GridRun, done: dict[str, Any]) -> None:
+    run.best_val_map = float(done.get("best_val_map") if done.get("best_val_map") is not None else float("nan"))
+    run.threshold = float(done.get("threshold") if done.get("threshold") is not None else float("nan"))
+    run.steps, run.seconds = int(done.get("steps") or 0), float(done.get("seconds") or 0.0)
 
 
 def _write_summary(result: GridResult) -> None:
     frame = result.frame()
-    result.grid_dir.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(result.grid_dir / "summary.csv", index=False)
+    with atomic_open(result.grid_dir / "summary.csv", "w", newline="") as f:
+        frame.to_csv(f, index=False)
     lines = ["| run | encoder | aug | samples | status | best val mAP | steps | error |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r.name} | {r.encoder} | {r.aug} | {r.samples or 'all'} | {r.status} | "
               f"{r.best_val_map:.4f} | {r.steps} | {r.error} |" for r in result.runs]
-    (result.grid_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text(result.grid_dir / "summary.md", "\n".join(lines) + "\n")

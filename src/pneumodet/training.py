@@ -1,29 +1,18 @@
 """Training: what is learned (:class:`DetectorModule`), how runs are kept (checkpoints, metrics.csv) and
 the one door that runs it (:func:`train`).
 
-A run directory holds::
-
-    config.yaml            the TrainConfig (enough to reproduce the run)
-    metrics.csv            one row per epoch: train/val losses, val mAP at the swept threshold, per IoU
-    tensorboard/           TensorBoard event files (per step and per epoch)
-    checkpoints/last.ckpt  full Lightning state (model, optimiser, scheduler, loops, RNG) every epoch and
-                           every K steps, written atomically; --resume continues from it
-    checkpoints/best.ckpt  the same at the best validation mAP
-    best_model.pt          tensors + model config + chosen threshold (what predict/evaluate/export load)
-    last_model.pt          the same for the last epoch
-    done.json              written when the run finished: best mAP, threshold, epochs, optimiser steps
-    report.html            loss curves, mAP per epoch and per IoU threshold, sample validation predictions
+The run folder's layout is owned by :mod:`pneumodet.rundir`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import pickle
 import random
+import signal
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +26,7 @@ from pneumodet.config import TrainConfig
 from pneumodet.errors import CheckpointError, ConfigError, PneumodetError
 from pneumodet.hardware import bf16_is_native
 from pneumodet.metrics import xyxy_to_xywh
+from pneumodet.rundir import RunDir
 
 LOSS_NAMES = ("total", "classification", "regression", "global")
 #: Low enough that the threshold sweep sees every useful box; the sweep picks the real cut-off.
@@ -291,20 +281,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class RunKeeper(L.Callback):
-    """Keeps the run directory: ``last``/``best`` checkpoints, model files, ``metrics.csv``.
+    """Keeps the run directory through :class:`~pneumodet.rundir.RunDir`: ``last``/``best`` checkpoints,
+    model files, ``metrics.csv``.
 
     ``last.ckpt`` is written every ``every_n_steps`` optimiser steps and at every epoch end; ``best.ckpt``
-    and ``best_model.pt`` whenever validation mAP improves.
+    and ``best_model.pt`` whenever validation mAP improves. An epoch that ends without validation (training
+    stopped by ``max_steps`` part-way through it) is recorded by :meth:`record_epoch` after a final
+    validation, so every run that trained at least one step ends with a validated model.
     """
 
-    def __init__(self, run_dir: Path, every_n_steps: int) -> None:
-        self.run_dir = run_dir
+    def __init__(self, run: RunDir, every_n_steps: int) -> None:
+        self.run = run
         self.every_n_steps = every_n_steps
         self.best_map = -1.0
-
-    @property
-    def ckpt_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+        #: the epoch whose validation ran last (``None``: none yet in this process)
+        self.validated_epoch: int | None = None
+        #: the last epoch ended without validation; recorded after :func:`train` validates it
+        self.pending_epoch = False
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_map": self.best_map}
@@ -314,28 +307,109 @@ class RunKeeper(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.every_n_steps > 0 and trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
-            trainer.save_checkpoint(self.ckpt_dir / "last.ckpt", weights_only=False)
+            trainer.save_checkpoint(self.run.last_ckpt, weights_only=False)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.validated_epoch = trainer.current_epoch
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: DetectorModule) -> None:
+        if self.validated_epoch != trainer.current_epoch:
+            self.pending_epoch = True  # stopped mid-epoch: validated and recorded after fit
+            trainer.save_checkpoint(self.run.last_ckpt, weights_only=False)
+            return
+        self.record_epoch(trainer, pl_module)
+
+    def record_epoch(self, trainer: L.Trainer, pl_module: DetectorModule) -> None:
+        """Write the epoch's metrics row, model files and checkpoints from its validation result."""
         result = pl_module.validation_result
-        row = _epoch_row(trainer, result)
+        self.pending_epoch = False
         if trainer.is_global_zero:
-            _append_metrics_row(self.run_dir / "metrics.csv", row)
+            self.run.write_metrics_row(_epoch_row(trainer, result))
         improved = bool(result) and result["map"] > self.best_map
         if improved:
             self.best_map = result["map"]
-        extra = {"threshold": result.get("threshold", 0.5), "val_map": result.get("map", float("nan")),
+        extra = {"threshold": result.get("threshold", 0.5), "val_map": result.get("map"),
                  "epoch": trainer.current_epoch, "image_size": pl_module.train_config.image_size,
                  "encoder": pl_module.train_config.encoder}
+        extra = {k: v for k, v in extra.items() if v is not None}
         if trainer.is_global_zero:
             from pneumodet.model.checkpoint import save_checkpoint
 
-            save_checkpoint(self.run_dir / "last_model.pt", pl_module.model, extra=extra)
-            if improved:
-                save_checkpoint(self.run_dir / "best_model.pt", pl_module.model, extra=extra)
+            save_checkpoint(self.run.last_model, pl_module.model, extra=extra)
+            if improved or not self.run.best_model.exists():
+                save_checkpoint(self.run.best_model, pl_module.model, extra=extra)
         if improved:
-            trainer.save_checkpoint(self.ckpt_dir / "best.ckpt", weights_only=False)
-        trainer.save_checkpoint(self.ckpt_dir / "last.ckpt", weights_only=False)
+            trainer.save_checkpoint(self.run.best_ckpt, weights_only=False)
+        trainer.save_checkpoint(self.run.last_ckpt, weights_only=False)
+
+
+class TrainingInterrupted(PneumodetError):
+    """Training stopped by Ctrl-C or SIGTERM; the run can be resumed. ``exit_code`` is 128 + the signal."""
+
+    def __init__(self, signum: int, run_dir: Path) -> None:
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(f"training interrupted ({name}); resume with: pneumodet train --out {run_dir} --resume")
+
+
+class GracefulStop(L.Callback):
+    """Turns SIGINT/SIGTERM into a clean stop: the optimiser step in progress finishes, ``last.ckpt`` is
+    written, and :class:`TrainingInterrupted` ends :func:`train` (exit 130/143, with the resume command).
+
+    Outside the training loop (setup, cache building, validation), or on a second signal, the stop is
+    immediate: the previous ``last.ckpt`` is where ``--resume`` continues. Lightning's own handling would
+    exit 1 on Ctrl-C and raise a SystemExit traceback on SIGTERM.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
+        self.signum: int | None = None
+        self.in_training_loop = False
+        self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def install(self) -> None:
+        """Install the handlers (main thread only; elsewhere Python cannot, and the default stays)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a forked data-loading worker: end quietly, as it would by default
+            raise KeyboardInterrupt
+        first = self.signum is None
+        self.signum = signum
+        if not (first and self.in_training_loop):
+            raise TrainingInterrupted(signum, self.run.root)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.in_training_loop = True
+        # Lightning put its own SIGTERM handler on top of ours when fit started: take it back
+        if threading.current_thread() is threading.main_thread() and self._previous:
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.in_training_loop = False
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.in_training_loop = False
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.in_training_loop = trainer.training
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.signum is not None:
+            trainer.save_checkpoint(self.run.last_ckpt, weights_only=False)
+            raise TrainingInterrupted(self.signum, self.run.root)
 
 
 def _epoch_row(trainer: L.Trainer, result: dict[str, Any]) -> dict[str, Any]:
@@ -351,36 +425,6 @@ def _epoch_row(trainer: L.Trainer, result: dict[str, Any]) -> dict[str, Any]:
         row[f"val_map@{t}"] = v
     row["lr"] = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
     return row
-
-
-def _append_metrics_row(path: Path, row: dict[str, Any]) -> None:
-    """Rewrite metrics.csv atomically with ``row`` replacing any row of the same epoch (a resumed run
-    repeats the epoch it was killed in)."""
-    rows = read_metrics(path) if path.exists() else []
-    rows = [r for r in rows if int(r["epoch"]) < int(row["epoch"])] + [row]
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Rows of a run's ``metrics.csv`` with numbers parsed."""
-    with open(path, newline="") as f:
-        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def _number(value: str) -> Any:
-    try:
-        return int(value)
-    except ValueError:
-        try:
-            return float(value)
-        except ValueError:
-            return value
 
 
 # ---------------------------------------------------------------------------------------------- door
@@ -425,15 +469,16 @@ def build_datamodule(config: TrainConfig, *, progress: bool = True) -> L.Lightni
         num_workers=config.num_workers, seed=config.seed, progress=progress)
 
 
-def build_trainer(config: TrainConfig, run_dir: Path, *, progress: bool = True,
-                  extra_callbacks: list[L.Callback] | None = None) -> L.Trainer:
+def build_trainer(config: TrainConfig, run: RunDir, *, progress: bool = True,
+                  callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+    """The Lightning trainer of a run: :class:`RunKeeper` first, then ``callbacks``."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     accelerator = resolve_accelerator(config)
     # DDP re-launches the command for each extra process (gloo on CPU, NCCL on GPU)
     strategy = "ddp" if config.devices * config.num_nodes > 1 else "auto"
     return L.Trainer(
-        default_root_dir=run_dir,
+        default_root_dir=run.root,
         max_epochs=config.epochs,
         max_steps=config.max_steps,
         accelerator=accelerator,
@@ -444,8 +489,8 @@ def build_trainer(config: TrainConfig, run_dir: Path, *, progress: bool = True,
         gradient_clip_val=config.grad_clip or None,
         gradient_clip_algorithm="norm",
         limit_val_batches=config.limit_val_batches,
-        logger=TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""),
-        callbacks=[RunKeeper(run_dir, config.checkpoint_every_n_steps), *(extra_callbacks or [])],
+        logger=TensorBoardLogger(save_dir=str(run.root), name=run.tensorboard.name, version=""),
+        callbacks=[RunKeeper(run, config.checkpoint_every_n_steps), *callbacks],
         plugins=[AtomicCheckpointIO()],
         enable_checkpointing=False,
         enable_progress_bar=progress,
@@ -457,46 +502,104 @@ def build_trainer(config: TrainConfig, run_dir: Path, *, progress: bool = True,
     )
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train one run into ``config.out_dir``; with ``resume``, continue from ``checkpoints/last.ckpt``."""
-    run_dir = Path(config.out_dir)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if (run_dir / "done.json").exists() and not resume:
-        raise ConfigError(f"{run_dir} holds a finished run; choose another --out")
-    if last.exists() and not resume:
-        raise ConfigError(f"{run_dir} holds an unfinished run; pass --resume to continue it or choose another --out")
-    if resume and (run_dir / "config.yaml").exists():
-        config = TrainConfig.from_yaml(run_dir / "config.yaml")
-    config.to_yaml(run_dir / "config.yaml")
+def prepare_run(config: TrainConfig, *, resume: bool) -> tuple[TrainConfig, list[str]]:
+    """The config a run trains with, checked against its folder ``config.out_dir`` (the run).
+
+    New run: refused if the folder holds a run already. Resume: the stored ``config.yaml`` with only what
+    may change under ``--resume`` taken from ``config`` (see :meth:`TrainConfig.resumed_with`); the run
+    trains where its folder is now, even if it was moved. Paths are made absolute and the split's
+    fingerprint recorded (or, on resume, checked). Returns the config and notes for the user.
+    """
+    from pneumodet.data.split import split_fingerprint
+
+    run = RunDir(Path(config.out_dir))
+    notes: list[str] = []
+    if resume:
+        if not run.is_run():
+            raise ConfigError(f"{run.root}: no run to resume ({run.config.name} not found)")
+        stored = TrainConfig.from_yaml(run.config)
+        config, notes = stored.resumed_with(config.to_dict(), run.root)
+        if run.is_finished() and not notes:
+            raise ConfigError(f"{run.root}: the run has finished; pass more --epochs to train it further")
+    elif run.is_run() or run.last_ckpt.exists() or run.is_finished():
+        state = "a finished run" if run.is_finished() else "an unfinished run (pass --resume to continue it)"
+        raise ConfigError(f"{run.root} holds {state}; choose another --out")
+    config = config.with_absolute_paths()
+    fingerprint = split_fingerprint(Path(config.split_dir))
+    if config.split_fingerprint and config.split_fingerprint != fingerprint:
+        raise ConfigError(f"{config.split_dir}: the split has changed since this run started; "
+                          "resume it with the split it was trained on")
+    return TrainConfig.from_dict({**config.to_dict(), "split_fingerprint": fingerprint}), notes
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
+          callbacks: Sequence[L.Callback] = ()) -> TrainResult:
+    """Train one run into ``config.out_dir``; with ``resume``, continue from ``checkpoints/last.ckpt``.
+
+    ``callbacks`` are added to the Lightning trainer (timing, extra logging). Ctrl-C or SIGTERM end in
+    :class:`TrainingInterrupted` after ``last.ckpt`` is written. Writes ``config.yaml``, the checkpoints,
+    ``metrics.csv`` and ``done.json``; the run report is the caller's (``reports.runs.write_run_report``).
+    """
+    config, _ = prepare_run(config, resume=resume)
+    run = RunDir(Path(config.out_dir))
+    resumed = resume and run.last_ckpt.exists()
+    if resumed:
+        _check_resumable(run, config)
+    config.to_yaml(run.config)
 
     L.seed_everything(config.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     module = DetectorModule(model_config_for(config), config.to_dict())
     datamodule = build_datamodule(config, progress=progress)
-    trainer = build_trainer(config, run_dir, progress=progress)
+    stopper = GracefulStop(run)
+    trainer = build_trainer(config, run, progress=progress, callbacks=[stopper, *callbacks])
     started = time.perf_counter()
-    resumed = resume and last.exists()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resumed else None, weights_only=True)
+    stopper.install()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(run.last_ckpt) if resumed else None,
+                    weights_only=True)
+        keeper = next(cb for cb in trainer.callbacks if isinstance(cb, RunKeeper))
+        if keeper.pending_epoch:  # stopped part-way through an epoch: validate what was learned
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+            keeper.record_epoch(trainer, module)
+    finally:
+        stopper.uninstall()
     if trainer.interrupted:
-        raise PneumodetError(f"training interrupted; resume with: pneumodet train --out {run_dir} --resume")
-    keeper = next(cb for cb in trainer.callbacks if isinstance(cb, RunKeeper))
-    best = _read_extra(run_dir / "best_model.pt") if (run_dir / "best_model.pt").exists() else {}
-    result = TrainResult(run_dir=run_dir, best_map=float(best.get("val_map", keeper.best_map)),
+        raise TrainingInterrupted(signal.SIGINT, run.root)
+    best = _read_extra(run.best_model) if run.has_model() else {}
+    result = TrainResult(run_dir=run.root, best_map=float(best.get("val_map", keeper.best_map)),
                          threshold=float(best.get("threshold", float("nan"))), epochs=trainer.current_epoch,
                          steps=trainer.global_step, seconds=time.perf_counter() - started, resumed=resumed,
                          excluded={name: list(ds.excluded) for name, ds in datamodule.datasets.items()})
     if trainer.world_size > 1:
-        _write_json(run_dir / f"rank{trainer.global_rank}.json", _rank_fingerprint(module, result))
+        run.write_rank_file(trainer.global_rank, _rank_fingerprint(module, result))
     if trainer.is_global_zero:
-        if (run_dir / "best_model.pt").exists():
-            from pneumodet.reports.runs import write_run_report
-
-            write_run_report(run_dir)
-        _write_json(run_dir / "done.json", {
+        run.write_done({
             "best_val_map": result.best_map, "threshold": result.threshold, "epochs": result.epochs,
             "steps": result.steps, "seconds": result.seconds, "precision": resolve_precision(config),
-            "images_excluded": result.excluded, "versions": _versions()})
+            "encoder_weights": _encoder_start(config), "images_excluded": result.excluded,
+            "versions": _versions()})
     return result
+
+
+def _encoder_start(config: TrainConfig) -> str:
+    """What the encoder started from, in words (recorded in done.json and shown in the report)."""
+    if config.weights:
+        return f"weights file {config.weights}"
+    return "ImageNet weights (timm)" if config.pretrained else "random initialisation"
+
+
+def _check_resumable(run: RunDir, config: TrainConfig) -> None:
+    """Refuse a ``last.ckpt`` whose model differs from the run's config before anything is built."""
+    checkpoint = AtomicCheckpointIO().load_checkpoint(run.last_ckpt)
+    stored = (checkpoint.get("hyper_parameters") or {}).get("model_config") if isinstance(checkpoint, dict) else None
+    expected = model_config_for(config)
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{run.last_ckpt}: not a pneumodet training checkpoint (no model config)")
+    differs = sorted(k for k in expected if k not in ("pretrained", "weights") and stored.get(k) != expected[k])
+    if differs:
+        shown = ", ".join(f"{k} (checkpoint: {stored.get(k)}, config: {expected[k]})" for k in differs[:4])
+        raise CheckpointError(f"{run.last_ckpt}: does not match {run.config}: {shown}")
 
 
 def _rank_fingerprint(module: DetectorModule, result: TrainResult) -> dict[str, Any]:
@@ -512,9 +615,3 @@ def _read_extra(path: Path) -> dict[str, Any]:
 
     _, extra = load_checkpoint(path)
     return extra
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)

@@ -274,3 +274,23 @@ def read_split(split_dir: Path) -> dict[str, list[PatientRecord]]:
                 raise SplitError(f"patient {r.patient_id} is in both {seen[r.patient_id]}.csv and {name}.csv")
             seen[r.patient_id] = name
     return sets
+
+
+def split_fingerprint(split_dir: Path) -> str:
+    """SHA-256 over the split's three set files (names and bytes): what a run was trained and chosen on.
+
+    A run records it at training time; ``evaluate`` and ``--resume`` refuse a split folder whose
+    fingerprint has changed since (another split written over it, or the wrong folder).
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in SET_NAMES:
+        path = Path(split_dir) / f"{name}.csv"
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise SplitError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        digest.update(f"{name}.csv:{len(data)}\n".encode())
+        digest.update(data)
+    return digest.hexdigest()

@@ -21,8 +21,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pneumodet.config import TrainConfig  # noqa: E402
-from pneumodet.errors import ConfigError  # noqa: E402
+from pneumodet.errors import ConfigError, PneumodetError, RunError  # noqa: E402
 from pneumodet.reports.html import HtmlReport  # noqa: E402
+from pneumodet.rundir import RunDir  # noqa: E402
+from pneumodet.safeio import atomic_open, atomic_path  # noqa: E402
 
 #: The validation curves compared across runs: metrics.csv column -> panel title.
 CURVES: dict[str, str] = {
@@ -51,14 +53,15 @@ class RunInfo:
 
 
 def read_run(run_dir: Path) -> RunInfo:
-    """Config and per-epoch metrics of a run directory."""
-    run_dir = Path(run_dir)
-    for needed in ("config.yaml", "metrics.csv"):
-        if not (run_dir / needed).exists():
-            raise ConfigError(f"{run_dir} is not a training run: {needed} is missing")
-    config = TrainConfig.from_yaml(run_dir / "config.yaml")
-    metrics = pd.read_csv(run_dir / "metrics.csv")
-    return RunInfo(run_dir=run_dir, name=run_dir.name, config=config, metrics=metrics,
+    """Config and per-epoch metrics of a run directory (:class:`RunError` if either is missing or damaged)."""
+    run = RunDir(Path(run_dir))
+    if not run.is_run():
+        raise RunError(f"{run.root} is not a training run: {run.config.name} is missing")
+    config = TrainConfig.from_yaml(run.config)
+    rows = run.read_metrics()
+    if not rows:
+        raise RunError(f"{run.metrics}: no epoch recorded yet")
+    return RunInfo(run_dir=run.root, name=run.root.name, config=config, metrics=pd.DataFrame(rows),
                    samples=_split_samples(Path(config.split_dir)))
 
 
@@ -172,11 +175,12 @@ def write_run_report(run_dir: Path, *, samples: int = 8) -> Path:
     maps.figure(_map_figure(info.metrics))
     maps.table(info.metrics, "metrics.csv")
     preds = report.section("Sample validation predictions", "predictions")
-    if (Path(run_dir) / "best_model.pt").exists() and samples > 0:
-        preds.figure(_prediction_grid(_sample_predictions(Path(run_dir), samples)))
+    run = RunDir(Path(run_dir))
+    if run.has_model() and samples > 0:
+        preds.figure(_prediction_grid(_sample_predictions(run.root, samples)))
     else:
         preds.note("No best model saved yet: no predictions to show.")
-    return report.write(Path(run_dir) / "report.html")
+    return report.write(run.report)
 
 
 # ------------------------------------------------------------------------------------------ comparisons
@@ -211,18 +215,41 @@ def comparison_table(runs: Sequence[RunInfo]) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values("best_val_map", ascending=False, na_position="last")
 
 
-def compare_runs(run_dirs: Sequence[Path], out_dir: Path) -> Path:
-    """Write the comparison PNGs, ``best_map.csv`` and ``report.html`` into ``out_dir``."""
+@dataclass
+class Comparison:
+    """What :func:`compare_runs` wrote, and the runs it could not read (``"<run>: <cause>"``)."""
+
+    report: Path
+    compared: int
+    skipped: list[str]
+
+
+def compare_runs(run_dirs: Sequence[Path], out_dir: Path) -> Comparison:
+    """Write the comparison PNGs, ``best_map.csv`` and ``report.html`` into ``out_dir``.
+
+    A run whose config or metrics are missing or damaged is skipped and named; the others are compared.
+    """
     if not run_dirs:
         raise ConfigError("compare needs at least one run directory")
-    runs = [read_run(Path(d)) for d in run_dirs]
+    runs, skipped = [], []
+    for d in run_dirs:
+        try:
+            runs.append(read_run(Path(d)))
+        except PneumodetError as err:
+            skipped.append(str(err))
+    if not runs:
+        raise RunError(f"no run could be compared: {skipped[0]}" + (f" (and {len(skipped) - 1} more)"
+                                                                     if len(skipped) > 1 else ""))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = HtmlReport("Experiment comparison", f"{len(runs)} runs")
     table = comparison_table(runs)
-    table.to_csv(out_dir / "best_map.csv", index=False)
+    with atomic_open(out_dir / "best_map.csv", "w", newline="") as f:
+        table.to_csv(f, index=False)
     summary = report.section("Best validation mAP per run", "table")
     summary.table(table)
+    if skipped:
+        summary.note("Runs skipped (unreadable or damaged): " + "; ".join(skipped))
 
     groups = [
         ("aug", "encoder", "Encoders for each augmentation", "by_aug"),
@@ -233,7 +260,7 @@ def compare_runs(run_dirs: Sequence[Path], out_dir: Path) -> Path:
         for value in sorted({getattr(r.config, fixed) for r in runs}):
             chosen = [r for r in runs if getattr(r.config, fixed) == value]
             fig = _curves_figure(chosen, varied, f"{fixed} = {value}: validation curves by {varied}")
-            fig.savefig(out_dir / f"{anchor}_{value}.png", dpi=100)
+            _save_png(fig, out_dir / f"{anchor}_{value}.png")
             section.figure(fig, f"{fixed} = {value}")
     section = report.section("Sample sizes for one encoder", "by_samples")
     shown = 0
@@ -247,9 +274,14 @@ def compare_runs(run_dirs: Sequence[Path], out_dir: Path) -> Path:
             if len({r.samples for r in same}) < 2:
                 continue
             fig = _curves_figure(same, "samples", f"{encoder}, aug {aug}: validation curves by sample size")
-            fig.savefig(out_dir / f"by_samples_{encoder}_{aug}.png", dpi=100)
+            _save_png(fig, out_dir / f"by_samples_{encoder}_{aug}.png")
             section.figure(fig, f"{encoder}, {aug}")
             shown += 1
     if not shown:
         section.note("The runs compared do not differ in sample size for any encoder.")
-    return report.write(out_dir / "report.html")
+    return Comparison(report.write(out_dir / "report.html"), len(runs), skipped)
+
+
+def _save_png(fig: plt.Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
