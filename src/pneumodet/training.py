@@ -296,8 +296,8 @@ class RunKeeper(L.Callback):
         self.best_map = -1.0
         #: the epoch whose validation ran last (``None``: none yet in this process)
         self.validated_epoch: int | None = None
-        #: the last epoch ended without validation; recorded after :func:`train` validates it
-        self.pending_epoch = False
+        #: the epoch that ended without validation; recorded after :func:`train` validates it
+        self.pending_epoch: int | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_map": self.best_map}
@@ -315,22 +315,22 @@ class RunKeeper(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: DetectorModule) -> None:
         if self.validated_epoch != trainer.current_epoch:
-            self.pending_epoch = True  # stopped mid-epoch: validated and recorded after fit
+            self.pending_epoch = trainer.current_epoch  # stopped mid-epoch: validated and recorded after fit
             trainer.save_checkpoint(self.run.last_ckpt, weights_only=False)
             return
-        self.record_epoch(trainer, pl_module)
+        self.record_epoch(trainer, pl_module, trainer.current_epoch)
 
-    def record_epoch(self, trainer: L.Trainer, pl_module: DetectorModule) -> None:
-        """Write the epoch's metrics row, model files and checkpoints from its validation result."""
+    def record_epoch(self, trainer: L.Trainer, pl_module: DetectorModule, epoch: int) -> None:
+        """Write epoch ``epoch``'s metrics row, model files and checkpoints from its validation result."""
         result = pl_module.validation_result
-        self.pending_epoch = False
+        self.pending_epoch = None
         if trainer.is_global_zero:
-            self.run.write_metrics_row(_epoch_row(trainer, result))
+            self.run.write_metrics_row(_epoch_row(trainer, result, epoch))
         improved = bool(result) and result["map"] > self.best_map
         if improved:
             self.best_map = result["map"]
         extra = {"threshold": result.get("threshold", 0.5), "val_map": result.get("map"),
-                 "epoch": trainer.current_epoch, "image_size": pl_module.train_config.image_size,
+                 "epoch": epoch, "image_size": pl_module.train_config.image_size,
                  "encoder": pl_module.train_config.encoder}
         extra = {k: v for k, v in extra.items() if v is not None}
         if trainer.is_global_zero:
@@ -397,6 +397,9 @@ class GracefulStop(L.Callback):
         if threading.current_thread() is threading.main_thread() and self._previous:
             signal.signal(signal.SIGTERM, self._handle)
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.in_training_loop = True
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.in_training_loop = False
 
@@ -404,7 +407,8 @@ class GracefulStop(L.Callback):
         self.in_training_loop = False
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.in_training_loop = trainer.training
+        # back in fit: the epoch's records are written next, and the stop waits for them
+        self.in_training_loop = trainer.state.fn == "fit"
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.signum is not None:
@@ -412,9 +416,9 @@ class GracefulStop(L.Callback):
             raise TrainingInterrupted(self.signum, self.run.root)
 
 
-def _epoch_row(trainer: L.Trainer, result: dict[str, Any]) -> dict[str, Any]:
+def _epoch_row(trainer: L.Trainer, result: dict[str, Any], epoch: int) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-    row: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+    row: dict[str, Any] = {"epoch": epoch, "step": trainer.global_step}
     for stage in ("train", "val"):
         for name in LOSS_NAMES:
             key = f"{stage}/{name}_epoch" if stage == "train" else f"{stage}/{name}"
@@ -559,13 +563,13 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(run.last_ckpt) if resumed else None,
                     weights_only=True)
         keeper = next(cb for cb in trainer.callbacks if isinstance(cb, RunKeeper))
-        if keeper.pending_epoch:  # stopped part-way through an epoch: validate what was learned
+        if keeper.pending_epoch is not None:  # stopped part-way through an epoch: validate what was learned
             trainer.validate(module, datamodule=datamodule, verbose=False)
-            keeper.record_epoch(trainer, module)
+            keeper.record_epoch(trainer, module, keeper.pending_epoch)
     finally:
         stopper.uninstall()
-    if trainer.interrupted:
-        raise TrainingInterrupted(signal.SIGINT, run.root)
+    if stopper.signum is not None:  # arrived after the last batch: the epoch was recorded, then stop
+        raise TrainingInterrupted(stopper.signum, run.root)
     best = _read_extra(run.best_model) if run.has_model() else {}
     result = TrainResult(run_dir=run.root, best_map=float(best.get("val_map", keeper.best_map)),
                          threshold=float(best.get("threshold", float("nan"))), epochs=trainer.current_epoch,
