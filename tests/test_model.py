@@ -310,10 +310,14 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
         Encoder("resnet18", weights=tmp_path / "missing.pth")
 
 
-def test_pretrained_without_network_warns_and_initialises_randomly():
-    with pytest.warns(UserWarning, match="pretrained weights for resnet18 unavailable"):
-        encoder = Encoder("resnet18", pretrained=True)
-    assert encoder.body.state_dict()["conv1.weight"].shape[1] == 1
+def test_pretrained_without_network_is_refused_not_random(monkeypatch, tmp_path):
+    """No silent fall-back to random weights (more cases in test_untrusted_files.py)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ConfigError, match="pretrained .* weights for encoder 'resnet18' unavailable"):
+        Encoder("resnet18", pretrained=True)
 
 
 def test_encoder_normalises_with_its_pretrained_mean_and_std():

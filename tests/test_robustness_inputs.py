@@ -24,14 +24,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from badinputs import (
+    ABSURD_BOXES,
     CLASSES_HEADER,
     LABELS_HEADER,
     VOI_LUT,
+    blob_image,
     broken_dicom_cases,
+    crowded_submission,
+    decompression_bombs,
     dicom_cases,
+    display_cases,
+    jpeg_bytes,
+    jpeg_frames_dicom,
     make_dicom,
+    non_utf8_path,
     small_patients,
     symlink_loop,
+    with_jpeg_frame_size,
     write_big_classes,
     write_big_labels,
     write_csv,
@@ -40,6 +49,7 @@ from badinputs import (
 from pneumodet.cli import main
 from pneumodet.data.cache import ImageCache
 from pneumodet.data.dicom import read_dicom
+from pneumodet.data.split import read_split
 from pneumodet.errors import DicomReadError, SubmissionError
 from pneumodet.submission import read_submission
 
@@ -251,7 +261,8 @@ def tiny_model(tmp_path_factory) -> Path:
 def test_predict_on_a_folder_of_every_case(tiny_model, good_dicoms, broken_dicoms, tmp_path, capsys):
     """Every decodable variant is predicted, every broken file is listed with its cause, a link loop
     ends, a file whose PatientID differs from its name is predicted under the PatientID with a warning,
-    and a second file of the same patient is reported as a duplicate, not predicted twice."""
+    a second image of a patient is predicted and shares the patient's one submission row, and a second
+    copy of an image (same SOP Instance UID) is reported as a duplicate, not predicted twice."""
     folder = tmp_path / "in"
     (folder / "good").mkdir(parents=True)
     for path in good_dicoms.values():
@@ -260,7 +271,8 @@ def test_predict_on_a_folder_of_every_case(tiny_model, good_dicoms, broken_dicom
     for path, _ in broken_dicoms.values():
         shutil.copy(path, folder / "bad" / path.name)
     make_dicom(folder / "renamed.dcm", np.zeros((64, 64), np.uint8), patient_id="the-real-id")
-    make_dicom(folder / "zz_copy.dcm", np.zeros((64, 64), np.uint8), patient_id="rgb")
+    make_dicom(folder / "zz_copy.dcm", np.zeros((64, 64), np.uint8), patient_id="rgb")  # rgb's second image
+    shutil.copy(good_dicoms["rgb"], folder / "zz_same.dcm")  # the same image again
     symlink_loop(folder / "loop")
     sub = tmp_path / "sub.csv"
     code, stdout, err = run_cli(capsys, "predict", tiny_model, folder, "--out", sub, "--json", tmp_path / "p.json")
@@ -274,7 +286,8 @@ def test_predict_on_a_folder_of_every_case(tiny_model, good_dicoms, broken_dicom
     assert f"unreadable {folder / 'loop' / 'a'}: symbolic link loop" in stdout
     assert f"unreadable: {len(broken_dicoms) + 2};" in stdout  # + the two links of the a -> b -> a cycle
     assert "differs from the file name" in stdout and "the-real-id" in stdout
-    assert re.search(r"duplicate rgb: .*zz_copy\.dcm \(kept .*rgb\.dcm\)", stdout), stdout
+    assert "patients with several images: 1 (" in stdout and "several images of rgb: 2" in stdout
+    assert re.search(r"duplicate rgb: .*zz_same\.dcm \(kept .*rgb\.dcm; same SOP Instance UID\)", stdout), stdout
 
 
 def test_predict_on_nothing_readable_is_one_line(tiny_model, tmp_path, capsys):
@@ -470,10 +483,10 @@ def test_good_submission_still_scores(tmp_path, capsys, labels_csv):
     (["cache", "{data}", "--size", "0", "--out", "{tmp}/c"], r"cache size must be positive, got 0"),
     (["split", "{data}", "--out", "{tmp}/s", "--val", "1.5"], r"val fraction must be between 0 and 1"),
     (["eda", "{tmp}/no_folder", "--out", "{tmp}/e"], r"no_folder: not a folder"),
-    (["compare", "{tmp}/empty", "--out", "{tmp}/c"], r"at least one run"),
+    (["compare", "{tmp}/empty", "--out", "{tmp}/c"], r"no training run found in .*empty"),
     (["grid", "--data", "{data}", "--out", "{tmp}/g", "--samples", "10,abc"], r"--samples takes .* whole numbers"),
-    (["train", "--config", "{tmp}/no.yaml", "--out", "{tmp}/r"], r"no\.yaml: cannot read config"),
-    (["train", "--out", "{tmp}/empty", "--resume"], r"--data and --split are required"),
+    (["train", "--config", "{tmp}/no.yaml", "--out", "{tmp}/r"], r"no\.yaml: file not found"),
+    (["train", "--out", "{tmp}/empty", "--resume"], r"empty: no run to resume \(config.yaml not found\)"),
     (["augment-preview", "{data}", "--level", "extreme"], r"unknown augmentation level 'extreme'"),
 ])
 def test_each_command_names_a_user_mistake_in_one_line(tmp_path, capsys, args, pattern):
@@ -555,3 +568,280 @@ def test_fuzzed_submission_only_ever_raises_submission_error(tmp_path_factory, b
     for pid, boxes in predictions.items():
         assert pid in {"a", "b", "c"}
         assert boxes.shape[1] == 5 and np.isfinite(boxes).all() and (boxes[:, 3:] >= 0).all()
+
+
+# ================================================================================ labels, submissions, paths
+def test_absurd_coordinates_are_a_row_problem_and_every_command_reading_labels_goes_on(tmp_path, capsys):
+    """Boxes of 1e300 px (and 2e6, -1e300, the largest float) once passed the reader and crashed eda
+    (overflow in its histograms). Each is now ``labels.csv:N: absurd_value`` and its patient is dropped;
+    split, eda and cache go on with the others, and score refuses the labels in one line."""
+    root = write_dataset(tmp_path / "data", small_patients(6), size=64)
+    labels, classes = root / "stage_2_train_labels.csv", root / "stage_2_detailed_class_info.csv"
+    first = len(labels.read_text().splitlines()) + 1
+    absurd = {f"z{i}": box for i, box in enumerate(ABSURD_BOXES.values())}
+    with labels.open("a") as fl, classes.open("a") as fc:
+        for pid, box in absurd.items():
+            fl.write(f"{pid},{box},1\n")
+            fc.write(f"{pid},Lung Opacity\n")
+            make_dicom(root / "stage_2_train_images" / f"{pid}.dcm", np.zeros((64, 64), np.uint8),
+                       patient_id=pid)
+
+    code, _, err = run_cli(capsys, "split", root, "--out", tmp_path / "split", "--val", 0.2, "--test", 0.2)
+    assert code == 0, err
+    for line, pid in list(enumerate(absurd, start=first))[:3]:  # the summary shows three of a kind
+        assert f"stage_2_train_labels.csv:{line}: absurd_value: patient {pid}" in err, err
+    assert f"error absurd_value: {len(absurd)}" in err and f"({len(absurd)} dropped)" in err
+    split = read_split(tmp_path / "split")
+    assert sorted(r.patient_id for recs in split.values() for r in recs) == [f"p{i:03d}" for i in range(6)]
+
+    code, _, err = run_cli(capsys, "eda", root, "--out", tmp_path / "eda", "--workers", 1, "--samples", 1)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "eda" / "summary.json").read_text())
+    assert summary["patients"] == 6 and summary["label_problems"] == len(absurd)
+
+    code, _, err = run_cli(capsys, "cache", root, "--size", 16, "--out", tmp_path / "cache", "--workers", 1)
+    assert code == 0, err
+    assert sorted(ImageCache.open(tmp_path / "cache").patient_ids) == [f"p{i:03d}" for i in range(6)]
+
+    sub = write_csv(tmp_path / "sub.csv", ["patientId,PredictionString", "p000,"])
+    code, _, err = run_cli(capsys, "score", sub, "--labels", labels)
+    assert_one_line_error(code, err, "score", rf"stage_2_train_labels\.csv:{first}: absurd_value")
+
+
+def test_score_refuses_absurd_predicted_coordinates_in_one_line(tmp_path, capsys, labels_csv):
+    sub = write_csv(tmp_path / "sub.csv", ["patientId,PredictionString", "a1,0.9 1e300 100 200 300"])
+    code, _, err = run_cli(capsys, "score", sub, "--labels", labels_csv)
+    assert_one_line_error(code, err, "score", r"line 2: patient a1: PredictionString has a coordinate beyond")
+
+
+def test_a_submission_with_6000_boxes_for_one_patient_is_read_and_scored(tmp_path, capsys, labels_csv):
+    """6,000 boxes make a 190 kB field, past the csv module's default limit (131,072 characters): read
+    and scored (one box matches, 5,999 are false positives at every threshold)."""
+    sub = crowded_submission(tmp_path / "sub.csv", "a1", 6000)
+    assert sub.stat().st_size > 131_072
+    code, _, err = run_cli(capsys, "score", sub, "--labels", labels_csv, "--json", tmp_path / "r.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "r.json").read_text())["score"] == pytest.approx(1 / 6000)
+
+
+@pytest.mark.parametrize(("boxes", "group", "message"), [
+    (10_001, "0.5 100 100 200 300",
+     r"line 2: patient a1: PredictionString has 10001 boxes, more than the 10000"),
+    (100_000, "1 0 0 1 1", r"line 2: patient a1: PredictionString has 100000 boxes, more than the 10000"),
+    (1, "1 0 0 1 " + "1" * 1_300_000, r"line 2: not a readable CSV row \(field larger than field limit"),
+])
+def test_a_crowded_or_huge_submission_row_is_one_line_naming_it(tmp_path, capsys, labels_csv, boxes, group,
+                                                                  message):
+    """A file of at most about 1 MB never costs minutes or gigabytes: a patient may have at most 10,000
+    boxes (scoring grows with boxes x ground-truth boxes per image) and a field at most 1.25 M characters."""
+    sub = crowded_submission(tmp_path / "sub.csv", "a1", boxes, group)
+    assert sub.stat().st_size <= 1_400_000
+    code, _, err = run_cli(capsys, "score", sub, "--labels", labels_csv)
+    assert_one_line_error(code, err, "score", re.escape(str(sub)), message)
+
+
+def test_label_and_submission_problems_name_the_line_where_their_row_starts(tmp_path, capsys):
+    """Quoted fields holding line breaks (an extra column of the labels, a patient id of the submission)
+    no longer shift the reported line numbers."""
+    head = LABELS_HEADER + ",note"
+    rows = [row + (',"see\nthe\r\nreport"' if i % 3 == 0 else ",") for i, row in enumerate(GOOD_L)]
+    rows.append('b1,10,10,0,50,1,"zero\nwidth"')
+    root = dataset_with(tmp_path, [head, *rows], [CLASSES_HEADER, *GOOD_C, "b1,Lung Opacity"])
+    line = 2 + sum(row.count("\n") + 1 for row in rows[:-1])
+    assert line == 2 + len(GOOD_L) + 2 * 4  # four notes of three lines each
+    code, _, err = run_cli(capsys, "split", root, "--out", tmp_path / "split", "--labels-only", "--val", 0.2,
+                           "--test", 0.2)
+    assert code == 0, err
+    assert f"stage_2_train_labels.csv:{line}: bad_box_size: patient b1" in err, err
+
+    labels = write_csv(tmp_path / "labels.csv", [LABELS_HEADER, *GOOD_L])
+    sub = write_csv(tmp_path / "sub.csv", ["patientId,PredictionString", '"a\n1",', "a2,", "a3,0.5 1 2 3"])
+    code, _, err = run_cli(capsys, "score", sub, "--labels", labels)
+    assert_one_line_error(code, err, "score", r"line 5: patient a3: PredictionString has 4 numbers")
+
+
+def test_a_data_folder_named_with_non_utf8_bytes_is_split_and_explored(tmp_path, capsys, monkeypatch):
+    """A folder named with byte 0xff (a str with a surrogate escape) made printing the summary or a
+    DICOM warning, and writing the report, raise UnicodeEncodeError. Text shows it as ``\\xff``; the
+    split CSVs keep the exact bytes, so every image path read back from them opens the file."""
+    def show_on_stderr(message, category, filename, lineno, file=None, line=None):  # as outside pytest
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    monkeypatch.setattr(warnings, "showwarning", show_on_stderr)
+    root = write_dataset(non_utf8_path(tmp_path), small_patients(6), size=64)
+    (root / "stage_2_train_images" / "p000.dcm").write_bytes(b"broken")  # its path lands in the report
+    code, _, err = run_cli(capsys, "split", root, "--out", tmp_path / "split", "--val", 0.2, "--test", 0.2)
+    assert code == 0 and "Traceback" not in err, err
+    assert "data\\xff" in err
+    meta = json.loads((tmp_path / "split" / "split.json").read_bytes().decode("utf-8"))  # strict UTF-8
+    assert meta["source"] == str(tmp_path / "data\\xff")
+    records = [r for recs in read_split(tmp_path / "split").values() for r in recs]
+    assert len(records) == 6 and all(r.image_path.is_file() for r in records)
+    assert {r.image_path.parent.parent for r in records} == {root.resolve()}
+
+    code, _, err = run_cli(capsys, "eda", root, "--out", tmp_path / "eda", "--workers", 1, "--samples", 1)
+    assert code == 0 and "Traceback" not in err, err
+    assert "data\\xff/stage_2_train_images/p004.dcm: the decoded image is constant" in err  # a DICOM warning
+    report = (tmp_path / "eda" / "report.html").read_bytes().decode("utf-8")  # strict UTF-8
+    assert "data\\xff" in report
+    assert "data\\xff" in (tmp_path / "eda" / "unreadable_files.csv").read_bytes().decode("utf-8")
+
+
+# ============================================================================================ bombs
+#: Address space a child reading bombs may use: a decoder taking what a bomb declares fails inside it.
+_READ_LIMIT = 1536 * 2**20
+_READ_PROBE = textwrap.dedent("""
+    import json, resource, sys, warnings
+    resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]),) * 2)
+    from pneumodet.data.dicom import read_dicom
+    from pneumodet.errors import DicomReadError
+    warnings.simplefilter("ignore")
+    out = {}
+    for path in sys.argv[2:]:
+        for metadata_only in (False, True):
+            try:
+                image, meta = read_dicom(path, metadata_only=metadata_only)
+                result = {"shape": None if image is None else list(image.shape), "notes": meta["image_notes"]}
+            except DicomReadError as exc:
+                result = {"refused": exc.cause}
+            out[f"{path}|{metadata_only}"] = result
+    out["maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(out))
+""")
+
+
+def test_decompression_bombs_are_refused_before_any_decoder_runs(tmp_path):
+    """1-2 KB files declaring 65535 x 65535 pixels (in the header, or only in the JPEG / JPEG 2000 frame
+    header), RLE and uncompressed likewise, 2^31 frames, more pixel bytes than declared, a JPEG stream
+    whose size disagrees with the header, a 4 GB element in a 1 KB file and a 0.5 MB deflated data set
+    inflating to 512 MB: each is one ``DicomReadError`` naming its cause, and reading them all, in a
+    child limited to 1.5 GB of address space, peaks below 400 MB (unchecked, a decoder takes 4-8 GB).
+    A multi-frame JPEG whose second frame is a bomb decodes: only the first frame is ever decoded."""
+    bombs = decompression_bombs(tmp_path / "bombs")
+    grey = blob_image(16, 16, (4, 4, 12, 12))
+    frames = jpeg_frames_dicom(tmp_path / "frames.dcm", [jpeg_bytes(grey), with_jpeg_frame_size(jpeg_bytes(grey),
+                                                                                                 65535, 65535)], grey)
+    paths = [str(path) for path, _ in bombs.values()] + [str(frames)]
+    done = subprocess.run([sys.executable, "-c", _READ_PROBE, str(_READ_LIMIT), *paths], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]  # a decoder that aborts on a failed allocation ends here
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, (path, cause) in bombs.items():
+        outcome = result[f"{path}|False"]
+        assert "refused" in outcome and re.search(cause, outcome["refused"]), (name, outcome)
+        assert "\n" not in outcome["refused"]
+    for name in ("deflate_512mb", "huge_element"):  # bounded even when only the header is read
+        assert "refused" in result[f"{bombs[name][0]}|True"], name
+    assert result[f"{frames}|False"] == {"shape": [16, 16], "notes": ["2 frames, only the first is used"]}
+    assert result["maxrss"] < 400 * 2**20, result["maxrss"] / 2**20
+
+
+_CLI_PROBE = textwrap.dedent("""
+    import resource, sys
+    resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]),) * 2)
+    from pneumodet.cli import main
+    code = main(sys.argv[2:])
+    print(f"maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}", file=sys.stderr)
+    sys.exit(code)
+""")
+#: Address space for a whole command in a child (torch alone maps about 4.5 GB); a safety net only.
+_CLI_LIMIT = 8 * 2**30
+
+
+def run_cli_bounded(*args: object) -> tuple[int, str, str, int]:
+    """``pneumodet ARGS`` in a child with :data:`_CLI_LIMIT` of address space: exit code, stdout,
+    stderr and the child's peak resident memory in bytes."""
+    done = subprocess.run([sys.executable, "-c", _CLI_PROBE, str(_CLI_LIMIT), *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+    peak = re.findall(r"^maxrss (\d+)$", done.stderr, flags=re.MULTILINE)
+    return done.returncode, done.stdout, done.stderr, int(peak[-1]) if peak else -1
+
+
+def test_cache_and_predict_skip_bombs_and_still_do_the_next_good_file(tiny_model, tmp_path):
+    """A folder where p001, p003, p005 and p006 are bombs (JPEG, JPEG 2000 stream, RLE, deflate), each
+    followed by a good file: ``cache`` and ``predict`` skip, count and name each bomb, do every good
+    file (the one after a bomb too: a decoder that took gigabytes and kept them made it fail), exit 0,
+    and peak far below what one bomb would take (each child under 2.5 GB)."""
+    root = write_dataset(tmp_path / "data", small_patients(8), size=64)
+    images = root / "stage_2_train_images"
+    bombs = decompression_bombs(tmp_path / "bombs")
+    placed = {"p001": "jpeg_65535", "p003": "j2k_stream_65535", "p005": "rle_65535", "p006": "deflate_512mb"}
+    for pid, case in placed.items():
+        shutil.copy(bombs[case][0], images / f"{pid}.dcm")
+    good = sorted(f"p{i:03d}" for i in range(8) if f"p{i:03d}" not in placed)
+
+    code, stdout, err, peak = run_cli_bounded("cache", root, "--size", 32, "--out", tmp_path / "cache",
+                                              "--workers", 1)
+    assert code == 0, err[-3000:]
+    assert f"cached {len(good)}," in stdout and f"failed {len(placed)}," in stdout, stdout
+    for pid, case in placed.items():
+        assert re.search(rf"failed {pid}: .*{bombs[case][1]}", stdout), (pid, stdout)
+    assert sorted(ImageCache.open(tmp_path / "cache").patient_ids) == good
+    assert 0 < peak < 2.5 * 2**30, peak / 2**30
+
+    sub = tmp_path / "sub.csv"
+    code, stdout, err, peak = run_cli_bounded("predict", tiny_model, images, "--out", sub)
+    assert code == 0, err[-3000:]
+    assert sorted(pd.read_csv(sub)["patientId"]) == good
+    for pid, case in placed.items():
+        assert re.search(rf"unreadable {re.escape(str(images / pid))}\.dcm: .*{bombs[case][1]}", stdout), (pid, stdout)
+    assert f"unreadable: {len(placed)};" in stdout, stdout
+    assert 0 < peak < 2.5 * 2**30, peak / 2**30
+
+
+# ============================================================================================ display
+@pytest.fixture(scope="module")
+def display_dicoms(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    return display_cases(tmp_path_factory.mktemp("display"))
+
+
+@pytest.mark.parametrize("case", ["lut_first_beyond_data", "lut_all_zero", "lut_shorter_than_declared",
+                                  "lut_16_bit_declared_12_bit_entries", "window_far_off", "mostly_uniform"])
+def test_an_unusable_voi_lut_or_window_never_gives_a_flat_image(display_dicoms, case):
+    """A VOI LUT whose first mapped value is beyond the data, whose entries are all 0 or fewer than
+    declared, or whose entries are 12-bit under a 16-bit descriptor, and a window far from the data,
+    each used to give a black (or near-black) image without a word: now the next usable mapping is
+    used and ``image_notes`` (and a warning) says which and why. A mostly uniform image whose robust
+    percentiles coincide keeps its small bright object."""
+    path, note = display_dicoms[case]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image, meta = read_dicom(path)
+    inside = (42, 42) if case == "mostly_uniform" else (60, 60)
+    assert image[inside] >= 240 and image[5, 5] <= 60, (image[inside], image[5, 5])
+    assert meta["constant_image"] is False
+    if case == "mostly_uniform":
+        assert meta["image_notes"] == []
+    else:
+        assert len(meta["image_notes"]) == 1 and re.search(note, meta["image_notes"][0]), meta["image_notes"]
+        assert [str(w.message) for w in caught] == [f"{path}: {meta['image_notes'][0]}"]
+
+
+def test_constant_images_are_counted_and_named_by_cache_and_eda(display_dicoms, tmp_path, capsys):
+    """Six patients with textured 12-bit images, but p001's VOI LUT starts beyond its data (the window
+    is used instead, with a note) and p002's pixels are all one value: ``cache`` keeps both and names
+    p002 as constant (again when the row is reused); ``eda`` counts it in ``images_constant`` and lists
+    both files with their notes in ``image_notes.csv``."""
+    root = write_dataset(tmp_path / "data", small_patients(6), size=64, images=False)
+    images = root / "stage_2_train_images"
+    wide = blob_image(128, 128, (40, 30, 90, 100), dtype=np.uint16, high=4000, low=100)
+    for i in range(6):
+        make_dicom(images / f"p{i:03d}.dcm", wide, bits_stored=12, window=(2050, 3900))
+    shutil.copy(display_dicoms["lut_first_beyond_data"][0], images / "p001.dcm")
+    make_dicom(images / "p002.dcm", np.full((128, 128), 4000, np.uint16), bits_stored=12)
+
+    for build in ("first", "again"):
+        code, stdout, err = run_cli(capsys, "cache", root, "--size", 32, "--out", tmp_path / "cache", "--workers", 1)
+        assert code == 0, err
+        assert "cached 6," in stdout if build == "first" else "reused 6," in stdout
+        assert "constant images (one value everywhere; cached, worth a look): 1: p002" in stdout, stdout
+    assert ImageCache.open(tmp_path / "cache").constant == {"p002"}
+
+    code, stdout, err = run_cli(capsys, "eda", root, "--out", tmp_path / "eda", "--workers", 1, "--samples", 6)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "eda" / "summary.json").read_text())
+    assert summary["images_decoded"] == 6 and summary["images_constant"] == 1
+    notes = pd.read_csv(tmp_path / "eda" / "image_notes.csv")
+    assert notes["patient_id"].tolist() == ["p001", "p002"] and notes["constant"].tolist() == [False, True]
+    assert "VOI LUT starts at value 30000" in notes["note"][0] and "constant" in notes["note"][1]
+    assert "Images to look at" in (tmp_path / "eda" / "report.html").read_text(encoding="utf-8")

@@ -103,35 +103,44 @@ def _add_score(p: argparse.ArgumentParser) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> None:
-    import json
-
+    from pneumodet.safeio import write_json
     from pneumodet.submission import score_submission
+    from pneumodet.textsafe import display_path
 
     result = score_submission(args.submission, args.labels, classes_csv=args.classes, all_patients=args.all)
     print(result.summary())
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, result.to_dict(), indent=1)
+        print(f"wrote {display_path(args.json)}")
 
 
 # ---------------------------------------------------------------- predict
 def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="training run directory (uses its best_model.pt) or a checkpoint")
     p.add_argument("inputs", type=Path, nargs="+", help="DICOM files or folders (searched recursively for *.dcm)")
-    p.add_argument("--out", type=Path, required=True, help="Kaggle submission CSV to write")
-    p.add_argument("--threshold", type=float, help="confidence threshold (default: the run's validation choice)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="Kaggle submission CSV to write: one row per patient; a patient with several images "
+                        "(several studies, series) gets the boxes of its image with the highest box score "
+                        "(ties: the higher Lung Opacity probability, then the first file), as the RSNA metric "
+                        "scores one image per patient; --json and --overlays keep every image")
+    p.add_argument("--threshold", type=float,
+                   help="confidence threshold from 0 to 1 (default: the run's validation choice)")
     p.add_argument("--tta", choices=["hflip"], help="test-time augmentation: also predict the mirrored image")
     p.add_argument("--tta-merge", choices=["wbf", "nms"], default="wbf",
                    help="how TTA views are merged (default: weighted box fusion)")
     p.add_argument("--gate", action="store_true",
                    help="multiply box scores by the global Lung-Opacity probability before thresholding")
-    p.add_argument("--overlays", type=Path, help="folder for one PNG per image with boxes and probabilities")
-    p.add_argument("--json", type=Path, help="JSON file with boxes, scores, class probabilities per patient")
+    p.add_argument("--overlays", type=Path,
+                   help="folder for one PNG per image with boxes and probabilities, named <patient id, "
+                        "sanitised, at most 40 characters>_<hash of the SOP Instance UID>.png")
+    p.add_argument("--json", type=Path,
+                   help="JSON file with one entry per image: patient id, study/series/SOP instance UIDs, file, "
+                        "boxes, scores, class probabilities, overlay name, whether it makes the submission row")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--precision", choices=["bf16", "fp32"],
                    help="default: bf16 where the hardware computes it natively, else fp32")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:N, or auto: the GPU when this machine has one, else the CPU (default cpu)")
     p.add_argument("--workers", type=int, default=0, help="DICOM decoding processes (default 0: in-process)")
     p.add_argument("--follow-symlinks", action="store_true",
                    help="follow symbolic links that lead out of an input folder")
@@ -142,17 +151,19 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 
 def _run_predict(args: argparse.Namespace) -> None:
     from pneumodet.inference import predict, write_prediction_json, write_prediction_submission
+    from pneumodet.textsafe import display_path
 
     result = predict(args.model, args.inputs, threshold=args.threshold, tta=args.tta, tta_merge=args.tta_merge,
                      gate=args.gate, batch_size=args.batch_size, device=args.device, precision=args.precision,
                      follow_symlinks=args.follow_symlinks, overlay_dir=args.overlays, workers=args.workers,
                      compile=args.compile, progress=sys.stderr.isatty())
     print(result.summary())
-    print(f"wrote submission {write_prediction_submission(result, args.out)}")
+    rows = len(result.submission_rows())
+    print(f"wrote submission {display_path(write_prediction_submission(result, args.out))} ({rows} patient row(s))")
     if args.json:
-        print(f"wrote {write_prediction_json(result, args.json)}")
+        print(f"wrote {display_path(write_prediction_json(result, args.json))}")
     if args.overlays:
-        print(f"wrote {len(result.predictions)} overlays to {args.overlays}")
+        print(f"wrote {len(result.predictions)} overlays to {display_path(args.overlays)}")
 
 
 # ---------------------------------------------------------------- export
@@ -160,7 +171,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="training run directory (uses its best_model.pt) or a checkpoint")
     p.add_argument("--onnx", type=Path, required=True, help="ONNX file to write (a .json side file goes next to it)")
     p.add_argument("--image-size", type=int, help="input side in pixels (default: the training size)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 11 to 20 with torch 2.x (default 17)")
 
 
 def _run_export(args: argparse.Namespace) -> None:
@@ -342,6 +353,8 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=Path, help="training run folder")
     p.add_argument("--split", default="test", choices=["val", "test"], help="set to evaluate (default test)")
     p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N, or auto: the GPU when this machine has one, else the CPU (default auto)")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 where the hardware has it")
     p.add_argument("--tta", choices=["hflip"], help="test-time augmentation, as predict's")
     p.add_argument("--gate", action="store_true", help="scale box scores by P(Lung Opacity), as predict's")
@@ -351,17 +364,20 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
-    from pneumodet.evaluation import evaluate
+    from pneumodet.evaluation import METRICS_FILE, evaluate, format_metric
+    from pneumodet.textsafe import display_path
 
     metrics = evaluate(args.run_dir, split=args.split, batch_size=args.batch_size, precision=args.precision,
-                       tta=args.tta, gate=args.gate, out_dir=args.out, compile=args.compile)
+                       device=args.device, tta=args.tta, gate=args.gate, out_dir=args.out, compile=args.compile)
     gc = metrics["global_class"]
-    print(f"{args.split}: RSNA mAP {metrics['rsna_map']:.4f} over {metrics['images_scored']} images at "
-          f"confidence threshold {metrics['threshold']:.2f} (chosen on validation)")
-    print("  per IoU threshold: " + ", ".join(f"{t}: {v:.3f}"
+    print(f"{args.split}: RSNA mAP {format_metric(metrics['rsna_map'], 4)} over {metrics['images_scored']} images "
+          f"({metrics['images_excluded']} without boxes either way, not scored) at confidence threshold "
+          f"{metrics['threshold']:.2f} (chosen on validation)")
+    print("  per IoU threshold: " + ", ".join(f"{t}: {format_metric(v)}"
                                               for t, v in metrics["rsna_map_per_iou_threshold"].items()))
-    print(f"  global class accuracy {gc['accuracy']:.3f}, pneumonia-vs-not AUC {gc['pneumonia_auc']:.3f}")
-    print(f"wrote {(args.out or args.run_dir / f'eval_{args.split}') / 'metrics.json'}")
+    print(f"  global class accuracy {format_metric(gc['accuracy'])}, pneumonia-vs-not AUC "
+          f"{format_metric(gc['pneumonia_auc'])}")
+    print(f"wrote {display_path(Path(metrics['out_dir']) / METRICS_FILE)}")
 
 
 # ---------------------------------------------------------------- demo
@@ -383,7 +399,8 @@ def _add_augment_preview(p: argparse.ArgumentParser) -> None:
     p.add_argument("--level", default="heavy",
                    help="resize_only, light, heavy, heavy_with_rotations, or all (default heavy)")
     p.add_argument("--n", type=int, default=4, help="patients to show, those with boxes first (default 4)")
-    p.add_argument("--out", type=Path, default=Path("augment_preview.png"), help="PNG to write")
+    p.add_argument("--out", type=Path, default=Path("augment_preview.png"),
+                   help="picture to write: .png (default augment_preview.png), .jpg, .jpeg, .pdf or .svg")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same picture")
     p.add_argument("--size", type=int, default=512, help="training image side in pixels (default 512)")
     p.add_argument("--draws", type=int, default=3, help="augmented versions per image for one level (default 3)")
@@ -391,18 +408,32 @@ def _add_augment_preview(p: argparse.ArgumentParser) -> None:
 
 def _run_augment_preview(args: argparse.Namespace) -> None:
     from pneumodet.data.augment import LEVELS, build_augmentation, preview_figure, preview_samples
+    from pneumodet.errors import ConfigError
+    from pneumodet.safeio import atomic_path
+    from pneumodet.textsafe import display_path, display_text
 
+    # every option is checked before any image is read: a typo must not cost a data load
+    image_format = args.out.suffix.lower().lstrip(".")
+    if image_format not in PREVIEW_FORMATS:
+        raise ConfigError(f"--out {display_path(args.out)}: unknown picture format {args.out.suffix or '(no suffix)'!r}; "
+                          f"name a {', '.join('.' + f for f in PREVIEW_FORMATS)} file")
+    if args.n < 1 or args.draws < 1:
+        raise ConfigError(f"--n and --draws must be at least 1, got {args.n} and {args.draws}")
     levels = LEVELS if args.level == "all" else (args.level,)
-    build_augmentation(levels[0], args.size)  # an unknown level fails before any image is read
+    build_augmentation(levels[0], args.size)  # an unknown level or size fails before any image is read
     data = _load_records(args)
     samples, skipped = preview_samples(data.records, args.n, seed=args.seed)
     for line in skipped:
-        print(f"skipped unreadable image {line}", file=sys.stderr)
+        print(f"skipped unreadable image {display_text(line)}", file=sys.stderr)
     fig = preview_figure(samples, levels, args.size, seed=args.seed, draws=1 if args.level == "all" else args.draws)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}: {len(samples)} patient(s) x {', '.join(levels)}"
+    with atomic_path(args.out) as tmp:  # the temporary name has no picture suffix: say the format
+        fig.savefig(tmp, dpi=110, format=image_format)
+    print(f"wrote {display_path(args.out)}: {len(samples)} patient(s) x {', '.join(levels)}"
           + (f"; {len(skipped)} unreadable image(s) skipped" if skipped else ""))
+
+
+#: Picture formats ``augment-preview --out`` writes (matplotlib's, without a plugin).
+PREVIEW_FORMATS = ("png", "jpg", "jpeg", "pdf", "svg")
 
 
 _Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]
@@ -445,16 +476,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_line(command: str, message: str) -> None:
+    """The one line an error is: line breaks inside a message (from a file name, a library) become spaces,
+    and text the terminal cannot encode is escaped rather than raising again."""
+    text = " ".join(f"pneumodet {command}: error: {message}".split())
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    print(text.encode(encoding, "backslashreplace").decode(encoding, "replace"), file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args._run(args)
     except PneumodetError as exc:
-        print(f"pneumodet {args.command}: error: {exc}", file=sys.stderr)
+        _error_line(args.command, str(exc))
         return getattr(exc, "exit_code", 2)
     except OSError as exc:  # disk full, permissions: the environment, not a bug; one line naming the file
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"pneumodet {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        _error_line(args.command, f"{where}{exc.strerror or exc}")
         return 2
     except KeyboardInterrupt:
         print(f"pneumodet {args.command}: interrupted", file=sys.stderr)

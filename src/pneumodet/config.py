@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 
 from pneumodet.errors import ConfigError
+from pneumodet.fieldtypes import check_field_types, check_range, show_key
+from pneumodet.safeio import load_yaml, write_text
 
 #: Named optimisation recipes. ``default`` trains well from random init and from ImageNet weights
 #: (AdamW, linear warm-up, cosine decay); ``reference`` is the RSNA paper's (Adam 1e-5, plateau x0.2
@@ -24,6 +26,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     "reference": dict(optimizer="adam", lr=1e-5, weight_decay=0.0, scheduler="plateau", warmup_fraction=0.0,
                       grad_clip=0.05, plateau_patience=4, plateau_factor=0.2),
 }
+
+#: Largest step/batch count a config may name (a bound, so that a typo cannot mean "forever").
+_MAX_COUNT = 10**9
+#: (field, lowest, highest) of the whole-number fields; the seed range is what Lightning accepts.
+_INT_RANGES = (("epochs", 1, 100_000), ("batch_size", 1, 4096), ("devices", 1, 1024), ("num_nodes", 1, 1024),
+               ("num_workers", 0, 256), ("seed", 0, 2**32 - 1), ("plateau_patience", 0, 100_000),
+               ("checkpoint_every_n_steps", 0, _MAX_COUNT))
 
 #: What ``train --resume`` may change: how long to go on and how to feed it, not what is learned.
 RESUME_CHANGEABLE = frozenset({"epochs", "max_steps", "num_workers", "checkpoint_every_n_steps"})
@@ -134,11 +143,18 @@ class TrainConfig:
         return TrainConfig.from_dict(stored), notes
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """The config of ``values`` (missing keys keep their defaults; paths may be ``Path`` objects), validated.
+
+        Anything else than a mapping of known keys to values of the right types and ranges raises
+        :class:`ConfigError` naming the first problem: ``values`` may come straight from a file.
+        """
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"config must be a mapping of keys to values, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(show_key(k) for k in values if k not in known)
         if unknown:
-            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+            raise ConfigError(f"unknown config keys: {', '.join(unknown[:5])}")
         config = cls(**{k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()})
         config.validate()
         return config
@@ -147,34 +163,58 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        checks = [
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.image_size >= 64 and self.image_size % 32 == 0, "image_size must be a multiple of 32, >= 64"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.optimizer in ("adam", "adamw", "sgd"), "optimizer must be adam, adamw or sgd"),
-            (self.scheduler in ("cosine", "plateau", "none"), "scheduler must be cosine, plateau or none"),
-            (self.precision in ("auto", "bf16-mixed", "16-mixed", "32-true", "32"),
-             "precision must be auto, bf16-mixed, 16-mixed or 32-true"),
-            (self.box_loss in ("smooth_l1", "giou"), "box_loss must be smooth_l1 or giou"),
-            (self.devices >= 1 and self.num_nodes >= 1, "devices and num_nodes must be >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        """Raise :class:`ConfigError` naming the first field of a wrong type (checked first: a value from a
+        file may be anything), out of its range, or not one of its choices.
+
+        ``model`` overrides are checked against :class:`~pneumodet.model.ModelConfig`'s keys and types here;
+        their ranges when the model config is built.
+        """
+        from pneumodet.data.augment import LEVELS
+        from pneumodet.model.config import MAX_IMAGE_SIZE, ModelConfig
+
+        check_field_types(type(self), vars(self), what="config")
+        check_field_types(ModelConfig, self.model, what="config model")
+        for name, low, high in _INT_RANGES:
+            check_range(name, getattr(self, name), low, high)
+        if self.max_steps != -1:
+            check_range("max_steps (-1: no limit)", self.max_steps, 1, _MAX_COUNT)
+        if not (64 <= self.image_size <= MAX_IMAGE_SIZE and self.image_size % 32 == 0):
+            raise ConfigError(f"image_size must be a multiple of 32 in [64, {MAX_IMAGE_SIZE}], got {self.image_size}")
+        check_range("lr", self.lr, 0.0, 10.0, low_open=True)
+        check_range("warmup_fraction", self.warmup_fraction, 0.0, 1.0, high_open=True)
+        check_range("plateau_factor", self.plateau_factor, 0.0, 1.0, low_open=True, high_open=True)
+        for name in ("weight_decay", "grad_clip", "global_loss_weight"):
+            check_range(name, getattr(self, name), 0.0)
+        if isinstance(self.limit_val_batches, float):  # a fraction of the batches; an int counts batches
+            check_range("limit_val_batches", self.limit_val_batches, 0.0, 1.0, low_open=True)
+        else:
+            check_range("limit_val_batches", self.limit_val_batches, 1, _MAX_COUNT)
+        choices = {"aug": LEVELS, "recipe": tuple(RECIPES), "optimizer": ("adam", "adamw", "sgd"),
+                   "scheduler": ("cosine", "plateau", "none"),
+                   "precision": ("auto", "bf16-mixed", "16-mixed", "32-true", "32"),
+                   "box_loss": ("smooth_l1", "giou"), "accelerator": ("auto", "cpu", "gpu", "cuda", "mps")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if not self.encoder.strip():
+            raise ConfigError("encoder must be a model name, got empty text")
 
     def to_yaml(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def from_yaml(cls, path: Path) -> TrainConfig:
-        try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+        """The config in YAML file ``path``; every problem is one :class:`ConfigError` naming the file.
+
+        Read with :func:`pneumodet.safeio.load_yaml` (bounded size, UTF-8, safe types, no aliases: a
+        "billion laughs" file is refused, not expanded), then checked field by field (:meth:`validate`).
+        """
+        values = load_yaml(path)
+        if values is None:  # an empty file: every default
+            values = {}
         if not isinstance(values, dict):
-            raise ConfigError(f"{path}: config must be a mapping of keys to values")
-        return cls.from_dict(values)
+            raise ConfigError(f"{path}: config must be a mapping of keys to values, not {type(values).__name__}")
+        try:
+            return cls.from_dict(values)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None

@@ -14,10 +14,11 @@ error otherwise.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -36,19 +37,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
     For libraries that write to a file name themselves (safetensors, ONNX, matplotlib). The file is
     fsync-ed before the rename. On any exception the temporary file is removed and ``path`` is untouched;
-    an ``OSError`` is re-raised naming ``path`` (not the temporary name).
+    an ``OSError`` about the temporary file (or about no file, as a full disk's) is re-raised naming
+    ``path``; one naming another file (an inner ``atomic_path``'s destination) keeps its name.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name[:80]}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_temp_file(path)
     try:
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
+        if err.filename is not None and os.fsdecode(err.filename) != str(tmp):
+            raise
         raise OSError(err.errno, err.strerror or str(err), str(path)) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -144,11 +146,27 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 1]!r})") from None
     try:
         return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - SafeLoader subclass
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: a value PyYAML cannot build (2024-13-45, 5000 digits)
         reason = " ".join(str(err).split())
         raise ConfigError(f"{path}: not a valid config file: {reason[:300]}") from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to be a config file") from None
+
+
+def _new_temp_file(path: Path) -> Path:
+    """An empty new file ``.<name>.<random>.tmp`` beside ``path``, with the permissions a plain ``open``
+    would give (0666 less the umask): ``mkstemp``'s 0600 would make every report, submission and JSON
+    file unreadable to the user's group once renamed into place."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name[:80]}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        except OSError as err:  # read-only or full folder: name the destination, not the temporary file
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path))
 
 
 def _fsync(path: Path) -> None:

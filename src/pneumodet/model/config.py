@@ -8,10 +8,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from pneumodet.errors import ConfigError
+from pneumodet.fieldtypes import check_field_types, check_range, show_key
 
 #: The box regression losses :class:`ModelConfig` accepts.
 BOX_LOSSES = ("smooth_l1", "giou")
 _TUPLE_FIELDS = ("pyramid_levels", "anchor_sizes", "anchor_scales", "anchor_ratios")
+#: Largest input side: RSNA images are 1024 px; beyond 2048 a config is a mistake (or an attack on memory).
+MAX_IMAGE_SIZE = 2048
+#: Sane upper bounds of the size fields: a checkpoint's metadata must not be able to ask for a network (or
+#: an anchor grid) that costs gigabytes before its tensors are even compared with it.
+_INT_BOUNDS = {"image_size": (32, MAX_IMAGE_SIZE), "fpn_channels": (1, 4096), "head_convs": (0, 16),
+               "num_global_classes": (1, 1000), "topk_per_level": (1, 100_000), "max_detections": (1, 10_000)}
+#: Most pyramid levels (and anchors per level) a model may have; level 10 is a stride of 1024 px.
+_MAX_LEVEL = 10
+_MAX_ANCHOR_VALUES = 16
 
 
 def default_levels(image_size: int) -> tuple[int, int, int]:
@@ -55,6 +65,7 @@ class ModelConfig:
     weights: str | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(type(self), vars(self), what="model config")  # before any arithmetic on them
         if self.pyramid_levels is None:
             self.pyramid_levels = default_levels(self.image_size)
         for name in _TUPLE_FIELDS:
@@ -66,10 +77,18 @@ class ModelConfig:
         return len(self.anchor_scales) * len(self.anchor_ratios)
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first inconsistent field."""
+        """Raise :class:`ConfigError` naming the first field of a wrong type, out of its range or inconsistent.
+
+        Every size is bounded (:data:`MAX_IMAGE_SIZE`, ...), so a valid config never asks for more than a
+        few hundred megabytes of network.
+        """
+        check_field_types(type(self), vars(self), what="model config")
+        for name, (low, high) in _INT_BOUNDS.items():
+            check_range(name, getattr(self, name), low, high)
         levels = self.pyramid_levels
-        if not levels or list(levels) != list(range(levels[0], levels[0] + len(levels))) or levels[0] < 1:
-            raise ConfigError(f"pyramid_levels must be consecutive integers >= 1, got {levels}")
+        if (not levels or list(levels) != list(range(levels[0], levels[0] + len(levels))) or levels[0] < 1
+                or levels[-1] > _MAX_LEVEL):
+            raise ConfigError(f"pyramid_levels must be consecutive integers in [1, {_MAX_LEVEL}], got {levels}")
         if len(self.anchor_sizes) != len(levels):
             raise ConfigError(
                 f"anchor_sizes needs one size per pyramid level: {len(levels)} levels {levels}, "
@@ -77,19 +96,20 @@ class ModelConfig:
             )
         for name in ("anchor_sizes", "anchor_scales", "anchor_ratios"):
             values = getattr(self, name)
-            if not values or any(v <= 0 for v in values):
-                raise ConfigError(f"{name} must be non-empty and positive, got {values}")
+            if not values or len(values) > _MAX_ANCHOR_VALUES or any(not 0 < v <= 100 for v in values):
+                raise ConfigError(f"{name} must hold 1 to {_MAX_ANCHOR_VALUES} numbers in (0, 100], got {values}")
         if self.box_loss not in BOX_LOSSES:
             raise ConfigError(f"box_loss must be one of {BOX_LOSSES}, got {self.box_loss!r}")
         if not 0.0 <= self.bg_iou <= self.fg_iou <= 1.0:
             raise ConfigError(f"need 0 <= bg_iou <= fg_iou <= 1, got bg_iou={self.bg_iou} fg_iou={self.fg_iou}")
-        for name in ("image_size", "fpn_channels", "num_global_classes", "topk_per_level", "max_detections"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.head_convs < 0:
-            raise ConfigError(f"head_convs must be >= 0, got {self.head_convs}")
-        if not 0.0 <= self.global_dropout < 1.0:
-            raise ConfigError(f"global_dropout must be in [0, 1), got {self.global_dropout}")
+        check_range("global_dropout", self.global_dropout, 0.0, 1.0, high_open=True)
+        for name in ("focal_alpha", "score_thresh", "nms_thresh"):
+            check_range(name, getattr(self, name), 0.0, 1.0)
+        check_range("smooth_l1_beta", self.smooth_l1_beta, 0.0, None, low_open=True)
+        check_range("global_loss_weight", self.global_loss_weight, 0.0)
+        check_range("focal_gamma", self.focal_gamma, 0.0, 100.0)
+        if not self.encoder.strip() or len(self.encoder) > 200:
+            raise ConfigError(f"encoder must be a model name (1 to 200 characters), got {self.encoder[:60]!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists)."""
@@ -101,11 +121,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
+        """Inverse of :meth:`to_dict`; anything but a mapping of known keys to values of the right types and
+        ranges raises :class:`ConfigError` naming the first problem."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"model config must be a mapping of names to values, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(show_key(k) for k in set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown model config key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+            raise ConfigError(f"unknown model config key(s): {', '.join(unknown[:5])} (known: {', '.join(sorted(known))})")
         try:
             return cls(**data)
         except TypeError as err:

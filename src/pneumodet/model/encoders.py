@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
-import warnings
+import socket
+import threading
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import timm
 import torch
@@ -87,21 +90,104 @@ class Encoder(nn.Module):
 
 
 def _create(name: str, *, pretrained: bool) -> nn.Module:
+    """The ``features_only`` one-channel timm body; with ``pretrained``, its ImageNet weights or a
+    :class:`ConfigError` saying why not (never a silent fall-back to random weights)."""
     if not timm.is_model(name.split(".")[0]):
         raise ConfigError(f"unknown encoder {name!r}: not a timm model name or one of {sorted(ENCODER_ALIASES)}")
-    if pretrained:
-        try:
-            return timm.create_model(name, pretrained=True, features_only=True, in_chans=1)
-        except Exception as err:  # noqa: BLE001 - offline, no weights published, hub errors
-            warnings.warn(
-                f"pretrained weights for {name} unavailable ({type(err).__name__}); encoder randomly "
-                "initialised — pass weights=FILE on offline machines",
-                stacklevel=3,
-            )
+    overlay = _pretrained_file(name) if pretrained else None
     try:
-        return timm.create_model(name, pretrained=False, features_only=True, in_chans=1)
-    except RuntimeError as err:
-        raise ConfigError(f"encoder {name!r} has no feature-extraction support in timm: {err}") from err
+        return timm.create_model(name, pretrained=pretrained, features_only=True, in_chans=1,
+                                 **({"pretrained_cfg_overlay": {"file": overlay}} if overlay else {}))
+    except Exception as err:  # noqa: BLE001 - with pretrained: hub, download and file errors of the weights
+        if pretrained:
+            raise _weights_unavailable(name, f"{type(err).__name__}: {err}") from err
+        if isinstance(err, RuntimeError):
+            raise ConfigError(f"encoder {name!r} has no feature-extraction support in timm: {err}") from err
+        raise
+
+
+# ------------------------------------------------------------------------------------- ImageNet weights
+#: Seconds to wait for a TCP connection to the weights' host before calling it unreachable (the hub
+#: client's own retries take about a minute to give up).
+PROBE_TIMEOUT_S = 3.0
+
+
+def _weights_unavailable(name: str, reason: str) -> ConfigError:
+    reason = " ".join(reason.split())
+    return ConfigError(f"pretrained (ImageNet) weights for encoder {name!r} unavailable: {reason[:300]}; "
+                       "pass a local weights file instead (--weights FILE, .pth or .safetensors)")
+
+
+def _pretrained_file(name: str) -> str | None:
+    """A local file with ``name``'s pretrained weights (the hub or torch cache), or ``None`` when they must
+    be downloaded and the weights' host answers. Raises :class:`ConfigError` at once when there are none
+    to get: no published weights, ``HF_HUB_OFFLINE`` set, or the host unreachable."""
+    from huggingface_hub import constants
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise _weights_unavailable(name, "timm publishes none for it")
+    if cfg.file:
+        return None
+    for candidate in _cached_candidates(cfg):
+        if candidate is not None:
+            return candidate
+    if cfg.hf_hub_id:
+        if constants.HF_HUB_OFFLINE:
+            raise _weights_unavailable(name, f"{cfg.hf_hub_id} is not in the local Hugging Face cache and "
+                                             "HF_HUB_OFFLINE is set")
+        url = constants.ENDPOINT
+    else:
+        url = cfg.url
+    problem = unreachable(url)
+    if problem:
+        raise _weights_unavailable(name, f"not in the local cache, and {problem}")
+    return None
+
+
+def _cached_candidates(cfg: object) -> list[str | None]:
+    """Paths where ``cfg``'s weights would be if downloaded before (``None`` where they are not)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found: list[str | None] = []
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if hub_id and not getattr(cfg, "custom_load", False):
+        repo, _, revision = hub_id.partition("@")
+        filename = getattr(cfg, "hf_hub_filename", None)
+        names = [filename] if filename else ["model.safetensors", "pytorch_model.bin"]
+        if filename and filename.endswith(".bin"):
+            names.insert(0, filename[: -len(".bin")] + ".safetensors")
+        for file_name in names:
+            cached = try_to_load_from_cache(repo, file_name, revision=revision or None)
+            found.append(cached if isinstance(cached, str) else None)  # also a "known absent" marker
+    url = getattr(cfg, "url", None)
+    if url and not hub_id:
+        cached_url = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlsplit(url).path).name
+        found.append(str(cached_url) if cached_url.is_file() else None)
+    return found
+
+
+def unreachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """``None`` when a TCP connection to ``url``'s host (or the proxy for it) opens within ``timeout``
+    seconds, else a short reason. The name lookup is bounded too (it runs in a thread)."""
+    parts = urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    target = urlsplit(proxy) if proxy and not urllib.request.proxy_bypass(parts.hostname or "") else parts
+    host = target.hostname or ""
+    port = target.port or (443 if target.scheme == "https" else 80)
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                outcome.append(None)
+        except OSError as err:
+            outcome.append(f"{host} cannot be reached ({err.strerror or type(err).__name__})")
+
+    thread = threading.Thread(target=connect, name="pneumodet-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    return outcome[0] if outcome else f"{host} did not answer within {timeout:.0f} s"
 
 
 def load_encoder_weights(body: nn.Module, path: str | Path) -> None:
