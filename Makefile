@@ -19,11 +19,13 @@ system-deps:
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pneumodet demo --out runs/demo
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
 
+# ruff, and the import-linter contracts in pyproject.toml (the layering: no module imports a higher layer)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -287,3 +287,250 @@ def write_big_classes(path: Path, labels_path: Path) -> None:
         dst.write(CLASSES_HEADER + "\n")
         for line in src:
             dst.write(line.split(",", 1)[0] + ",Lung Opacity\n")
+
+
+# ------------------------------------------------------------------------------------------- bombs
+def with_jpeg_frame_size(jpeg: bytes, height: int, width: int) -> bytes:
+    """``jpeg`` with the size in its start-of-frame header replaced (the scan data is left as it is)."""
+    data, at = bytearray(jpeg), 2
+    while data[at + 1] not in (0xC0, 0xC1, 0xC2):
+        at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+    data[at + 5:at + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def j2k_bytes(pixels: np.ndarray, size: tuple[int, int] | None = None) -> bytes:
+    """A lossless JPEG 2000 codestream of ``pixels``; ``size`` = (height, width) replaces the image and
+    tile size its SIZ header declares (one tile, so decoders take it at its word)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG2000", irreversible=False, no_jp2=True)
+    data = bytearray(buffer.getvalue())
+    if size is not None:
+        at = data.index(b"\xff\x51")  # SIZ: Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, XTsiz, YTsiz (ITU-T T.800 A.5.1)
+        height, width = size
+        data[at + 6:at + 14] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+        data[at + 22:at + 30] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    return bytes(data)
+
+
+def deflated_dicom(path: Path, inflated_bytes: int) -> Path:
+    """A Deflated Explicit VR Little Endian file whose data set (a small header, then one private
+    element of zeros) inflates to about ``inflated_bytes``: about 1 KB per MB inflated."""
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds = Dataset()
+    ds.SOPClassUID, ds.PatientID, ds.Modality = SecondaryCaptureImageStorage, path.stem, "CR"
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    zeros = inflated_bytes - len(body.getvalue())
+    header = (0x0029).to_bytes(2, "little") + (0x1010).to_bytes(2, "little") + b"OB\0\0" + zeros.to_bytes(4, "little")
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [deflater.compress(body.getvalue() + header)]
+    chunk = bytes(1 << 20)
+    for start in range(0, zeros, len(chunk)):
+        parts.append(deflater.compress(chunk[: zeros - start]))
+    parts.append(deflater.flush())
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    head.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(head, meta, enforce_standard=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(head.getvalue() + b"".join(parts))
+    return path
+
+
+def with_huge_element(path: Path, source: Path, length: int = 0xFFFFFFF0) -> Path:
+    """``source`` with a private OB element declaring ``length`` bytes inserted before its pixel data
+    (which becomes part of that element's value, cut short by the end of the file)."""
+    data = source.read_bytes()
+    at = data.rindex(b"\xe0\x7f\x10\x00")  # (7FE0,0010) Pixel Data, little endian
+    element = (0x0029).to_bytes(2, "little") + (0x1010).to_bytes(2, "little") + b"OB\0\0" + length.to_bytes(4, "little")
+    path.write_bytes(data[:at] + element + data[at:])
+    return path
+
+
+def decompression_bombs(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Files of 1-2 KB that declare far more pixels (or bytes) than they hold: case name -> (path, regex
+    the ``DicomReadError`` cause matches). Unchecked, each takes gigabytes in a decoder (or in the
+    header parse) before anything notices the data is missing."""
+    folder.mkdir(parents=True, exist_ok=True)
+    grey = blob_image(16, 16, (4, 4, 12, 12))
+    jpeg, huge = jpeg_bytes(grey), {"Rows": 65535, "Columns": 65535}
+    baseline, j2k = UID("1.2.840.10008.1.2.4.50"), UID("1.2.840.10008.1.2.4.90")
+    rle_one_segment = (1).to_bytes(4, "little") + (64).to_bytes(4, "little") + bytes(56) + b"\x81\x00" * 8
+    refused = r"65535 x 65535 pixels \(4,295 Mpixel\), more than the 50 Mpixel limit .*refused before decoding"
+    made = {
+        "jpeg_65535": (lambda p: make_dicom(p, grey, transfer_syntax=baseline, tags=huge,
+                                            encapsulated=with_jpeg_frame_size(jpeg, 65535, 65535)),
+                       rf"the header declares {refused}"),
+        "jpeg_stream_65535": (lambda p: make_dicom(p, grey, transfer_syntax=baseline,
+                                                   encapsulated=with_jpeg_frame_size(jpeg, 65535, 65535)),
+                              rf"its JPEG stream declares {refused}"),
+        "jpeg_stream_disagrees": (lambda p: make_dicom(p, grey, transfer_syntax=baseline,
+                                                       encapsulated=with_jpeg_frame_size(jpeg, 16, 32)),
+                                  r"its JPEG stream holds 16 x 32 pixels but the header declares 16 x 16"),
+        "j2k_65535": (lambda p: make_dicom(p, grey, transfer_syntax=j2k, tags=huge,
+                                           encapsulated=j2k_bytes(grey, (65535, 65535))),
+                      rf"the header declares {refused}"),
+        "j2k_stream_65535": (lambda p: make_dicom(p, grey, transfer_syntax=j2k,
+                                                  encapsulated=j2k_bytes(grey, (65535, 65535))),
+                             rf"its JPEG 2000 stream declares {refused}"),
+        "rle_65535": (lambda p: make_dicom(p, grey, transfer_syntax=UID("1.2.840.10008.1.2.5"), tags=huge,
+                                           encapsulated=rle_one_segment),
+                      rf"the header declares {refused}"),
+        "native_65535": (lambda p: make_dicom(p, grey, tags=huge), rf"the header declares {refused}"),
+        "native_2g_frames": (lambda p: make_dicom(p, grey, tags={"NumberOfFrames": 2**31 - 1}),
+                             r"the pixel data holds 256 bytes but the header declares 549,755,813,632"),
+        "native_more_than_declared": (lambda p: make_dicom(p, grey, tags={"Rows": 8}),
+                                      r"the pixel data holds 256 bytes but the header declares 128"),
+        "huge_element": (lambda p: with_huge_element(p, make_dicom(folder / "plain.tmp", grey)),
+                         r"truncated file \(an element declares 4,294,967,280 bytes"),
+        "deflate_512mb": (lambda p: deflated_dicom(p, 2**29), r"inflates to more than 400,000,000 bytes"),
+    }
+    cases = {name: (make(folder / f"{name}.dcm"), cause) for name, (make, cause) in made.items()}
+    (folder / "plain.tmp").unlink()
+    return cases
+
+
+# ------------------------------------------------------------------------------- labels, submissions, paths
+#: Box coordinates ``x,y,width,height`` that no image can have (all beyond +-1e6 px), by case name.
+ABSURD_BOXES = {"width_1e300": "10,20,1e300,40", "x_minus_1e300": "-1e300,20,30,40",
+                "height_2e6": "10,20,30,2000000", "x_max_float": "1.7976931348623157e308,20,30,40"}
+
+
+def crowded_submission(path: Path, patient_id: str, boxes: int,
+                       group: str = "0.5000 100.0 100.0 200.0 300.0") -> Path:
+    """A submission whose only row gives ``patient_id`` ``boxes`` copies of one box ``group``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    row = " ".join([group] * boxes)
+    path.write_text(f"patientId,PredictionString\n{patient_id},{row}\n", encoding="utf-8")
+    return path
+
+
+def non_utf8_path(parent: Path, name: bytes = b"data\xff") -> Path:
+    """``parent / name`` where ``name`` holds bytes that are not UTF-8 (Python shows them as surrogate
+    escapes: such a ``str`` opens files fine but cannot be printed or written as UTF-8 text)."""
+    return Path(os.fsdecode(os.fsencode(parent) + b"/" + name))
+
+
+# ------------------------------------------------------------------------------------------- identifying data
+#: Identifying values in standard elements, beyond :data:`PHI`: names, addresses, phones, occupation,
+#: weight, every date and time, institution, other IDs, comments. No pneumodet output may contain them.
+IDENTIFYING = {
+    "OtherPatientNames": "Ximenez^Teresa", "PatientBirthName": "Quixana^Alonsa",
+    "PatientMotherBirthName": "Zurita^Marisol", "PerformingPhysicianName": "Perez^Pedro",
+    "OperatorsName": "Nicolas^Maese", "RequestingPhysician": "Carrasco^Sanson",
+    "PatientAddress": "7 Rue Rocinante, Argamasilla", "PatientTelephoneNumbers": "+34-926-551208",
+    "ReferringPhysicianAddress": "12 Calle Molinos, Toboso", "ReferringPhysicianTelephoneNumbers": "+34-925-770341",
+    "InstitutionAddress": "3 Plaza Mayor, Ciudad Real", "InstitutionalDepartmentName": "Caballeria Andante",
+    "Occupation": "Hidalgo errante", "PatientWeight": "88.76543", "PatientBirthTime": "052311.250613",
+    "StudyDate": "19970305", "SeriesDate": "19970306", "AcquisitionDate": "19970307", "ContentDate": "19970308",
+    "StudyTime": "141516.171819", "SeriesTime": "141517.181920", "AcquisitionTime": "141518.192021",
+    "ContentTime": "141519.202122", "StationName": "ROCINANTE-CR7", "DeviceSerialNumber": "SN-DQX-550912",
+    "OtherPatientIDs": "OPID-77120-MX", "MedicalRecordLocator": "MRL-44821-LM", "StudyID": "STU98127",
+    "PatientComments": "allergic to windmills", "ImageComments": "bed 14B beside the barber",
+    "AdditionalPatientHistory": "fell off the horse twice", "StudyDescription": "Chest for Dulcinea",
+    "EthnicGroup": "Manchego", "MilitaryRank": "Caballero andante",
+}
+#: A medical record number hidden in a private element, as some vendors do.
+PRIVATE_MRN = "MRN-5523-1907-Q"
+
+
+def add_identifying_data(path: Path) -> Path:
+    """Rewrite the DICOM ``path`` with every :data:`IDENTIFYING` value and :data:`PRIVATE_MRN` in a
+    private element (besides the :data:`PHI` every generated file has)."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    for keyword, value in IDENTIFYING.items():
+        setattr(ds, keyword, value)
+    ds.private_block(0x0029, "ACME RECORDS 1.0", create=True).add_new(0x10, "LO", PRIVATE_MRN)
+    ds.save_as(path)
+    return path
+
+
+def identifying_values() -> list[str]:
+    """Every identifying value the generated files can carry, as written and with ``^`` as a space."""
+    values = [*PHI.values(), *IDENTIFYING.values(), PRIVATE_MRN]
+    return sorted({v for value in values for v in (value, value.replace("^", " "))})
+
+
+def find_identifying(data: bytes, values: Iterable[str] | None = None) -> list[str]:
+    """The identifying values found in ``data``; all-digit values (dates, times, numbers) only as a
+    whole number, so that the digits of some other number never count as a leak."""
+    import re
+
+    found = []
+    for value in identifying_values() if values is None else values:
+        needle = re.escape(value.encode())
+        pattern = rb"(?<![0-9.])" + needle + rb"(?![0-9])" if re.fullmatch(r"[0-9.]+", value) else needle
+        if re.search(pattern, data):
+            found.append(value)
+    return found
+
+
+def jpeg_frames_dicom(path: Path, frames: Sequence[bytes], pixels: np.ndarray) -> Path:
+    """A multi-frame JPEG Baseline file of ``pixels``' size whose frames are the given JPEG streams
+    (with a basic offset table, as DICOM writers make them)."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    make_dicom(path, pixels, transfer_syntax=UID("1.2.840.10008.1.2.4.50"), encapsulated=frames[0],
+               tags={"NumberOfFrames": len(frames)})
+    ds = pydicom.dcmread(path)
+    ds.PixelData = encapsulate(list(frames), has_bot=True)
+    ds.save_as(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- display
+def with_voi_lut(path: Path, descriptor: Sequence[int], data: Sequence[int]) -> Path:
+    """Replace the VOI LUT of the DICOM ``path`` (made with one) by ``descriptor`` and ``data`` as given,
+    however inconsistent."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    item = ds.VOILUTSequence[0]
+    item.LUTDescriptor = list(descriptor)
+    item.LUTData = [int(v) for v in data]
+    ds.save_as(path)
+    return path
+
+
+def display_cases(folder: Path) -> dict[str, tuple[Path, str]]:
+    """12-bit images (a 4000 box on 100, with a ramp row) whose VOI LUT or window cannot be used as it
+    stands, and a mostly uniform one: case name -> (path, regex one of its ``image_notes`` matches).
+    Each must still come out with the box bright and the background dark."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wide = blob_image(128, 128, (40, 30, 90, 100), dtype=np.uint16, high=4000, low=100)
+    speck = np.full((128, 128), 100, np.uint16)
+    speck[40:45, 40:45] = 4000  # 0.15 % of the pixels: the 0.5/99.5 percentiles are both 100
+
+    def lut(path: Path, **kw: object) -> Path:
+        return make_dicom(path, wide, bits_stored=12, voi_lut=VOI_LUT, **kw)
+
+    made = {
+        "lut_first_beyond_data": (lambda p: with_voi_lut(lut(p, window=(2050, 3900)), [4096, 30000, 12], VOI_LUT),
+                                  r"the VOI LUT starts at value 30000, above every pixel value .*the window was used"),
+        "lut_all_zero": (lambda p: with_voi_lut(lut(p), [4096, 0, 12], np.zeros(4096, np.uint16)),
+                         r"the VOI LUT has all 4096 entries equal to 0; a min-max of the pixel values was used"),
+        "lut_shorter_than_declared": (lambda p: with_voi_lut(lut(p), [4096, 0, 12], VOI_LUT[:100]),
+                                      r"the VOI LUT holds 100 entries but its descriptor declares 4096; a min-max"),
+        "lut_16_bit_declared_12_bit_entries": (lambda p: lut(p, voi_lut_bits=16),
+                                               r"entries reach 4095 but its descriptor declares 16-bit entries; "
+                                               r"scaled as 12-bit"),
+        "window_far_off": (lambda p: make_dicom(p, wide, bits_stored=12, window=(30000, 10)),
+                           r"the window \(centre 30000, width 10\) maps every pixel to 0 .*a min-max of the pixel"),
+        "mostly_uniform": (lambda p: make_dicom(p, speck, bits_stored=12), r"^$"),
+    }
+    return {name: (make(folder / f"{name}.dcm"), note) for name, (make, note) in made.items()}

@@ -320,6 +320,41 @@ def test_malformed_ground_truth_names_the_patient():
         rsna_map({"p": gt(BOX), "q": gt([0, 0, -5, 10])}, {})
 
 
+@pytest.mark.parametrize(("truth", "predictions", "message"), [
+    (gt([0, 0, 1e300, 10]), pred(), r"ground-truth boxes for patient 'p': a coordinate beyond \+-1e\+06 px"),
+    (gt(BOX), pred((0.5, -2e6, 0, 10, 10)), r"predictions for patient 'p': a coordinate beyond"),
+    (gt(*[BOX] * 101), pred(), r"ground-truth boxes for patient 'p': 101 boxes, more than the 100"),
+    (gt(BOX), pred(*[(0.5, *BOX)] * 10_001),
+     r"predictions for patient 'p': 10001 boxes, more than the 10000"),
+])
+def test_boxes_no_image_can_have_are_refused(truth, predictions, message):
+    """Absurd coordinates (overflow in areas) and crowded images (cost grows with boxes x boxes) are
+    errors naming the patient; the limits themselves are accepted."""
+    with pytest.raises(ValueError, match=message):
+        rsna_map({"o": gt(BOX), "p": truth}, {"p": predictions})
+    assert rsna_map({"p": gt(*[BOX] * 100)}, {"p": pred(*[(0.5, *BOX)] * 10_000)}).score == pytest.approx(
+        100 / 10_000)
+
+
+def test_matching_in_batches_changes_no_score(monkeypatch):
+    """Images are matched in batches bounded by their (prediction, box) pairs; any batch size, down to
+    one image per batch, gives the same per-image scores."""
+    rng = np.random.default_rng(5)
+    truth, preds = {}, {}
+    for i in range(60):
+        n_gt, n_pred = rng.integers(0, 4), rng.integers(0, 7)
+        truth[f"p{i}"] = np.column_stack([rng.uniform(0, 80, (n_gt, 2)), rng.uniform(50, 80, (n_gt, 2))])
+        preds[f"p{i}"] = np.column_stack([rng.choice([0.2, 0.5, 0.9], n_pred),
+                                          rng.uniform(0, 80, (n_pred, 2)), rng.uniform(50, 80, (n_pred, 2))])
+    whole, whole_sweep = rsna_map(truth, preds), sweep_thresholds(truth, preds).table
+    assert sum(len(p) * len(truth[pid]) for pid, p in preds.items()) > 100  # several batches of 40 below
+    for pairs in (1, 7, 40):
+        monkeypatch.setattr(metrics, "_PAIRS_PER_BATCH", pairs)
+        batched = rsna_map(truth, preds)
+        assert batched.per_image == whole.per_image and batched.score == whole.score
+        assert sweep_thresholds(truth, preds).table == whole_sweep
+
+
 # ------------------------------------------------------------------ sweep
 def test_sweep_table_equals_metric_on_filtered_predictions():
     truth, preds = separated_dataset(np.random.default_rng(3), 200)

@@ -98,6 +98,14 @@ CASES = [
     ("box_off_image", ["d,1100,20,30,40,1"], ["d,Lung Opacity"], "box_off_image", LABELS, 6, "abc"),
     ("box_partly_outside", ["d,1000,20,100,40,1"], ["d,Lung Opacity"], "box_outside", LABELS, 6, "abcd"),
     ("non_numeric", ["d,10,abc,30,40,1"], ["d,Lung Opacity"], "non_numeric", LABELS, 6, "abc"),
+    ("x_1e300", ["d,1e300,20,30,40,1"], ["d,Lung Opacity"], "absurd_value", LABELS, 6, "abc"),
+    ("width_1e300", ["d,10,20,1e300,40,1"], ["d,Lung Opacity"], "absurd_value", LABELS, 6, "abc"),
+    ("x_minus_1e300", ["d,-1e300,20,30,40,1"], ["d,Lung Opacity"], "absurd_value", LABELS, 6, "abc"),
+    ("height_2e6", ["d,10,20,30,2000000,1"], ["d,Lung Opacity"], "absurd_value", LABELS, 6, "abc"),
+    ("max_float_width", ["d,10,20,1.7976931348623157e308,40,1"], ["d,Lung Opacity"], "absurd_value", LABELS,
+     6, "abc"),
+    ("101_boxes", [f"d,{i},{i},5,5,1" for i in range(101)], ["d,Lung Opacity"] * 101, "too_many_boxes", LABELS,
+     6, "abc"),
     ("target_two", ["d,,,,,2"], ["d,Normal"], "bad_target", LABELS, 6, "abc"),
     ("target_empty", ["d,,,,,"], ["d,Normal"], "bad_target", LABELS, 6, "abc"),
     ("unknown_class", ["d,,,,,0"], ["d,Pneumonia"], "unknown_class", CLASSES, 6, "abc"),
@@ -170,6 +178,81 @@ def test_line_numbers_stay_right_after_skipped_and_blank_lines(tmp_path):
         assert rep.of_kind("wrong_field_count")[0].patient_id == "d"
         assert "expected 6 fields, saw 8" in rep.of_kind("wrong_field_count")[0].message
         assert rep.label_rows == 8  # the blank line is not a row
+
+
+def line_breaks(text: str) -> int:
+    """Line breaks in ``text`` as the reader counts them: LF, CR LF and a lone CR."""
+    return text.count("\n") + text.count("\r") - text.count("\r\n")
+
+
+def row_starts(head: str, rows: list[str]) -> list[int]:
+    """Each row's 1-based starting line in the file ``head`` + ``rows`` (joined with LF)."""
+    starts, line = [], line_breaks(head) + 2
+    for row in rows:
+        starts.append(line)
+        line += line_breaks(row) + 1
+    return starts
+
+
+def test_line_numbers_count_the_lines_of_quoted_line_breaks(tmp_path):
+    """A quoted field holding line breaks (in the header, an id, an extra column, a row with too many
+    fields, the class CSV) moves every later row down; each problem names the line where its row
+    starts, whatever the chunking (the parser counts such a row once, so counting rows was off)."""
+    head_l = HEAD_L + ',"com\nment"'
+    rows = ['a,,,,,0,"one\ntwo"', "b,100,200,50,60,1,plain", '"c\r\nc",,,,,2,x', 'd,1,2,3,4,1,"x\ny",extra',
+            "", 'e,,x,,,0,"\n\r\n\r"', "f,1,2,3,4,1,", "g,1,2,3,4,0,", 'h,1,2,3,4,1,"z\n"', "h,1,2,3,4,1,"]
+    head_c = '"patientId",class'
+    classes = ["a,Normal", '"b",Lung Opacity', '"c\r\nc",Normal', "d,Lung Opacity", '"e",Normal',
+               '"f\n\n",Lung Opacity', "f,Lung Opacity", "g,Normal", "h,Lung Opacity", "zz,Normal"]
+    root = write_dataset(tmp_path, rows, classes, head_l=head_l, head_c=head_c)
+    at, at_c = row_starts(head_l, rows), row_starts(head_c, classes)
+    expected = [("extra_columns", 1), ("bad_target", at[2]), ("wrong_field_count", at[3]),
+                ("empty_row", at[4]), ("non_numeric", at[5]), ("unexpected_box", at[7]), ("duplicate_row", at[9]),
+                ("missing_labels", at_c[5]), ("missing_labels", at_c[9])]
+    assert [line for _, line in expected[1:]] == [6, 8, 10, 11, 16, 19, 8, 14]  # the files, counted by eye
+    for chunk_rows in (1, 2, 3, 200_000):
+        rep = load_rsna(root, chunk_rows=chunk_rows).report
+        assert [(p.kind, p.line) for p in rep.problems] == expected, (chunk_rows, rep.summary())
+    assert rep.of_kind("wrong_field_count")[0].patient_id == "d"
+    assert "repeats line 17" in rep.of_kind("duplicate_row")[0].message
+    assert "patient c\\r\\nc" in str(rep.of_kind("bad_target")[0])  # one printable line
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["good", "bad_target", "too_many_fields", "blank"]),
+                          st.lists(st.sampled_from(["\n", "\r\n", "\r", "x", ",", '""']),
+                                   max_size=6).map("".join)),
+                min_size=1, max_size=12),
+       st.integers(1, 5))
+def test_quoted_line_breaks_anywhere_give_the_real_line(tmp_path_factory, rows, chunk_rows):
+    """Any mix of rows with quoted line breaks, blank lines and rows with too many fields, read in any
+    chunk size: every problem is reported at the line where its row starts."""
+    text = {"good": "p{i},,,,,0,{q}", "bad_target": "p{i},,,,,9,{q}",
+            "too_many_fields": "p{i},,,,,0,{q},extra", "blank": ""}
+    kinds = {"bad_target": "bad_target", "too_many_fields": "wrong_field_count", "blank": "empty_row"}
+    lines = ["z,,,,,0,plain"] + [text[kind].format(i=i, q=f'"{note}"') for i, (kind, note) in enumerate(rows)]
+    head = HEAD_L + ",note"
+    root = write_dataset(tmp_path_factory.mktemp("quoted"), lines,
+                         ["z,Normal"] + [f"p{i},Normal" for i in range(len(rows))], head_l=head)
+    at = row_starts(head, lines)[1:]
+    want = [("extra_columns", 1)]
+    want += [(kinds[kind], at[i]) for i, (kind, _) in enumerate(rows) if kind != "good"]
+    rep = load_rsna(root, chunk_rows=chunk_rows).report
+    assert [(p.kind, p.line) for p in rep.problems if p.file.endswith(LABELS)] == want
+
+
+@pytest.mark.parametrize(("first", "fields"), [("d,1,2,3,4,1,9", 7), ('d,1,2,3,4,1,"9\n9",9', 8)])
+def test_a_first_data_row_with_too_many_fields_is_reported_not_cut(tmp_path, first, fields):
+    """The parser cuts an over-long *first* data row to the header's length (later ones it skips):
+    reported as wrong_field_count all the same, its patient dropped."""
+    root = write_dataset(tmp_path, [first, *BASE_L], ["d,Lung Opacity", *BASE_C])
+    for chunk_rows in (1, 1000):
+        data = load_rsna(root, chunk_rows=chunk_rows)
+        got = [(p.kind, p.line, p.patient_id) for p in data.report.problems]
+        assert got == [("wrong_field_count", 2, "d")], got
+        assert f"expected 6 fields, saw {fields}" in data.report.problems[0].message
+        assert [r.patient_id for r in data.records] == ["a", "b", "c"]
+        check_counts(data)
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 4, 5, 1000])
@@ -347,6 +430,25 @@ def test_real_sample_matches_an_independent_reading(real_sample):
                                                              boxes[r.patient_id])
     multi = next(r for r in records if r.patient_id == "00436515-870c-4b36-a041-de91049b9ab4")
     assert multi.boxes == ((264.0, 152.0, 477.0, 531.0), (562.0, 152.0, 818.0, 605.0))
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_ground_truth_keeps_what_load_rsna_keeps_and_labels_alone_drop_no_less(tmp_path, case):
+    """One reader: with the class CSV, load_ground_truth keeps exactly load_rsna's patients and boxes;
+    without it, every labels-CSV problem is found the same (same kind, same line), only class ones go."""
+    from pneumodet.data.rsna import load_ground_truth
+
+    extra_l, extra_c = next(c[1:3] for c in CASES if c[0] == case)
+    root = write_dataset(tmp_path, BASE_L + extra_l, BASE_C + extra_c)
+    data = load_rsna(root)
+    with_classes = load_ground_truth(root / LABELS, root / CLASSES)
+    assert with_classes.boxes == {r.patient_id: r.boxes for r in data.records}
+    assert with_classes.report.problems == data.report.problems
+    alone = load_ground_truth(root / LABELS)
+    class_kinds = ("missing_class", "class_target_mismatch")  # reported in the labels CSV, found by classes
+    assert alone.report.problems == [p for p in data.report.problems
+                                     if p.file.endswith(LABELS) and p.kind not in class_kinds]
+    assert "classes: no class CSV" in alone.report.summary()
 
 
 # ------------------------------------------------------------------------------------------ frames

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -177,6 +179,27 @@ def test_read_split_refuses_missing_truncated_and_overlapping_files(tmp_path):
         read_split(tmp_path)
     with pytest.raises(SplitError, match="split.json: not found"):
         read_split(tmp_path / "nothing")
+
+
+def test_image_paths_round_trip_byte_for_byte_and_text_stays_utf8(tmp_path):
+    """An image folder named with a non-UTF-8 byte or a line break: the set CSVs give back the exact
+    paths; ``split.json`` (strict UTF-8 JSON) shows the source escaped; a bad row later in the file is
+    still named by its real line."""
+    odd = Path(os.fsdecode(b"/img/data\xff/new\nline"))
+    records = [PatientRecord(f"p{i}", "Normal", 0, (), odd / f"p{i}.dcm") for i in range(20)]
+    split = split_patients(records, val=0.2, test=0.2)
+    write_split(split, tmp_path, source=odd)
+    back = read_split(tmp_path)
+    assert {name: tuple(recs) for name, recs in back.items()} == split.sets
+    meta = json.loads((tmp_path / "split.json").read_bytes().decode("utf-8"))  # strict UTF-8
+    assert meta["source"] == "/img/data\\xff/new\\nline"
+    raw = (tmp_path / "train.csv").read_bytes()
+    assert b'"/img/data\xff/new\nline/p' in raw  # each row spans two lines
+    third = [m.start() for m in re.finditer(rb",0,0,\[\],", raw)][2]  # the third patient: lines 6-7
+    (tmp_path / "train.csv").write_bytes(raw[:third] + b',0,1,"[[1e300, 0, 2, 2]]",' + raw[third + 9:])
+    with pytest.raises(SplitError, match=r"train\.csv:6: boxes '\[\[1e300, 0, 2, 2\]\]' hold a value that is "
+                                         r"not a finite number within \+-1e\+06 px"):
+        read_split(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -15,6 +15,7 @@ from pneumodet.submission import read_ground_truth, read_submission, score_submi
 
 
 def write_text(tmp_path: Path, text: str, name: str = "sub.csv") -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
     return path
@@ -93,6 +94,9 @@ GOOD = "patientId,PredictionString\np1,0.5 0 0 100 100\n"
         (GOOD + "p2\n", r"line 3: expected 2 fields .* got 1"),
         (GOOD + ",0.5 1 2 3 4\n", r"line 3: empty patientId"),
         (GOOD + "\n\np2,0.5 1 2 3 x\n", r"line 5: patient p2: PredictionString value 'x'"),  # blank lines counted
+        (GOOD + '"p\n2",0.5 1 2 3\n', r"line 3: patient p\\n2: PredictionString has 4"),  # where it starts
+        (GOOD + '"p\r\n2",\n"p3",0.5 1\n', r"line 5: patient p3: PredictionString has 2"),  # after 2 lines
+        (GOOD + "p2,0.5 1 2 1e7 4\n", r"line 3: patient p2: .*has a coordinate beyond \+-1e\+06 px"),
         ("p1,0.5 0 0 100 100\n", r"line 1: header is 'p1,0.5 0 0 100 100', expected patientId,PredictionString"),
         ("patientId\np1\n", r"line 1: header is 'patientId', expected"),
         ("patientId,PredictionString,extra\n", r"line 1: header is 'patientId,PredictionString,extra'"),
@@ -105,6 +109,19 @@ def test_malformed_submission_names_file_and_line(tmp_path, text, message):
     with pytest.raises(SubmissionError, match=message) as err:
         read_submission(path)
     assert str(err.value).startswith(str(path))
+
+
+def test_a_field_past_the_csv_default_limit_is_read_and_the_limit_restored(tmp_path):
+    """6,000 boxes (about 190,000 characters) pass; the csv module's process-wide limit is raised only
+    while reading, also when the file is refused."""
+    before = csv.field_size_limit()
+    path = write_text(tmp_path, "patientId,PredictionString\np1," + " ".join(["0.5 1 2 3 4"] * 6000) + "\n")
+    assert read_submission(path)["p1"].shape == (6000, 5)
+    assert csv.field_size_limit() == before
+    write_text(tmp_path, "patientId,PredictionString\np1,0.5 1 2 3\n")
+    with pytest.raises(SubmissionError):
+        read_submission(path)
+    assert csv.field_size_limit() == before
 
 
 def test_unknown_patient_is_an_error_with_its_line(tmp_path):
@@ -156,20 +173,49 @@ def test_read_ground_truth_without_class_csv(tmp_path, real_sample):
         np.testing.assert_array_equal(truth[pid], np.array(boxes).reshape(-1, 4))
 
 
-@pytest.mark.parametrize(
-    ("row", "message"),
-    [
-        ("p2,1,2,3,4,0", "line 3: Target 1 needs a box, Target 0 none"),
-        ("p2,,,,,1", "line 3: Target 1 needs a box"),
-        ("p2,1,2,abc,4,1", "line 3: a value is not a number"),
-        ("p2,1,2,0,4,1", r"line 3: width or height <= 0"),
-        ("p2,,,,,7", "line 3: Target is not 0 or 1"),
-    ],
-)
-def test_bad_labels_row_is_an_error_with_its_line(tmp_path, row, message):
-    labels = write_text(tmp_path, f"patientId,x,y,width,height,Target\np1,,,,,0\n{row}\n", "labels.csv")
-    with pytest.raises(LabelsError, match=message):
+#: a labels row after ``p1,,,,,0`` -> (class of p2 for the class CSV, the problem reported at labels.csv:3)
+BAD_ROWS = {
+    "box_on_target_0": ("p2,1,2,3,4,0", "Normal", "unexpected_box"),
+    "no_box_on_target_1": ("p2,,,,,1", "Lung Opacity", "missing_box"),
+    "not_a_number": ("p2,1,2,abc,4,1", "Lung Opacity", "non_numeric"),
+    "zero_width": ("p2,1,2,0,4,1", "Lung Opacity", "bad_box_size"),
+    "target_7": ("p2,,,,,7", "Normal", "bad_target"),
+    "off_image": ("p2,2000,2000,30,40,1", "Lung Opacity", "box_off_image"),
+    "absurd_width": ("p2,1,2,1e300,4,1", "Lung Opacity", "absurd_value"),
+    "absurd_x": ("p2,-1e300,2,3,4,1", "Lung Opacity", "absurd_value"),
+    "both_targets": ("p2,,,,,0\np2,1,2,3,4,1", "Normal", "target_conflict"),
+    "too_many_fields": ("p2,1,2,3,4,1,9", "Lung Opacity", "wrong_field_count"),
+    "no_patient_id": (",1,2,3,4,1", None, "missing_patient_id"),
+    "101_boxes": ("\n".join(f"p2,{i},{i},5,5,1" for i in range(101)), "Lung Opacity", "too_many_boxes"),
+}
+
+
+@pytest.mark.parametrize("with_classes", [False, True], ids=["labels_only", "with_class_csv"])
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_bad_labels_row_is_the_same_error_with_or_without_a_class_csv(tmp_path, case, with_classes):
+    """One reader turns label rows into ground truth: the class CSV adds class checks, never removes one."""
+    row, cls, kind = BAD_ROWS[case]
+    labels = write_text(tmp_path, f"patientId,x,y,width,height,Target\np1,,,,,0\n{row}\n",
+                        "stage_2_train_labels.csv")
+    if with_classes:
+        classes = ["p1,Normal"] + [f"p2,{cls}"] * (row.count("\n") + 1 if cls else 0)
+        write_text(tmp_path, "\n".join(["patientId,class", *classes]) + "\n",
+                   "stage_2_detailed_class_info.csv")
+    with pytest.raises(LabelsError, match=rf"would drop patients .*labels\.csv:3: {kind}: "):
         read_ground_truth(labels)
+
+
+@pytest.mark.parametrize("with_classes", [False, True], ids=["labels_only", "with_class_csv"])
+def test_warnings_do_not_stop_scoring_and_count_the_same_either_way(tmp_path, with_classes):
+    """A repeated row is one box and a box partly outside the image is kept, with or without a class CSV."""
+    labels = write_text(tmp_path, "patientId,x,y,width,height,Target\np1,100,100,200,200,1\n"
+                        "p1,100,100,200,200,1\np2,1000,10,100,50,1\n", "stage_2_train_labels.csv")
+    if with_classes:
+        write_text(tmp_path, "patientId,class\np1,Lung Opacity\np1,Lung Opacity\np2,Lung Opacity\n",
+                   "stage_2_detailed_class_info.csv")
+    truth = read_ground_truth(labels)
+    np.testing.assert_array_equal(truth["p1"], [[100, 100, 200, 200]])
+    np.testing.assert_array_equal(truth["p2"], [[1000, 10, 100, 50]])
 
 
 def test_labels_problem_found_by_load_rsna_is_an_error(tmp_path):
@@ -178,6 +224,30 @@ def test_labels_problem_found_by_load_rsna_is_an_error(tmp_path):
     write_text(tmp_path, "patientId,class\np1,Normal\np2,Lung Opacity\n", "stage_2_detailed_class_info.csv")
     with pytest.raises(LabelsError, match="would drop patients"):
         read_ground_truth(labels)
+
+
+def test_class_problems_count_only_with_a_class_csv(tmp_path):
+    labels = write_text(tmp_path, "patientId,x,y,width,height,Target\np1,,,,,0\n", "labels.csv")
+    classes = write_text(tmp_path, "patientId,class\np1,Lung Opacity\n", "classes.csv")
+    assert list(read_ground_truth(labels)) == ["p1"]
+    with pytest.raises(LabelsError, match=r"labels\.csv:2: class_target_mismatch"):
+        read_ground_truth(labels, classes)
+
+
+def test_score_command_counts_a_duplicated_labels_row_once_with_or_without_a_class_csv(tmp_path, capsys):
+    """The same perfect submission scores 1.0 against labels with a repeated row, whether or not the
+    Kaggle class CSV lies beside them (it scored 0.5 without: the repeat counted as a second box)."""
+    sub = write_text(tmp_path, "patientId,PredictionString\np1,0.9 100 100 200 200\np2,\n")
+    rows = "patientId,x,y,width,height,Target\np1,100,100,200,200,1\np1,100,100,200,200,1\np2,,,,,0\n"
+    alone = write_text(tmp_path / "alone", rows, "stage_2_train_labels.csv")
+    kaggle = write_text(tmp_path / "kaggle", rows, "stage_2_train_labels.csv")
+    write_text(tmp_path / "kaggle", "patientId,class\np1,Lung Opacity\np1,Lung Opacity\np2,Normal\n",
+               "stage_2_detailed_class_info.csv")
+    for labels in (alone, kaggle):
+        report = labels.parent / "r.json"
+        assert main(["score", str(sub), "--labels", str(labels), "--json", str(report)]) == 0
+        assert "RSNA mAP 1.0000 over 1 image(s)" in capsys.readouterr().out
+        assert json.loads(report.read_text())["per_image"] == {"p1": 1.0, "p2": None}
 
 
 # ------------------------------------------------------------------ scoring real labels

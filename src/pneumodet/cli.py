@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pneumodet import __version__
 from pneumodet.errors import PneumodetError
+from pneumodet.textsafe import display_path, display_text
 
 
 def _add_data_source(p: argparse.ArgumentParser) -> None:
@@ -71,7 +72,7 @@ def _run_split(args: argparse.Namespace) -> None:
                            seed=args.seed, labels_only=args.labels_only)
     write_split(split, args.out, source=str(args.data_dir))
     print(split.summary())
-    print(f"wrote {args.out}")
+    print(f"wrote {display_path(args.out)}")
 
 
 # ---------------------------------------------------------------- cache
@@ -202,7 +203,7 @@ def _run_eda(args: argparse.Namespace) -> None:
     print(f"{summary['patients']:,} patients, {summary['label_rows']:,} label rows, {summary['boxes']:,} boxes; "
           f"images found {summary['images_found']:,}, missing {summary['images_missing']:,}; "
           f"{summary['label_problems']} label problem(s), {summary['images_unreadable']} unreadable image(s)")
-    print(f"wrote {args.out / 'report.html'}")
+    print(f"wrote {display_path(args.out / 'report.html')}")
 
 
 # ---------------------------------------------------------------- train
@@ -286,7 +287,7 @@ def _run_train(args: argparse.Namespace) -> None:
         config = TrainConfig.from_dict({**TrainConfig.from_yaml(run.config).to_dict(), **_given_options(args)})
         _, notes = prepare_run(config, resume=True)
         for note in notes:
-            print(f"resuming with {note}", file=sys.stderr)
+            print(f"resuming with {display_text(note)}", file=sys.stderr)
     else:
         config = _train_config(args)
         if not config.data_dir or not config.split_dir:
@@ -294,7 +295,7 @@ def _run_train(args: argparse.Namespace) -> None:
     result = train(config, resume=args.resume)
     print(result.summary())
     if run.has_model():
-        print(f"report: {write_run_report(run.root)}")
+        print(f"report: {display_path(write_run_report(run.root))}")
 
 
 # ---------------------------------------------------------------- grid / compare / evaluate
@@ -322,7 +323,7 @@ def _run_grid(args: argparse.Namespace) -> None:
     result = run_grid(config, args.out, encoders=_csv(args.encoders), augs=_csv(args.augs), samples=samples,
                       val=args.val, test=args.test)
     print(result.summary())
-    print(f"summary: {args.out / 'summary.csv'}")
+    print(f"summary: {display_path(args.out / 'summary.csv')}")
 
 
 def _csv(text: str) -> list[str]:
@@ -344,9 +345,9 @@ def _run_compare(args: argparse.Namespace) -> None:
         raise RunError("no training run found in " + ", ".join(str(p) for p in args.run_dirs))
     comparison = compare_runs([r.root for r in runs], args.out)
     for line in comparison.skipped:
-        print(f"skipped {line}", file=sys.stderr)
+        print(f"skipped {display_text(line)}", file=sys.stderr)
     print(f"compared {comparison.compared} run(s)"
-          + (f", skipped {len(comparison.skipped)}" if comparison.skipped else "") + f"; report: {comparison.report}")
+          + (f", skipped {len(comparison.skipped)}" if comparison.skipped else "") + f"; report: {display_path(comparison.report)}")
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:

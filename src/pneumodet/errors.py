@@ -6,6 +6,8 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from pneumodet.textsafe import display_path
+
 
 class PneumodetError(Exception):
     """Base class of the errors caused by input, configuration or environment."""
@@ -19,9 +21,9 @@ class DicomReadError(PneumodetError):
     """A file is not a readable DICOM image. The message names the file and the cause."""
 
     def __init__(self, path: object, cause: str) -> None:
-        self.path = str(path)
+        self.path = str(path)  # exact (it may hold undecodable bytes as surrogates); the message is printable
         self.cause = cause
-        super().__init__(f"{self.path}: {cause}")
+        super().__init__(f"{display_path(self.path)}: {cause}")
 
 
 class SplitError(PneumodetError):

@@ -20,6 +20,11 @@ CSV and the submission file). The rules pinned here:
   comparable with the scores those solutions report. A tie needs the IoU to hit a threshold
   exactly, which only boxes on a coarse grid do with any frequency (labels are whole pixels,
   submissions carry one decimal); thresholds are exact decimal literals so such ties are exact.
+* **Limits.** A coordinate beyond +-:data:`MAX_ABS_COORDINATE` px, more than
+  :data:`MAX_GROUND_TRUTH_BOXES` ground-truth boxes or more than :data:`MAX_PREDICTED_BOXES`
+  predictions for one image raise ``ValueError``: no X-ray is that large or that crowded (RSNA: 1024 px,
+  at most 4 boxes), and the limits bound the cost, which grows with predictions x boxes per image
+  (memory is further bounded by matching images in batches of at most :data:`_PAIRS_PER_BATCH` pairs).
 * **Matching.** Prediction-centric greedy matching, as in Kaggle's description: predictions are
   taken in descending confidence (ties keep their input order), and each takes the still
   unmatched ground-truth box with the highest IoU >= t (IoU ties: the first box). The matching is
@@ -46,6 +51,18 @@ RSNA_IOU_THRESHOLDS: tuple[float, ...] = (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 
 
 #: Confidence cut-offs always tried by :func:`sweep_thresholds` (besides confidence quantiles).
 DEFAULT_SWEEP_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+#: Largest |coordinate| in pixels a box may have, ground truth or prediction: a thousand times an RSNA
+#: image, yet far from where sums and areas of float64 coordinates overflow.
+MAX_ABS_COORDINATE = 1e6
+#: Most ground-truth boxes one image may have (RSNA has at most 4).
+MAX_GROUND_TRUTH_BOXES = 100
+#: Most predictions one image may have (a RetinaNet keeps 100 by default). With the ground-truth limit it
+#: bounds the (prediction, box) pairs of one image to a million.
+MAX_PREDICTED_BOXES = 10_000
+#: Images are matched in batches holding at most this many (prediction, box) pairs (one image above it
+#: forms a batch of its own), which bounds the memory of a metric call whatever the number of images.
+_PAIRS_PER_BATCH = 1 << 20
 
 
 # ------------------------------------------------------------------ box formats
@@ -83,17 +100,31 @@ def box_iou_xywh(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------ input checks
 def _check_boxes(patient_id: str, boxes: np.ndarray, columns: int, what: str) -> np.ndarray:
-    """``boxes`` as float64 ``[K, columns]``; ``ValueError`` naming the patient if unusable."""
+    """``boxes`` as float64 ``[K, columns]``; ``ValueError`` naming the patient if unusable.
+
+    The last four columns are ``x, y, w, h``; ``K`` is limited to :func:`_max_boxes` of ``columns``.
+    """
     arr = np.asarray(boxes, dtype=np.float64)
     if arr.size == 0:
         return arr.reshape(0, columns)
     if arr.ndim != 2 or arr.shape[1] != columns:
         raise ValueError(f"{what} for patient {patient_id!r}: expected shape [K, {columns}], got {arr.shape}")
+    if len(arr) > _max_boxes(columns):
+        raise ValueError(f"{what} for patient {patient_id!r}: {len(arr)} boxes, more than the "
+                         f"{_max_boxes(columns)} one image may have")
     if not np.isfinite(arr).all():
         raise ValueError(f"{what} for patient {patient_id!r}: NaN or infinite value")
+    if (np.abs(arr[:, -4:]) > MAX_ABS_COORDINATE).any():
+        raise ValueError(f"{what} for patient {patient_id!r}: a coordinate beyond "
+                         f"+-{MAX_ABS_COORDINATE:g} px")
     if (arr[:, -2:] < 0).any():
         raise ValueError(f"{what} for patient {patient_id!r}: negative width or height")
     return arr
+
+
+def _max_boxes(columns: int) -> int:
+    """The most rows one image may have: predictions have 5 columns, ground truth 4."""
+    return MAX_PREDICTED_BOXES if columns == 5 else MAX_GROUND_TRUTH_BOXES
 
 
 def _flatten(
@@ -106,8 +137,13 @@ def _flatten(
             _check_boxes(pid, arr, columns, what)  # raises, naming the patient
     arrays = [arr.reshape(-1, columns) for arr in arrays]
     counts = np.array([len(arr) for arr in arrays], dtype=np.int64)
+    crowded = np.flatnonzero(counts > _max_boxes(columns))
+    if len(crowded):
+        _check_boxes(ids[crowded[0]], arrays[crowded[0]], columns, what)  # raises, naming the patient
     flat = np.concatenate(arrays) if arrays else np.zeros((0, columns))
-    bad = ~np.isfinite(flat).all(axis=1) | (flat[:, -2:] < 0).any(axis=1)
+    with np.errstate(invalid="ignore"):  # NaN is reported below, by name
+        bad = (~np.isfinite(flat).all(axis=1) | (np.abs(flat[:, -4:]) > MAX_ABS_COORDINATE).any(axis=1)
+               | (flat[:, -2:] < 0).any(axis=1))
     if bad.any():
         image = int(np.searchsorted(np.cumsum(counts), np.flatnonzero(bad)[0], side="right"))
         _check_boxes(ids[image], arrays[image], columns, what)  # raises, naming the patient
@@ -187,7 +223,7 @@ class _MatchTable:
         pred_image = np.repeat(np.arange(len(ids)), n_pred)
         pred = pred[np.lexsort((-pred[:, 0], pred_image))]  # stable: ties keep input order
         pred_start = _segment_starts(n_pred)
-        tp = _match_all(pred[:, 1:], pred_start, n_pred, gt, _segment_starts(n_gt), n_gt, thresholds)
+        tp = _match_in_batches(pred[:, 1:], n_pred, gt, n_gt, thresholds)
         tp_cumsum = np.zeros((len(pred) + 1, len(thresholds)), dtype=np.int64)
         np.cumsum(tp, axis=0, out=tp_cumsum[1:])
         return cls(ids, n_gt, pred[:, 0], pred_image, pred_start, tp_cumsum)
@@ -205,6 +241,26 @@ class _MatchTable:
         denom = kept[:, None] + self.n_gt[:, None] - tp  # TP + FP + FN
         prec = np.divide(tp, denom, out=np.zeros(tp.shape), where=denom > 0)
         return prec, (kept + self.n_gt) > 0
+
+
+def _match_in_batches(pred: np.ndarray, n_pred: np.ndarray, gt: np.ndarray, n_gt: np.ndarray,
+                      thresholds: np.ndarray) -> np.ndarray:
+    """:func:`_match_all` over runs of consecutive images holding at most :data:`_PAIRS_PER_BATCH` pairs."""
+    tp = np.zeros((len(pred), len(thresholds)), dtype=bool)
+    pred_start, gt_start = _segment_starts(n_pred), _segment_starts(n_gt)
+    pairs = np.cumsum(n_pred * n_gt)
+    first = 0
+    while first < len(n_pred):
+        done = pairs[first - 1] if first else 0
+        # at least one image per batch, then as many more as fit
+        last = max(first + 1, int(np.searchsorted(pairs, done + _PAIRS_PER_BATCH, side="right")))
+        p0, p1 = pred_start[first], pred_start[last - 1] + n_pred[last - 1]
+        g0, g1 = gt_start[first], gt_start[last - 1] + n_gt[last - 1]
+        counts_p, counts_g = n_pred[first:last], n_gt[first:last]
+        tp[p0:p1] = _match_all(pred[p0:p1], _segment_starts(counts_p), counts_p, gt[g0:g1],
+                               _segment_starts(counts_g), counts_g, thresholds)
+        first = last
+    return tp
 
 
 def _match_all(

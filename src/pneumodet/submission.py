@@ -5,24 +5,41 @@ A submission is a CSV with header ``patientId,PredictionString`` and one row per
 original 1024-px image pixels), empty when the patient has no box. In memory a submission is a
 ``dict`` patient id -> float64 ``[M, 5]`` array of those groups, the format :mod:`pneumodet.metrics`
 takes.
+
+Reading is bounded: a patient may have at most :data:`~pneumodet.metrics.MAX_PREDICTED_BOXES` boxes
+and a field at most :data:`MAX_FIELD_CHARS` characters (room for that many boxes written with full
+float precision), so the cost of reading and scoring grows with the file's size and never with the
+square of one patient's boxes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
-import tempfile
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 
+from pneumodet import safeio
 from pneumodet.errors import LabelsError, SubmissionError
-from pneumodet.metrics import MapResult, _check_boxes, rsna_map, xyxy_to_xywh
+from pneumodet.metrics import (
+    MAX_ABS_COORDINATE,
+    MAX_PREDICTED_BOXES,
+    MapResult,
+    _check_boxes,
+    rsna_map,
+    xyxy_to_xywh,
+)
+from pneumodet.textsafe import display_path, display_text
 
 SUBMISSION_COLUMNS: tuple[str, str] = ("patientId", "PredictionString")
-_LABELS_COLUMNS: tuple[str, ...] = ("patientId", "x", "y", "width", "height", "Target")
+#: Longest field read: MAX_PREDICTED_BOXES groups of five numbers of up to 24 characters each
+#: (``-1.2345678901234567e+300``), with their spaces. The csv module's default (131 072) would refuse
+#: a valid file of about 3 000 boxes for one patient.
+MAX_FIELD_CHARS = MAX_PREDICTED_BOXES * 5 * 25
 
 
 # ------------------------------------------------------------------ reading
@@ -33,6 +50,9 @@ def _parse_prediction_string(text: str) -> np.ndarray:
         raise ValueError(
             f"PredictionString has {len(tokens)} numbers, not groups of 5 (confidence x y width height)"
         )
+    if len(tokens) > 5 * MAX_PREDICTED_BOXES:  # checked before parsing: the cost of scoring grows with it
+        raise ValueError(f"PredictionString has {len(tokens) // 5} boxes, more than the "
+                         f"{MAX_PREDICTED_BOXES} one patient may have")
     try:
         values = np.asarray(tokens, dtype=np.float64)
     except ValueError:
@@ -41,6 +61,9 @@ def _parse_prediction_string(text: str) -> np.ndarray:
     boxes = values.reshape(-1, 5)
     if not np.isfinite(boxes).all():
         raise ValueError("PredictionString contains NaN or infinity")
+    if (np.abs(boxes[:, 1:]) > MAX_ABS_COORDINATE).any():
+        raise ValueError(f"PredictionString has a coordinate beyond +-{MAX_ABS_COORDINATE:g} px, "
+                         "which no image has")
     if (boxes[:, 3:] < 0).any():
         raise ValueError("PredictionString has a box with negative width or height")
     return boxes
@@ -65,51 +88,76 @@ def read_submission(path: str | os.PathLike, *, known_ids: Collection[str] | Non
 
     Raises:
         SubmissionError: unreadable or empty file, wrong header, a row without exactly two fields,
-            an empty or duplicate patient id, an unknown patient id, or a malformed
-            ``PredictionString`` (group length, non-number, NaN/inf, negative width/height).
-            The message names the file and the line.
+            an empty or duplicate patient id, an unknown patient id, a field over
+            :data:`MAX_FIELD_CHARS` characters, or a malformed ``PredictionString`` (group length,
+            non-number, NaN/inf, a coordinate beyond +-``MAX_ABS_COORDINATE``, negative width/height,
+            more than ``MAX_PREDICTED_BOXES`` boxes). The message names the file and the line where
+            the row starts.
     """
     path = Path(path)
     try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            return _read_rows(path, fh, known_ids)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise SubmissionError(f"{path}: cannot read submission: {exc}") from exc
+        with path.open(newline="", encoding="utf-8-sig") as fh, _csv_field_limit(MAX_FIELD_CHARS):
+            return _read_rows(display_path(path), fh, known_ids)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SubmissionError(f"{display_path(path)}: cannot read submission: {exc}") from exc
 
 
-def _read_rows(path: Path, fh: TextIO, known_ids: Collection[str] | None) -> dict[str, np.ndarray]:
+@contextlib.contextmanager
+def _csv_field_limit(limit: int) -> Iterator[None]:
+    """The csv module's field size limit (process-wide) set to ``limit`` for the block, then restored."""
+    previous = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _records(name: str, fh: TextIO) -> Iterator[tuple[int, list[str]]]:
+    """``(line where the row starts, fields)`` of every non-blank row (a quoted field may span lines)."""
     reader = csv.reader(fh)
-    rows = ((reader.line_num, row) for row in reader if row)  # line_num: where the row ends
+    end = 0
+    try:
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            if row:
+                yield start, row
+    except csv.Error as exc:
+        raise SubmissionError(f"{name}: line {end + 1}: not a readable CSV row ({exc}; a field may hold "
+                              f"at most {MAX_FIELD_CHARS} characters, {MAX_PREDICTED_BOXES} boxes)") from None
+
+
+def _read_rows(name: str, fh: TextIO, known_ids: Collection[str] | None) -> dict[str, np.ndarray]:
+    rows = _records(name, fh)
     header_line, header = next(rows, (0, None))
     if header is None:
-        raise SubmissionError(f"{path}: empty file, expected header {','.join(SUBMISSION_COLUMNS)}")
+        raise SubmissionError(f"{name}: empty file, expected header {','.join(SUBMISSION_COLUMNS)}")
     if tuple(field.strip() for field in header) != SUBMISSION_COLUMNS:
-        raise SubmissionError(
-            f"{path}: line {header_line}: header is {','.join(header)!r}, expected {','.join(SUBMISSION_COLUMNS)}"
-        )
+        raise SubmissionError(f"{name}: line {header_line}: header is {','.join(header)!r}, "
+                              f"expected {','.join(SUBMISSION_COLUMNS)}")
     predictions: dict[str, np.ndarray] = {}
     first_line: dict[str, int] = {}
     unknown: list[tuple[int, str]] = []  # reported after the whole file is checked, with a count
     for line, row in rows:
-        where = f"{path}: line {line}"
+        where = f"{name}: line {line}"
         if len(row) != 2:
             raise SubmissionError(f"{where}: expected 2 fields (patientId,PredictionString), got {len(row)}")
         patient_id = row[0].strip()
+        shown = display_text(patient_id)
         if not patient_id:
             raise SubmissionError(f"{where}: empty patientId")
         if patient_id in first_line:
-            raise SubmissionError(f"{where}: patient {patient_id} already listed on line {first_line[patient_id]}")
+            raise SubmissionError(f"{where}: patient {shown} already listed on line {first_line[patient_id]}")
         if known_ids is not None and patient_id not in known_ids:
-            unknown.append((line, patient_id))
+            unknown.append((line, shown))
         try:
             predictions[patient_id] = _parse_prediction_string(row[1])
         except ValueError as exc:
-            raise SubmissionError(f"{where}: patient {patient_id}: {exc}") from None
+            raise SubmissionError(f"{where}: patient {shown}: {exc}") from None
         first_line[patient_id] = line
     if unknown:
-        line, patient_id = unknown[0]
+        line, shown = unknown[0]
         raise SubmissionError(
-            f"{path}: line {line}: patient {patient_id} is not in the labels "
+            f"{name}: line {line}: patient {shown} is not in the labels "
             f"({len(unknown)} of the file's {len(predictions)} patients are not)"
         )
     return predictions
@@ -125,7 +173,7 @@ def write_submission(
     predictions: Mapping[str, np.ndarray],
     patient_ids: Iterable[str] | None = None,
 ) -> Path:
-    """Write a submission CSV atomically (a temporary file renamed over ``path``).
+    """Write a submission CSV atomically (:func:`pneumodet.safeio.atomic_open`).
 
     Scores get 4 decimals, coordinates 1 decimal; boxes keep their order.
 
@@ -141,38 +189,32 @@ def write_submission(
             list (they would be lost).
     """
     path = Path(path)
+    name = display_path(path)
     ids = list(predictions) if patient_ids is None else list(patient_ids)
     id_set = set(ids)
     if len(id_set) != len(ids):
-        raise SubmissionError(f"{path}: patient_ids lists a patient more than once")
+        raise SubmissionError(f"{name}: patient_ids lists a patient more than once")
     unwritable = next((pid for pid in ids if not pid.strip() or any(c in pid for c in ',"\r\n')), None)
     if unwritable is not None:
-        raise SubmissionError(f"{path}: patient id {unwritable!r} cannot be a CSV field as is")
+        raise SubmissionError(f"{name}: patient id {unwritable!r} cannot be a CSV field as is")
     missing = [pid for pid in predictions if pid not in id_set]
     if missing:
         raise SubmissionError(
-            f"{path}: predictions for {len(missing)} patient(s) not in patient_ids, e.g. {missing[0]!r}"
+            f"{name}: predictions for {len(missing)} patient(s) not in patient_ids, e.g. {missing[0]!r}"
         )
     lines = [",".join(SUBMISSION_COLUMNS)]
     for pid in ids:
         try:
             boxes = _check_boxes(pid, predictions.get(pid, ()), 5, "predictions")
         except ValueError as exc:
-            raise SubmissionError(f"{path}: {exc}") from None
+            raise SubmissionError(f"{name}: {exc}") from None
         lines.append(f"{pid},{_format_row(boxes)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+        with safeio.atomic_open(path, "w", newline="", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")
-        os.replace(tmp, path)
     except OSError as exc:  # disk full, read-only folder: the previous file stays as it was
-        Path(tmp).unlink(missing_ok=True)
-        raise SubmissionError(f"{path}: cannot write the submission ({exc.strerror or exc}); "
+        raise SubmissionError(f"{name}: cannot write the submission ({exc.strerror or exc}); "
                               "a previous file there is kept unchanged") from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -185,62 +227,29 @@ def read_ground_truth(
 ) -> dict[str, np.ndarray]:
     """The labels as patient id -> ``[N, 4]`` float64 ``(x, y, w, h)`` boxes (``[0, 4]`` if none).
 
-    With a class CSV (``classes_csv``, or the Kaggle one beside ``labels_csv``) the labels go through
-    :func:`pneumodet.data.rsna.load_rsna`, checked by the same rules as for training. Without one,
-    the labels CSV is read alone with the same strictness on boxes. Either way a problem that would
-    drop a patient or a box is an error here: scoring against a partial truth would change the
-    score without a word.
+    The labels go through :func:`pneumodet.data.rsna.load_ground_truth`, checked by the same rules
+    as for training whether or not a class CSV is used (``classes_csv``, else the Kaggle one beside
+    ``labels_csv`` if there is one; it adds the class checks). A problem that would drop a patient or
+    a box is an error here: scoring against a partial truth would change the score without a word.
+    Warnings are not: a repeated row counts once, a box partly outside the image is kept.
 
     Raises:
         LabelsError: unreadable labels, or a row problem (the message names file and line).
     """
+    from pneumodet.data.rsna import load_ground_truth
+
     labels_csv = Path(labels_csv)
     if classes_csv is None:
         classes_csv = next((p for p in (labels_csv.parent / n for n in _CLASS_CSV_NAMES) if p.is_file()), None)
-    if classes_csv is None:
-        return _read_labels_only(labels_csv)
-    from pneumodet.data.rsna import load_rsna
-
-    data = load_rsna(None, labels=labels_csv, classes=Path(classes_csv))
-    errors = [p for p in data.report.problems if p.severity == "error"]
+    truth = load_ground_truth(labels_csv, Path(classes_csv) if classes_csv is not None else None)
+    errors = [p for p in truth.report.problems if p.severity == "error"]
     if errors:
         raise LabelsError(
             f"{len(errors)} label problem(s) would drop patients from the ground truth; first: "
             + "; ".join(str(p) for p in errors[:3])
         )
-    return {r.patient_id: xyxy_to_xywh(r.boxes_array()).reshape(-1, 4) for r in data.records}
-
-
-def _read_labels_only(path: Path) -> dict[str, np.ndarray]:
-    """``patientId,x,y,width,height,Target`` rows -> ground truth; any unusable row is an error."""
-    import pandas as pd
-
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (OSError, ValueError) as exc:
-        raise LabelsError(f"{path}: cannot read labels: {exc}") from exc
-    absent = [c for c in _LABELS_COLUMNS if c not in df.columns]
-    if absent:
-        raise LabelsError(f"{path}: missing column(s) {', '.join(absent)}")
-    text = df[list(_LABELS_COLUMNS[1:])].apply(lambda col: col.str.strip())
-    values = text.apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
-    boxes, target = values[:, :4], values[:, 4]
-    has_box = np.isfinite(boxes).all(axis=1)
-    problems = {
-        "a value is not a number": ((text != "").to_numpy() & ~np.isfinite(values)).any(axis=1),
-        "Target is not 0 or 1": ~np.isin(target, (0.0, 1.0)),
-        "Target 1 needs a box, Target 0 none": (target == 1) != has_box,
-        "width or height <= 0": has_box & (boxes[:, 2:] <= 0).any(axis=1),
-        "empty patientId": (df["patientId"].str.strip() == "").to_numpy(),
-    }
-    for what, bad in problems.items():
-        if bad.any():
-            raise LabelsError(f"{path}: line {int(np.flatnonzero(bad)[0]) + 2}: {what}")
-    ids = df["patientId"].str.strip().to_numpy()
-    truth: dict[str, list[np.ndarray]] = {pid: [] for pid in ids}
-    for pid, box in zip(ids[has_box], boxes[has_box], strict=True):
-        truth[pid].append(box)
-    return {pid: np.asarray(b, dtype=np.float64).reshape(-1, 4) for pid, b in truth.items()}
+    return {pid: xyxy_to_xywh(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
+            for pid, boxes in truth.boxes.items()}
 
 
 def score_submission(

@@ -5,7 +5,8 @@ per box, one box-less row per negative patient), ``stage_2_detailed_class_info.c
 one row per labels row) and ``stage_2_train_images/<patientId>.dcm``; ``stage_1_*`` names are accepted too.
 Boxes are turned from ``x, y, width, height`` (top-left corner) into Pascal VOC ``(xmin, ymin, xmax, ymax)``.
 
-Every problem is reported as a :class:`Problem` naming the file and its 1-based line (header = line 1).
+Every problem is reported as a :class:`Problem` naming the file and its 1-based line (header = line 1):
+the line of the file where the row starts, also when an earlier quoted field holds a line break.
 What happens to the row and the patient depends on the kind; the rule is that a patient is kept only
 when all of its label rows are usable, because a positive patient with a box missing would teach the
 model (and score it) against a wrong truth. Nothing is clipped or repaired.
@@ -20,6 +21,7 @@ empty_row                   note      row without any value skipped, nothing los
 wrong_field_count           error     row skipped, its patient dropped
 missing_patient_id          error     row skipped
 non_numeric                 error     row skipped, patient dropped
+absurd_value                error     coordinate beyond +-MAX_ABS_COORDINATE px: row skipped, patient dropped
 bad_target                  error     Target empty or not 0/1: row skipped, patient dropped
 missing_box                 error     Target 1 with an empty box: row skipped, patient dropped
 unexpected_box              error     Target 0 with a box: row skipped, patient dropped
@@ -28,6 +30,7 @@ box_off_image               error     box entirely outside the 1024 x 1024 image
 box_outside                 warning   box partly outside the image: kept unchanged, patient kept
 duplicate_row               warning   exact repeat of an earlier labels row: repeat skipped
 target_conflict             error     patient has Target 0 and Target 1 rows: patient dropped
+too_many_boxes              error     over MAX_GROUND_TRUTH_BOXES boxes (RSNA: at most 4): patient dropped
 unknown_class               error     class not one of CLASS_NAMES: patient dropped
 class_conflict              error     patient has two different classes: patient dropped
 missing_class               error     patient in the labels CSV only: dropped
@@ -38,11 +41,14 @@ image_unlabelled            warning   ``.dcm`` file of no labelled patient: file
 ==========================  ========  ================================================================
 
 The class CSV repeats a patient's row once per labels row by design, so repeats there are not problems.
+:func:`load_ground_truth` applies every labels-CSV rule above (all but the class and image ones) with
+or without a class CSV, so a score never depends on whether one lies beside the labels.
 ``strict=True`` turns any error or warning into a :class:`~pneumodet.errors.LabelsError`; notes never are.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -58,6 +64,8 @@ import pandas as pd
 
 from pneumodet.data.records import CLASS_NAMES, RSNA_IMAGE_SIZE, PatientRecord
 from pneumodet.errors import LabelsError
+from pneumodet.metrics import MAX_ABS_COORDINATE, MAX_GROUND_TRUTH_BOXES
+from pneumodet.textsafe import display_path, display_text
 
 Severity = Literal["error", "warning", "note"]
 
@@ -76,6 +84,7 @@ PROBLEM_KINDS: dict[str, tuple[Severity, str]] = {
     "wrong_field_count": ("error", "row skipped, patient dropped"),
     "missing_patient_id": ("error", "row skipped"),
     "non_numeric": ("error", "row skipped, patient dropped"),
+    "absurd_value": ("error", "row skipped, patient dropped"),
     "bad_target": ("error", "row skipped, patient dropped"),
     "missing_box": ("error", "row skipped, patient dropped"),
     "unexpected_box": ("error", "row skipped, patient dropped"),
@@ -84,6 +93,7 @@ PROBLEM_KINDS: dict[str, tuple[Severity, str]] = {
     "box_outside": ("warning", "box kept unchanged"),
     "duplicate_row": ("warning", "repeat skipped"),
     "target_conflict": ("error", "patient dropped"),
+    "too_many_boxes": ("error", "patient dropped"),
     "unknown_class": ("error", "row skipped, patient dropped"),
     "class_conflict": ("error", "patient dropped"),
     "missing_class": ("error", "patient dropped"),
@@ -97,6 +107,7 @@ _STAGES = ("stage_2", "stage_1")
 _BOM = b"\xef\xbb\xbf"
 _CHUNK_ROWS = 200_000
 _BAD_LINE = re.compile(r"Skipping line (\d+): ([^\n]*)")
+_LONG_FIRST_ROW = "Length of header or names does not match length of data"
 
 
 @dataclass(frozen=True)
@@ -114,8 +125,9 @@ class Problem:
         return PROBLEM_KINDS[self.kind][0]
 
     def __str__(self) -> str:
+        """``file:line: kind: message`` on one printable line (a patient id may hold any character)."""
         where = self.file if self.line is None else f"{self.file}:{self.line}"
-        return f"{where}: {self.kind}: {self.message}"
+        return f"{where}: {self.kind}: {display_text(self.message)}"
 
 
 @dataclass
@@ -124,6 +136,8 @@ class ValidationReport:
 
     ``label_rows`` counts the data rows of the labels CSV (empty rows excluded); ``skipped_rows`` those
     of them that did not become a box or a negative record, so ``label_rows - skipped_rows`` rows are used.
+    File names are display text (:func:`~pneumodet.textsafe.display_path`: printable whatever bytes the
+    real names hold); ``classes_file`` is ``""`` when no class CSV was read.
     """
 
     labels_file: str = ""
@@ -163,9 +177,10 @@ class ValidationReport:
         images = (f"images: {self.images_found} found, {self.images_missing} missing, "
                   f"{self.images_unlabelled} unlabelled" if self.images_dir is not None
                   else f"images: no folder (labels only, {self.images_missing} patients without image)")
+        classes = (f"classes: {self.class_rows} rows in {self.classes_file}" if self.classes_file
+                   else "classes: no class CSV")
         lines = [
-            f"labels: {self.label_rows} rows ({self.skipped_rows} skipped) in {self.labels_file}; "
-            f"classes: {self.class_rows} rows in {self.classes_file}",
+            f"labels: {self.label_rows} rows ({self.skipped_rows} skipped) in {self.labels_file}; {classes}",
             f"patients: {self.patients} kept ({self.patients_dropped} dropped), {self.boxes} boxes",
             images,
         ]
@@ -192,19 +207,19 @@ class RsnaData:
 # ------------------------------------------------------------------------------------------ reading
 def _sniff(path: Path, required: Sequence[str], report: ValidationReport) -> str:
     """The delimiter, from the header; BOM, CR LF and extra columns noted; fatal if empty or columns lack."""
+    name = display_path(path)
     try:
         with path.open("rb") as f:
             head = f.read(1 << 16)
     except OSError as exc:
-        raise LabelsError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        raise LabelsError(f"{name}: cannot read: {exc.strerror or exc}") from exc
     bom = head.startswith(_BOM)
     body = head[len(_BOM):] if bom else head
     if not body.strip():
-        raise LabelsError(f"{path}: file is empty (expected a header {','.join(required)} and data rows)")
+        raise LabelsError(f"{name}: file is empty (expected a header {','.join(required)} and data rows)")
     first = body.split(b"\n", 1)[0]
     header = first.decode("utf-8", errors="replace")
     sep = ";" if ";" in header and "," not in header else ","
-    name = str(path)
     try:  # the header as the reader will see it (quotes removed, repeated names numbered)
         columns = pd.read_csv(path, sep=sep, nrows=0, skip_blank_lines=False, index_col=False,
                               encoding="utf-8-sig", encoding_errors="replace").columns.tolist()
@@ -227,36 +242,101 @@ def _sniff(path: Path, required: Sequence[str], report: ValidationReport) -> str
     return sep
 
 
-def _raw_lines(path: Path, line_numbers: set[int]) -> dict[int, str]:
-    """The text of the given 1-based lines, read in one streaming pass."""
-    found: dict[int, str] = {}
-    last = max(line_numbers, default=0)
+def _contains(path: Path, needle: bytes) -> bool:
+    """Whether the file holds ``needle`` (one byte), read in blocks."""
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            if needle in block:
+                return True
+    return False
+
+
+@dataclass(frozen=True)
+class _LineMap:
+    """Record number (header = 1, as the parser counts) -> the 1-based line of the file where it starts.
+
+    A quoted field may hold line breaks, so a record can span several lines and every later record
+    then starts below its record number. ``first[k]`` is the first record that starts ``added[k]``
+    lines below its number (both increasing); a file whose records are all one line has none.
+    """
+
+    first: np.ndarray
+    added: np.ndarray
+
+    def lines(self, records: np.ndarray) -> np.ndarray:
+        k = np.searchsorted(self.first, records, side="right") - 1
+        return records + np.where(k >= 0, self.added[np.maximum(k, 0)], 0) if len(self.first) else records
+
+
+def _csv_records(path: Path, sep: str) -> Iterator[tuple[int, int, list[str]]]:
+    """``(record number, first line, fields)`` of every record, by the csv module.
+
+    Its record boundaries are the parser's: the same quote, doubled-quote and line-break rules
+    (a line break is ``\\n``, ``\\r\\n`` or a lone ``\\r``; a blank line is a record).
+    """
     with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as f:
-        for number, text in enumerate(f, start=1):
-            if number in line_numbers:
-                found[number] = text.rstrip("\r\n")
-            if number >= last:
-                break
+        reader = csv.reader(f, delimiter=sep)
+        end = 0
+        try:
+            for number, fields in enumerate(reader, start=1):
+                yield number, end + 1, fields
+                end = reader.line_num
+        except csv.Error as exc:  # a field past the csv module's size limit: an unclosed quote, or no CSV
+            raise LabelsError(f"{display_path(path)}:{end + 1}: not a readable CSV: {exc}") from None
+
+
+def _line_map(path: Path, sep: str) -> _LineMap:
+    """Where each record starts; a file without a quote character cannot have multi-line records and is
+    not read twice."""
+    first: list[int] = []
+    added: list[int] = []
+    if _contains(path, b'"'):
+        for number, line, _ in _csv_records(path, sep):
+            if line - number != (added[-1] if added else 0):
+                first.append(number)
+                added.append(line - number)
+    return _LineMap(np.asarray(first, dtype=np.int64), np.asarray(added, dtype=np.int64))
+
+
+def _record_fields(path: Path, sep: str, records: set[int]) -> dict[int, list[str]]:
+    """The fields of the given records (record numbers), read in one streaming pass."""
+    found: dict[int, list[str]] = {}
+    last = max(records, default=0)
+    for number, _, fields in _csv_records(path, sep):
+        if number in records:
+            found[number] = fields
+        if number >= last:
+            break
     return found
 
 
-def _collect_bad_lines(caught: list[warnings.WarningMessage], bad: dict[int, str]) -> None:
-    """Move the parser's "Skipping line N: ..." warnings into ``bad`` (line number -> reason)."""
+def _collect_bad_lines(caught: list[warnings.WarningMessage], bad: dict[int, str]) -> bool:
+    """Move the parser's "Skipping line N: ..." warnings into ``bad`` (record number -> reason).
+
+    The parser's "line" is a record number (header = 1): a record with a quoted line break counts once.
+    Returns whether the parser said the *first* data row has more fields than the header: that row is
+    not skipped but cut to the header's length, with a warning of its own.
+    """
+    long_first_row = False
     for w in caught:
         for m in _BAD_LINE.finditer(str(w.message)):
             bad[int(m.group(1))] = m.group(2)
+        long_first_row |= _LONG_FIRST_ROW in str(w.message)
     caught.clear()
+    return long_first_row
 
 
 def _read_rows(path: Path, sep: str, columns: Sequence[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
-    """The file in chunks of string columns ``columns`` plus ``line`` (1-based) and ``field_error``.
+    """The file in chunks of string columns ``columns`` plus ``line`` and ``field_error``.
 
-    The first column is the patient id; a whitespace-only id comes back as ``""``.
+    ``line`` is the 1-based line of the file where the row starts (see :class:`_LineMap`). The first
+    column is the patient id; a whitespace-only id comes back as ``""``.
 
     Rows with more fields than the header are skipped by the parser; they come back, with the
     patient id of their first field, as rows whose ``field_error`` says what was wrong, so that
     their patient can be dropped rather than silently lose a box.
     """
+    line_map = _line_map(path, sep)
     bad: dict[int, str] = {}
     start = 0
     with warnings.catch_warnings(record=True) as caught:
@@ -266,27 +346,29 @@ def _read_rows(path: Path, sep: str, columns: Sequence[str], chunk_rows: int) ->
                                  on_bad_lines="warn", index_col=False, encoding="utf-8-sig",
                                  encoding_errors="replace", chunksize=chunk_rows)
             for chunk in reader:
-                _collect_bad_lines(caught, bad)
-                lines = np.arange(start, start + len(chunk), dtype=np.int64) + 2
-                for b in sorted(bad):  # each skipped line shifts every later row down one line
-                    lines += lines >= b
+                long_first_row = _collect_bad_lines(caught, bad)
+                records = np.arange(start, start + len(chunk), dtype=np.int64) + 2
+                for b in sorted(bad):  # each skipped record shifts every later row down one record
+                    records += records >= b
                 start += len(chunk)
                 frame = chunk.loc[:, list(columns)].fillna("").reset_index(drop=True)
                 pid = frame[columns[0]]
                 frame.loc[pid.str.strip() == "", columns[0]] = ""  # a blank id is a missing id
-                frame["line"] = lines
+                frame["line"] = line_map.lines(records)
                 frame["field_error"] = ""
+                if long_first_row and start == len(chunk) and len(chunk):  # its extra fields were cut off
+                    seen = len(_record_fields(path, sep, {2}).get(2, ()))
+                    frame.loc[0, "field_error"] = f"expected {chunk.shape[1]} fields, saw {seen}"
                 yield frame
             _collect_bad_lines(caught, bad)  # a bad last line is only seen by the read that ends the file
         except (pd.errors.ParserError, UnicodeError, ValueError) as exc:
-            raise LabelsError(f"{path}: not a readable CSV: {exc}".replace("\n", " ")) from exc
+            raise LabelsError(f"{display_path(path)}: not a readable CSV: {exc}".replace("\n", " ")) from exc
     if bad:
-        raw = _raw_lines(path, set(bad))
-        rows = []
-        for number in sorted(bad):
-            first_field = raw.get(number, "").split(sep, 1)[0].strip().strip('"')
-            rows.append({**dict.fromkeys(columns, ""), columns[0]: first_field, "line": number,
-                         "field_error": bad[number]})
+        numbers = sorted(bad)
+        fields = _record_fields(path, sep, set(numbers))
+        lines = line_map.lines(np.asarray(numbers, dtype=np.int64)).tolist()
+        rows = [{**dict.fromkeys(columns, ""), columns[0]: (fields.get(number) or [""])[0].strip(),
+                 "line": line, "field_error": bad[number]} for number, line in zip(numbers, lines, strict=True)]
         yield pd.DataFrame(rows, columns=[*columns, "line", "field_error"])
 
 
@@ -307,7 +389,9 @@ def _label_row_kinds(rows: pd.DataFrame, decimal_comma: bool) -> tuple[pd.DataFr
     unparsable = (filled & values.isna()).any(axis=1)
     target = values["Target"]
     has_box = filled[list(BOX_COLUMNS)]
-    x, y, w, h = (values[c] for c in BOX_COLUMNS)
+    # Refused before any arithmetic: x + w of 1e300-sized values overflows, and no image is that large.
+    absurd = (values[list(BOX_COLUMNS)].abs() > MAX_ABS_COORDINATE).any(axis=1)
+    x, y, w, h = (values[c].where(~absurd) for c in BOX_COLUMNS)
     xmax, ymax = x + w, y + h
     size = RSNA_IMAGE_SIZE
     off = (x >= size) | (y >= size) | (xmax <= 0) | (ymax <= 0)
@@ -318,6 +402,7 @@ def _label_row_kinds(rows: pd.DataFrame, decimal_comma: bool) -> tuple[pd.DataFr
         rows["field_error"] != "",
         no_pid,
         unparsable,
+        absurd,
         ~target.isin([0, 1]),
         positive & ~has_box.all(axis=1),
         ~positive & has_box.any(axis=1),
@@ -325,8 +410,8 @@ def _label_row_kinds(rows: pd.DataFrame, decimal_comma: bool) -> tuple[pd.DataFr
         positive & off,
         positive & partly,
     ]
-    kinds = ["wrong_field_count", "missing_patient_id", "non_numeric", "bad_target", "missing_box",
-             "unexpected_box", "bad_box_size", "box_off_image", "box_outside"]
+    kinds = ["wrong_field_count", "missing_patient_id", "non_numeric", "absurd_value", "bad_target",
+             "missing_box", "unexpected_box", "bad_box_size", "box_off_image", "box_outside"]
     kind = np.select([c.to_numpy(dtype=bool) for c in conditions], kinds, default="")
     empty = ~filled.any(axis=1) & no_pid & (rows["field_error"] == "")
     kind[empty.to_numpy()] = "empty_row"
@@ -348,6 +433,8 @@ def _label_message(kind: str, row: pd.Series, parsed: pd.Series) -> str:
         bad = [f"{c}={row[c]!r}" for c in (*BOX_COLUMNS, "Target")
                if row[c] and not np.isfinite(_numbers(pd.Series([row[c]]), False).iloc[0])]
         return f"patient {pid}: not a number: {', '.join(bad) or box}"
+    if kind == "absurd_value":
+        return f"patient {pid}: a coordinate beyond +-{MAX_ABS_COORDINATE:g} px cannot be real ({box})"
     if kind == "bad_target":
         return f"patient {pid}: Target={row['Target']!r} is not 0 or 1"
     if kind == "missing_box":
@@ -381,7 +468,7 @@ def _report_rows(report: ValidationReport, file: str, kinds: np.ndarray, rows: p
 
 def _read_labels(path: Path, report: ValidationReport, chunk_rows: int) -> pd.DataFrame:
     """All labels rows as parsed values plus ``kind``; problems of single rows go to the report."""
-    name = str(path)
+    name = display_path(path)
     sep = _sniff(path, LABELS_COLUMNS, report)
     parts = []
     for rows in _read_rows(path, sep, LABELS_COLUMNS, chunk_rows):
@@ -399,7 +486,7 @@ def _read_labels(path: Path, report: ValidationReport, chunk_rows: int) -> pd.Da
 
 def _read_classes(path: Path, report: ValidationReport, chunk_rows: int) -> pd.DataFrame:
     """All class rows (``patientId, class, line, kind``); problems of single rows go to the report."""
-    name = str(path)
+    name = display_path(path)
     sep = _sniff(path, CLASSES_COLUMNS, report)
     parts = []
     for rows in _read_rows(path, sep, CLASSES_COLUMNS, chunk_rows):
@@ -435,7 +522,8 @@ def _scan_images(images_dir: Path) -> dict[str, Path]:
         with os.scandir(images_dir) as it:
             entries = [e for e in it if e.name.lower().endswith(".dcm")]
     except OSError as exc:
-        raise LabelsError(f"{images_dir}: cannot list the images folder: {exc.strerror or exc}") from exc
+        raise LabelsError(f"{display_path(images_dir)}: cannot list the images folder: "
+                          f"{exc.strerror or exc}") from exc
     return {e.name[:-4]: Path(e.path) for e in entries if _is_file(e)}
 
 
@@ -464,21 +552,21 @@ def _resolve(data_dir: Path | None, override: Path | None, pattern: str) -> Path
 def _resolve_inputs(data_dir: Path | None, labels: Path | None, classes: Path | None,
                     images: Path | None) -> tuple[Path, Path, Path | None]:
     if data_dir is not None and not Path(data_dir).is_dir():
-        raise LabelsError(f"{data_dir}: not a folder")
+        raise LabelsError(f"{display_path(data_dir)}: not a folder")
     found = []
     for what, override, pattern in (("labels", labels, "{stage}_train_labels.csv"),
                                     ("class", classes, "{stage}_detailed_class_info.csv")):
         path = _resolve(data_dir, override, pattern)
         if path is None:
-            where = f"in {data_dir}" if data_dir is not None else "(no data folder given)"
+            where = f"in {display_path(data_dir)}" if data_dir is not None else "(no data folder given)"
             raise LabelsError(f"no {what} CSV {where}: expected {pattern.format(stage='stage_2')} "
                               f"or {pattern.format(stage='stage_1')}")
         if not path.is_file():
-            raise LabelsError(f"{path}: {what} CSV not found")
+            raise LabelsError(f"{display_path(path)}: {what} CSV not found")
         found.append(path)
     images_dir = _resolve(data_dir, images, "{stage}_train_images")
     if images is not None and not Path(images).is_dir():
-        raise LabelsError(f"{images}: images folder not found")
+        raise LabelsError(f"{display_path(images)}: images folder not found")
     return found[0], found[1], images_dir.resolve() if images_dir is not None else None
 
 
@@ -503,41 +591,87 @@ def load_rsna(data_dir: Path | None, *, labels: Path | None = None, classes: Pat
             ``strict``, any problem was found.
     """
     labels_path, classes_path, images_dir = _resolve_inputs(data_dir, labels, classes, images)
-    report = ValidationReport(labels_file=str(labels_path), classes_file=str(classes_path),
-                              images_dir=str(images_dir) if images_dir is not None else None)
+    report = ValidationReport(labels_file=display_path(labels_path), classes_file=display_path(classes_path),
+                              images_dir=display_path(images_dir) if images_dir is not None else None)
     label_rows = _read_labels(labels_path, report, chunk_rows)
     class_rows = _read_classes(classes_path, report, chunk_rows)
     files = _scan_images(images_dir) if images_dir is not None else None
-    records, first_line = _merge(label_rows, class_rows, files, report)
+    usable, patients, dropped = _label_patients(label_rows, report)
+    patients = _class_patients(patients, class_rows, report, dropped)
+    boxes = _kept_boxes(usable, patients, dropped, report)
+    pids = patients.index.tolist()
+    paths = [files.get(pid) for pid in pids] if files is not None else [None] * len(pids)
+    records = [PatientRecord(pid, cls, int(target), boxes.get(pid, ()), path)
+               for pid, cls, target, path in zip(pids, patients["class"].tolist(), patients["target"].tolist(),
+                                                 paths, strict=True)]
     if files is not None:
         known = set(label_rows["patientId"].to_numpy()) | set(class_rows["patientId"].to_numpy())
-        _report_images(records, files, first_line, known, report)
+        _report_images(records, files, patients["line"], known, report)
     else:
         report.images_missing = len(records)
-    report.patients = len(records)
-    report.boxes = sum(len(r.boxes) for r in records)
+    _conclude(report, strict)
+    return RsnaData(records=records, report=report)
+
+
+@dataclass
+class GroundTruth:
+    """The labels as a metric sees them: per kept patient (labels-file order) its boxes, Pascal VOC
+    ``(xmin, ymin, xmax, ymax)`` (none for a negative patient), and the report of how they were read."""
+
+    boxes: dict[str, tuple[tuple[float, float, float, float], ...]]
+    report: ValidationReport
+
+
+def load_ground_truth(labels: Path, classes: Path | None = None, *, strict: bool = False,
+                      chunk_rows: int = _CHUNK_ROWS) -> GroundTruth:
+    """The boxes of every usable patient of a labels CSV, by the same rules as :func:`load_rsna`.
+
+    Every labels-CSV check of :func:`load_rsna` applies (row problems, duplicates, absurd and
+    off-image boxes, Target conflicts, too many boxes), with or without a class CSV; with ``classes``
+    the class checks apply too and the patients kept are exactly those :func:`load_rsna` keeps.
+    No image folder is looked at.
+
+    Raises:
+        LabelsError: a CSV is missing, empty, header-only or lacks a required column; or, under
+            ``strict``, any problem was found.
+    """
+    labels = Path(labels)
+    report = ValidationReport(labels_file=display_path(labels),
+                              classes_file=display_path(classes) if classes is not None else "")
+    label_rows = _read_labels(labels, report, chunk_rows)
+    usable, patients, dropped = _label_patients(label_rows, report)
+    if classes is not None:
+        class_rows = _read_classes(Path(classes), report, chunk_rows)
+        patients = _class_patients(patients, class_rows, report, dropped)
+    else:
+        patients = patients[~patients.index.isin(list(dropped))]
+    boxes = _kept_boxes(usable, patients, dropped, report)
+    report.images_missing = report.patients  # no image folder is looked at
+    _conclude(report, strict)
+    return GroundTruth(boxes={pid: boxes.get(pid, ()) for pid in patients.index}, report=report)
+
+
+def _conclude(report: ValidationReport, strict: bool) -> None:
+    """Problems in file and line order; under ``strict`` any error or warning is fatal."""
     rank = {report.labels_file: 0, report.classes_file: 1}
     report.problems.sort(key=lambda p: (rank.get(p.file, 2), p.file, p.line or 0))
     if strict and report.blocking:
         blocking = report.blocking
         first = "; ".join(str(p) for p in blocking[:5])
         raise LabelsError(f"{len(blocking)} label problem(s) under --strict; first: {first}")
-    return RsnaData(records=records, report=report)
 
 
-def _merge(label_rows: pd.DataFrame, class_rows: pd.DataFrame, files: dict[str, Path] | None,
-           report: ValidationReport) -> tuple[list[PatientRecord], pd.Series]:
-    """Cross-row and cross-file checks, then one record per patient whose rows are all usable.
+def _label_patients(label_rows: pd.DataFrame, report: ValidationReport) -> tuple[pd.DataFrame, pd.DataFrame,
+                                                                                   set[str]]:
+    """The cross-row checks of the labels CSV alone: duplicates, Target conflicts, too many boxes.
 
-    Returns the records and, per kept patient, its first line in the labels CSV.
+    Returns the usable rows (repeats removed), one row per patient (index ``patientId`` in labels
+    order; ``line`` = its first line, ``target``) and the patients dropped so far.
     """
-    lname, cname = report.labels_file, report.classes_file
+    lname = report.labels_file
     label_rows = label_rows[label_rows["patientId"] != ""]  # reported, belong to nobody
-    class_rows = class_rows[class_rows["patientId"] != ""]
     first_line = label_rows.groupby("patientId", sort=False)["line"].first()
-    class_first_line = class_rows.groupby("patientId", sort=False)["line"].first()
     dropped: set[str] = set(label_rows.loc[~label_rows["kind"].isin(["", "box_outside"]), "patientId"])
-    dropped |= set(class_rows.loc[class_rows["kind"] != "", "patientId"])
 
     usable = label_rows[label_rows["kind"].isin(["", "box_outside"])]
     keys = ["patientId", "target", "xmin", "ymin", "xmax", "ymax"]
@@ -550,11 +684,30 @@ def _merge(label_rows: pd.DataFrame, class_rows: pd.DataFrame, files: dict[str, 
                        f"patient {pid}: repeats line {int(original.iat[i])}", pid)
         usable = usable[~dup]
 
-    targets = usable.groupby("patientId", sort=False)["target"].agg(["min", "max"])
+    targets = usable.groupby("patientId", sort=False)["target"].agg(["min", "max", "sum"])
     for pid in targets.index[targets["min"] != targets["max"]]:
         report.add(lname, int(first_line[pid]), "target_conflict",
                    f"patient {pid}: has both Target 0 and Target 1 rows", pid)
         dropped.add(pid)
+    boxes = targets["sum"]  # Target is 0 or 1 here: the sum counts a patient's boxes
+    for pid, count in boxes[boxes > MAX_GROUND_TRUTH_BOXES].items():
+        report.add(lname, int(first_line[pid]), "too_many_boxes",
+                   f"patient {pid}: {count:g} boxes; more than {MAX_GROUND_TRUTH_BOXES} cannot be real "
+                   "(RSNA has at most 4 per image)", pid)
+        dropped.add(pid)
+    patients = pd.DataFrame({"line": first_line})
+    patients["target"] = targets["max"]
+    return usable, patients, dropped
+
+
+def _class_patients(patients: pd.DataFrame, class_rows: pd.DataFrame, report: ValidationReport,
+                    dropped: set[str]) -> pd.DataFrame:
+    """The class-CSV checks; returns the kept patients with their ``class`` (``dropped`` grows)."""
+    lname, cname = report.labels_file, report.classes_file
+    class_rows = class_rows[class_rows["patientId"] != ""]
+    first_line = patients["line"]
+    class_first_line = class_rows.groupby("patientId", sort=False)["line"].first()
+    dropped |= set(class_rows.loc[class_rows["kind"] != "", "patientId"])
 
     distinct = class_rows.loc[class_rows["kind"] == "", ["patientId", "class"]].drop_duplicates()
     conflicting = distinct["patientId"].duplicated(keep=False).to_numpy()
@@ -570,31 +723,31 @@ def _merge(label_rows: pd.DataFrame, class_rows: pd.DataFrame, files: dict[str, 
         report.add(cname, int(class_first_line[pid]), "missing_labels", f"patient {pid}: not in {lname}", pid)
         dropped.add(pid)
 
-    patients = pd.DataFrame({"line": first_line})
+    patients = patients.copy()
     patients["class"] = distinct.drop_duplicates("patientId", keep=False).set_index("patientId")["class"]
-    patients["target"] = targets["max"]
     patients = patients[~patients.index.isin(list(dropped))]
     mismatch = (patients["class"] == POSITIVE_CLASS) != (patients["target"] == 1)
-    for pid, line, cls, target in patients[mismatch].itertuples():
+    for pid, line, target, cls in patients[mismatch].itertuples():
         report.add(lname, int(line), "class_target_mismatch",
                    f"patient {pid}: Target {target:g} but class {cls!r} ({cname}:{int(class_first_line[pid])})", pid)
         dropped.add(pid)
-    patients = patients[~mismatch]
+    return patients[~mismatch]
 
+
+def _kept_boxes(usable: pd.DataFrame, patients: pd.DataFrame, dropped: set[str],
+                report: ValidationReport) -> dict[str, tuple[tuple[float, float, float, float], ...]]:
+    """The boxes of the kept ``patients``, in labels order; counts of rows, patients and boxes reported."""
     kept = usable[usable["patientId"].isin(patients.index)]
     report.skipped_rows = report.label_rows - len(kept)
     report.patients_dropped = len(dropped)
+    report.patients = len(patients)
     boxes: dict[str, list[tuple[float, float, float, float]]] = {}
     positive = kept[kept["target"] == 1]
     coords = positive[["xmin", "ymin", "xmax", "ymax"]].to_numpy(dtype=np.float64).tolist()
     for pid, box in zip(positive["patientId"].to_numpy(), coords, strict=True):
         boxes.setdefault(pid, []).append(tuple(box))
-    pids = patients.index.tolist()
-    paths = [files.get(pid) for pid in pids] if files is not None else [None] * len(pids)
-    records = [PatientRecord(pid, cls, int(target), tuple(boxes.get(pid, ())), path)
-               for pid, cls, target, path in zip(pids, patients["class"].tolist(), patients["target"].tolist(),
-                                                 paths, strict=True)]
-    return records, patients["line"]
+    report.boxes = len(positive)
+    return {pid: tuple(b) for pid, b in boxes.items()}
 
 
 def _report_images(records: list[PatientRecord], files: dict[str, Path], first_line: pd.Series,
@@ -610,7 +763,9 @@ def _report_images(records: list[PatientRecord], files: dict[str, Path], first_l
         for pid, line in zip(missing, lines, strict=True))
     unlabelled = sorted(files.keys() - known)
     for stem in unlabelled:
-        report.add(str(files[stem]), None, "image_unlabelled", f"{stem}.dcm has no labels row", stem)
+        shown = display_path(stem)
+        report.add(display_path(files[stem]), None, "image_unlabelled", f"{shown}.dcm has no labels row",
+                   shown)
     report.images_unlabelled = len(unlabelled)
 
 
@@ -637,8 +792,11 @@ def records_to_frame(records: Sequence[PatientRecord]) -> pd.DataFrame:
 def frame_to_records(frame: pd.DataFrame, source: str = "<frame>") -> list[PatientRecord]:
     """The inverse of :func:`records_to_frame`; ``source`` names the file in error messages.
 
+    A box must hold four finite numbers within +-``MAX_ABS_COORDINATE``, as the labels reader demands.
+
     Raises:
-        LabelsError: a column is missing or a row is malformed (naming ``source`` and the 1-based line).
+        LabelsError: a column is missing or a row is malformed (naming ``source`` and the 1-based line
+            of the CSV the frame was read from, where the row starts).
     """
     missing = [c for c in FRAME_COLUMNS if c not in frame.columns]
     if missing:
@@ -646,16 +804,27 @@ def frame_to_records(frame: pd.DataFrame, source: str = "<frame>") -> list[Patie
     records = []
     for i, (pid, cls, target, n_boxes, boxes, image) in enumerate(
             zip(*(frame[c] for c in FRAME_COLUMNS), strict=True)):
-        where = f"{source}:{i + 2}"
         try:
             parsed = tuple(tuple(float(v) for v in b) for b in json.loads(boxes))
             target, n_boxes = int(target), int(n_boxes)
         except (TypeError, ValueError) as exc:
-            raise LabelsError(f"{where}: malformed row: {exc}") from exc
+            raise LabelsError(f"{source}:{_frame_line(frame, i)}: malformed row: {exc}") from exc
         if cls not in CLASS_NAMES or target not in (0, 1) or not pid:
-            raise LabelsError(f"{where}: bad patientId/class/Target ({pid!r}, {cls!r}, {target})")
+            raise LabelsError(f"{source}:{_frame_line(frame, i)}: bad patientId/class/Target "
+                              f"({pid!r}, {cls!r}, {target})")
         if len(parsed) != n_boxes or any(len(b) != 4 for b in parsed):
-            raise LabelsError(f"{where}: n_boxes={n_boxes} but boxes holds {boxes}")
+            raise LabelsError(f"{source}:{_frame_line(frame, i)}: n_boxes={n_boxes} but boxes holds {boxes!r}")
+        if not all(np.isfinite(v) and abs(v) <= MAX_ABS_COORDINATE for b in parsed for v in b):
+            raise LabelsError(f"{source}:{_frame_line(frame, i)}: boxes {boxes!r} hold a value that is not a "
+                              f"finite number within +-{MAX_ABS_COORDINATE:g} px")
         image_path = Path(image) if isinstance(image, str) and image else None
         records.append(PatientRecord(str(pid), str(cls), target, parsed, image_path))
     return records
+
+
+def _frame_line(frame: pd.DataFrame, row: int) -> int:
+    """The 1-based line of the CSV (header = line 1) where ``row`` starts: quoted line breaks in the
+    fields of earlier rows (an image folder named with one) push it down."""
+    earlier = frame.iloc[:row].astype(str)
+    breaks = sum(int(col.str.count("\r\n|\r|\n").sum()) for _, col in earlier.items())
+    return row + 2 + breaks

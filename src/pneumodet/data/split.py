@@ -22,9 +22,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pneumodet import safeio
 from pneumodet.data.records import CLASS_NAMES, PatientRecord
 from pneumodet.data.rsna import frame_to_records, records_to_frame
 from pneumodet.errors import LabelsError, SplitError
+from pneumodet.textsafe import display_path
 
 SET_NAMES: tuple[str, ...] = ("train", "val", "test")
 SPLIT_JSON = "split.json"
@@ -208,24 +210,25 @@ def split_patients(records: Sequence[PatientRecord], *, val: float = 0.1, test: 
                  val_fraction=val, test_fraction=test, samples=samples, labels_only=labels_only)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+#: How the set CSVs are encoded: UTF-8, except that the bytes of a file name that are not UTF-8 are
+#: written as they are, so that ``image_path`` gives back exactly the file it names.
+_CSV_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
 
 
-def write_split(split: Split, out_dir: Path, source: str) -> None:
-    """Write ``train.csv``, ``val.csv``, ``test.csv`` (one row per patient) and ``split.json``.
+def write_split(split: Split, out_dir: Path, source: str | os.PathLike[str]) -> None:
+    """Write ``train.csv``, ``val.csv``, ``test.csv`` (one row per patient) and ``split.json``, atomically.
 
-    ``source`` (the data folder the records came from) is recorded in ``split.json``.
+    ``source`` (the data folder the records came from) is recorded in ``split.json`` as display text
+    (:func:`~pneumodet.textsafe.display_path`: strict UTF-8 JSON whatever bytes the folder's name holds);
+    the CSVs keep every ``image_path`` byte for byte.
     """
     out_dir = Path(out_dir)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
         for name, recs in split.sets.items():
-            _write_atomic(out_dir / f"{name}.csv", records_to_frame(recs).to_csv(index=False, lineterminator="\n"))
+            with safeio.atomic_open(out_dir / f"{name}.csv", "w", newline="", **_CSV_ENCODING) as f:
+                f.write(records_to_frame(recs).to_csv(index=False, lineterminator="\n"))
         meta = {
-            "source": source,
+            "source": display_path(source),
             "seed": split.seed,
             "val_fraction": split.val_fraction,
             "test_fraction": split.test_fraction,
@@ -235,9 +238,9 @@ def write_split(split: Split, out_dir: Path, source: str) -> None:
             "boxes": {name: sum(len(r.boxes) for r in recs) for name, recs in split.sets.items()},
             "classes": split.class_counts(),
         }
-        _write_atomic(out_dir / SPLIT_JSON, json.dumps(meta, indent=2) + "\n")
+        safeio.write_json(out_dir / SPLIT_JSON, meta)
     except OSError as exc:
-        raise SplitError(f"{out_dir}: cannot write the split: {exc.strerror or exc}") from exc
+        raise SplitError(f"{display_path(out_dir)}: cannot write the split: {exc.strerror or exc}") from exc
 
 
 def read_split(split_dir: Path) -> dict[str, list[PatientRecord]]:
@@ -249,26 +252,30 @@ def read_split(split_dir: Path) -> dict[str, list[PatientRecord]]:
     """
     split_dir = Path(split_dir)
     meta_path = split_dir / SPLIT_JSON
+    meta_name = display_path(meta_path)
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         expected = {name: int(meta["patients"][name]) for name in SET_NAMES}
     except FileNotFoundError as exc:
-        raise SplitError(f"{meta_path}: not found (is {split_dir} a split folder?)") from exc
+        raise SplitError(f"{meta_name}: not found (is {display_path(split_dir)} a split folder?)") from exc
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise SplitError(f"{meta_path}: unreadable split description: {exc}") from exc
+        raise SplitError(f"{meta_name}: unreadable split description: {exc}") from exc
     sets: dict[str, list[PatientRecord]] = {}
     seen: dict[str, str] = {}
     for name in SET_NAMES:
         path = split_dir / f"{name}.csv"
+        shown = display_path(path)
         try:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-            sets[name] = frame_to_records(frame, source=str(path))
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding=_CSV_ENCODING["encoding"],
+                                encoding_errors=_CSV_ENCODING["errors"])
+            sets[name] = frame_to_records(frame, source=shown)
         except FileNotFoundError as exc:
-            raise SplitError(f"{path}: not found") from exc
+            raise SplitError(f"{shown}: not found") from exc
         except (LabelsError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeError) as exc:
-            raise SplitError(f"{path}: {exc}" if not str(exc).startswith(str(path)) else str(exc)) from exc
+            reason = " ".join(str(exc).split())  # the parser's messages end in a line break
+            raise SplitError(reason if reason.startswith(shown) else f"{shown}: {reason}") from exc
         if len(sets[name]) != expected[name]:
-            raise SplitError(f"{path}: {len(sets[name])} patients, but {meta_path} says {expected[name]}")
+            raise SplitError(f"{shown}: {len(sets[name])} patients, but {meta_name} says {expected[name]}")
         for r in sets[name]:
             if r.patient_id in seen:
                 raise SplitError(f"patient {r.patient_id} is in both {seen[r.patient_id]}.csv and {name}.csv")
