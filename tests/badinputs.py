@@ -308,11 +308,15 @@ def j2k_bytes(pixels: np.ndarray, size: tuple[int, int] | None = None) -> bytes:
     Image.fromarray(pixels).save(buffer, format="JPEG2000", irreversible=False, no_jp2=True)
     data = bytearray(buffer.getvalue())
     if size is not None:
-        at = data.index(b"\xff\x51")  # SIZ: Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, XTsiz, YTsiz (ITU-T T.800 A.5.1)
+        at = data.index(b"\xff\x51")  # SIZ: Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz XTsiz YTsiz (ITU-T T.800 A.5.1)
         height, width = size
         data[at + 6:at + 14] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
         data[at + 22:at + 30] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
     return bytes(data)
+
+
+#: The start of a private (0029,1010) OB element, explicit VR little endian, before its 4-byte length.
+_PRIVATE_OB = b"\x29\x00\x10\x10OB\0\0"
 
 
 def deflated_dicom(path: Path, inflated_bytes: int) -> Path:
@@ -325,7 +329,8 @@ def deflated_dicom(path: Path, inflated_bytes: int) -> Path:
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     ds = Dataset()
     ds.SOPClassUID, ds.PatientID, ds.Modality = SecondaryCaptureImageStorage, path.stem, "CR"
@@ -333,7 +338,7 @@ def deflated_dicom(path: Path, inflated_bytes: int) -> Path:
     body.is_little_endian, body.is_implicit_VR = True, False
     write_dataset(body, ds)
     zeros = inflated_bytes - len(body.getvalue())
-    header = (0x0029).to_bytes(2, "little") + (0x1010).to_bytes(2, "little") + b"OB\0\0" + zeros.to_bytes(4, "little")
+    header = _PRIVATE_OB + zeros.to_bytes(4, "little")
     deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     parts = [deflater.compress(body.getvalue() + header)]
     chunk = bytes(1 << 20)
@@ -354,7 +359,7 @@ def with_huge_element(path: Path, source: Path, length: int = 0xFFFFFFF0) -> Pat
     (which becomes part of that element's value, cut short by the end of the file)."""
     data = source.read_bytes()
     at = data.rindex(b"\xe0\x7f\x10\x00")  # (7FE0,0010) Pixel Data, little endian
-    element = (0x0029).to_bytes(2, "little") + (0x1010).to_bytes(2, "little") + b"OB\0\0" + length.to_bytes(4, "little")
+    element = _PRIVATE_OB + length.to_bytes(4, "little")
     path.write_bytes(data[:at] + element + data[at:])
     return path
 
@@ -368,7 +373,7 @@ def decompression_bombs(folder: Path) -> dict[str, tuple[Path, str]]:
     jpeg, huge = jpeg_bytes(grey), {"Rows": 65535, "Columns": 65535}
     baseline, j2k = UID("1.2.840.10008.1.2.4.50"), UID("1.2.840.10008.1.2.4.90")
     rle_one_segment = (1).to_bytes(4, "little") + (64).to_bytes(4, "little") + bytes(56) + b"\x81\x00" * 8
-    refused = r"65535 x 65535 pixels \(4,295 Mpixel\), more than the 50 Mpixel limit .*refused before decoding"
+    refused = r"65535 x 65535 pixels \(4,295 Mpixel\), more than the 50 Mpixel limit .*refused before"
     made = {
         "jpeg_65535": (lambda p: make_dicom(p, grey, transfer_syntax=baseline, tags=huge,
                                             encapsulated=with_jpeg_frame_size(jpeg, 65535, 65535)),
@@ -431,10 +436,12 @@ IDENTIFYING = {
     "PatientMotherBirthName": "Zurita^Marisol", "PerformingPhysicianName": "Perez^Pedro",
     "OperatorsName": "Nicolas^Maese", "RequestingPhysician": "Carrasco^Sanson",
     "PatientAddress": "7 Rue Rocinante, Argamasilla", "PatientTelephoneNumbers": "+34-926-551208",
-    "ReferringPhysicianAddress": "12 Calle Molinos, Toboso", "ReferringPhysicianTelephoneNumbers": "+34-925-770341",
+    "ReferringPhysicianAddress": "12 Calle Molinos, Toboso",
+    "ReferringPhysicianTelephoneNumbers": "+34-925-770341",
     "InstitutionAddress": "3 Plaza Mayor, Ciudad Real", "InstitutionalDepartmentName": "Caballeria Andante",
     "Occupation": "Hidalgo errante", "PatientWeight": "88.76543", "PatientBirthTime": "052311.250613",
-    "StudyDate": "19970305", "SeriesDate": "19970306", "AcquisitionDate": "19970307", "ContentDate": "19970308",
+    "StudyDate": "19970305", "SeriesDate": "19970306", "AcquisitionDate": "19970307",
+    "ContentDate": "19970308",
     "StudyTime": "141516.171819", "SeriesTime": "141517.181920", "AcquisitionTime": "141518.192021",
     "ContentTime": "141519.202122", "StationName": "ROCINANTE-CR7", "DeviceSerialNumber": "SN-DQX-550912",
     "OtherPatientIDs": "OPID-77120-MX", "MedicalRecordLocator": "MRL-44821-LM", "StudyID": "STU98127",
@@ -519,18 +526,21 @@ def display_cases(folder: Path) -> dict[str, tuple[Path, str]]:
     def lut(path: Path, **kw: object) -> Path:
         return make_dicom(path, wide, bits_stored=12, voi_lut=VOI_LUT, **kw)
 
+    min_max = "a min-max of the pixel values was used instead"
     made = {
-        "lut_first_beyond_data": (lambda p: with_voi_lut(lut(p, window=(2050, 3900)), [4096, 30000, 12], VOI_LUT),
-                                  r"the VOI LUT starts at value 30000, above every pixel value .*the window was used"),
+        "lut_first_beyond_data": (
+            lambda p: with_voi_lut(lut(p, window=(2050, 3900)), [4096, 30000, 12], VOI_LUT),
+            r"the VOI LUT starts at value 30000, above every pixel value .*; the window was used instead"),
         "lut_all_zero": (lambda p: with_voi_lut(lut(p), [4096, 0, 12], np.zeros(4096, np.uint16)),
-                         r"the VOI LUT has all 4096 entries equal to 0; a min-max of the pixel values was used"),
-        "lut_shorter_than_declared": (lambda p: with_voi_lut(lut(p), [4096, 0, 12], VOI_LUT[:100]),
-                                      r"the VOI LUT holds 100 entries but its descriptor declares 4096; a min-max"),
-        "lut_16_bit_declared_12_bit_entries": (lambda p: lut(p, voi_lut_bits=16),
-                                               r"entries reach 4095 but its descriptor declares 16-bit entries; "
-                                               r"scaled as 12-bit"),
+                         rf"the VOI LUT has all 4096 entries equal to 0; {min_max}"),
+        "lut_shorter_than_declared": (
+            lambda p: with_voi_lut(lut(p), [4096, 0, 12], VOI_LUT[:100]),
+            rf"the VOI LUT holds 100 entries but its descriptor declares 4096; {min_max}"),
+        "lut_16_bit_declared_12_bit_entries": (
+            lambda p: lut(p, voi_lut_bits=16),
+            r"entries reach 4095 but its descriptor declares 16-bit entries; scaled as 12-bit"),
         "window_far_off": (lambda p: make_dicom(p, wide, bits_stored=12, window=(30000, 10)),
-                           r"the window \(centre 30000, width 10\) maps every pixel to 0 .*a min-max of the pixel"),
+                           rf"the window \(centre 30000, width 10\) maps every pixel to 0 .*; {min_max}"),
         "mostly_uniform": (lambda p: make_dicom(p, speck, bits_stored=12), r"^$"),
     }
     return {name: (make(folder / f"{name}.dcm"), note) for name, (make, note) in made.items()}

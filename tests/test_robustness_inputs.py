@@ -690,7 +690,13 @@ def test_a_data_folder_named_with_non_utf8_bytes_is_split_and_explored(tmp_path,
 # ============================================================================================ bombs
 #: Address space a child reading bombs may use: a decoder taking what a bomb declares fails inside it.
 _READ_LIMIT = 1536 * 2**20
-_READ_PROBE = textwrap.dedent("""
+#: The peak resident memory of this program (VmHWM: ru_maxrss would count the parent forked before exec).
+_PEAK_RSS = textwrap.dedent("""
+    def peak_rss():
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+""")
+_READ_PROBE = _PEAK_RSS + textwrap.dedent("""
     import json, resource, sys, warnings
     resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]),) * 2)
     from pneumodet.data.dicom import read_dicom
@@ -705,7 +711,7 @@ _READ_PROBE = textwrap.dedent("""
             except DicomReadError as exc:
                 result = {"refused": exc.cause}
             out[f"{path}|{metadata_only}"] = result
-    out["maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["maxrss"] = peak_rss()
     print(json.dumps(out))
 """)
 
@@ -719,8 +725,8 @@ def test_decompression_bombs_are_refused_before_any_decoder_runs(tmp_path):
     A multi-frame JPEG whose second frame is a bomb decodes: only the first frame is ever decoded."""
     bombs = decompression_bombs(tmp_path / "bombs")
     grey = blob_image(16, 16, (4, 4, 12, 12))
-    frames = jpeg_frames_dicom(tmp_path / "frames.dcm", [jpeg_bytes(grey), with_jpeg_frame_size(jpeg_bytes(grey),
-                                                                                                 65535, 65535)], grey)
+    bomb_frame = with_jpeg_frame_size(jpeg_bytes(grey), 65535, 65535)
+    frames = jpeg_frames_dicom(tmp_path / "frames.dcm", [jpeg_bytes(grey), bomb_frame], grey)
     paths = [str(path) for path, _ in bombs.values()] + [str(frames)]
     done = subprocess.run([sys.executable, "-c", _READ_PROBE, str(_READ_LIMIT), *paths], capture_output=True,
                           text=True, timeout=300)
@@ -736,12 +742,12 @@ def test_decompression_bombs_are_refused_before_any_decoder_runs(tmp_path):
     assert result["maxrss"] < 400 * 2**20, result["maxrss"] / 2**20
 
 
-_CLI_PROBE = textwrap.dedent("""
+_CLI_PROBE = _PEAK_RSS + textwrap.dedent("""
     import resource, sys
     resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]),) * 2)
     from pneumodet.cli import main
     code = main(sys.argv[2:])
-    print(f"maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}", file=sys.stderr)
+    print(f"maxrss {peak_rss()}", file=sys.stderr)
     sys.exit(code)
 """)
 #: Address space for a whole command in a child (torch alone maps about 4.5 GB); a safety net only.
@@ -784,7 +790,8 @@ def test_cache_and_predict_skip_bombs_and_still_do_the_next_good_file(tiny_model
     assert code == 0, err[-3000:]
     assert sorted(pd.read_csv(sub)["patientId"]) == good
     for pid, case in placed.items():
-        assert re.search(rf"unreadable {re.escape(str(images / pid))}\.dcm: .*{bombs[case][1]}", stdout), (pid, stdout)
+        listed = rf"unreadable {re.escape(str(images / pid))}\.dcm: .*{bombs[case][1]}"
+        assert re.search(listed, stdout), (pid, stdout)
     assert f"unreadable: {len(placed)};" in stdout, stdout
     assert 0 < peak < 2.5 * 2**30, peak / 2**30
 
@@ -831,13 +838,15 @@ def test_constant_images_are_counted_and_named_by_cache_and_eda(display_dicoms, 
     make_dicom(images / "p002.dcm", np.full((128, 128), 4000, np.uint16), bits_stored=12)
 
     for build in ("first", "again"):
-        code, stdout, err = run_cli(capsys, "cache", root, "--size", 32, "--out", tmp_path / "cache", "--workers", 1)
+        code, stdout, err = run_cli(capsys, "cache", root, "--size", 32, "--out", tmp_path / "cache",
+                                    "--workers", 1)
         assert code == 0, err
         assert "cached 6," in stdout if build == "first" else "reused 6," in stdout
         assert "constant images (one value everywhere; cached, worth a look): 1: p002" in stdout, stdout
     assert ImageCache.open(tmp_path / "cache").constant == {"p002"}
 
-    code, stdout, err = run_cli(capsys, "eda", root, "--out", tmp_path / "eda", "--workers", 1, "--samples", 6)
+    code, stdout, err = run_cli(capsys, "eda", root, "--out", tmp_path / "eda", "--workers", 1,
+                                "--samples", 6)
     assert code == 0, err
     summary = json.loads((tmp_path / "eda" / "summary.json").read_text())
     assert summary["images_decoded"] == 6 and summary["images_constant"] == 1

@@ -54,7 +54,7 @@ def test_train_from_a_runs_own_config_yaml(one_epoch_run: Path, tmp_path: Path, 
     out = tmp_path / "again"
     assert main(["train", "--config", str(RunDir(one_epoch_run).config), "--out", str(out), "--max-steps", "2"]) == 0
     again, first = TrainConfig.from_yaml(RunDir(out).config), TrainConfig.from_yaml(RunDir(one_epoch_run).config)
-    assert (again.encoder, again.image_size, again.data_dir) == (first.encoder, first.image_size, first.data_dir)
+    assert (again.model, again.data_dir) == (first.model, first.data_dir)
     assert again.max_steps == 2 and again.out_dir == str(out.absolute())
     assert RunDir(out).read_done()["steps"] == 2
     # a recipe named on the line replaces the file's optimisation settings, and nothing else
@@ -62,7 +62,7 @@ def test_train_from_a_runs_own_config_yaml(one_epoch_run: Path, tmp_path: Path, 
     assert main(["train", "--config", str(RunDir(one_epoch_run).config), "--out", str(ref), "--recipe", "reference",
                  "--max-steps", "1"]) == 0
     cfg = TrainConfig.from_yaml(RunDir(ref).config)
-    assert (cfg.recipe, cfg.optimizer, cfg.lr, cfg.encoder) == ("reference", "adam", 1e-5, "resnet18")
+    assert (cfg.recipe, cfg.optimizer, cfg.lr, cfg.model.encoder) == ("reference", "adam", 1e-5, "resnet18")
 
 
 def test_grid_from_a_config_file(one_epoch_run: Path, tmp_path: Path, capsys) -> None:

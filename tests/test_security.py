@@ -12,7 +12,16 @@ import pandas as pd
 import pytest
 import torch
 
-from badinputs import PHI, make_dicom, small_patients, write_dataset
+from badinputs import (
+    IDENTIFYING,
+    PHI,
+    PRIVATE_MRN,
+    add_identifying_data,
+    find_identifying,
+    make_dicom,
+    small_patients,
+    write_dataset,
+)
 from pneumodet.cli import main
 from pneumodet.errors import CheckpointError
 
@@ -143,11 +152,53 @@ def test_every_torch_load_in_the_library_passes_weights_only_true():
 
 
 # ============================================================================================ privacy
+@pytest.fixture(scope="module")
+def identified(tmp_path_factory) -> Path:
+    """A dataset whose every DICOM carries identifying data in standard elements (names, addresses,
+    phones, occupation, weight, every date and time, institution, accession, other IDs, comments) and
+    a medical record number in a private element (``badinputs.add_identifying_data``)."""
+    root = write_dataset(tmp_path_factory.mktemp("identified"), small_patients(12), size=96)
+    for path in sorted((root / "stage_2_train_images").glob("*.dcm")):
+        add_identifying_data(path)
+    return root
+
+
+def assert_no_identifying_data(out: Path, printed: list[str], source: Path) -> None:
+    """No file under ``out`` and no printed text holds an identifying value, while ``source`` (an input)
+    holds every one of them: the check can fail."""
+    as_written = [*PHI.values(), *IDENTIFYING.values(), PRIVATE_MRN]
+    assert find_identifying(source.read_bytes(), as_written) == as_written
+    leaks = [(str(p.relative_to(out)), v) for p in sorted(out.rglob("*")) if p.is_file()
+             for v in find_identifying(p.read_bytes())]
+    leaks += [("stdout/stderr", v) for text in printed for v in find_identifying(text.encode())]
+    assert leaks == []
+
+
+def test_eda_shows_only_technical_header_elements_and_reads_an_allow_list(tmp_path, identified, capsys):
+    """``pneumodet eda`` on files full of identifying data: the sample header shows allow-listed
+    technical elements and says how many it withheld; no output file or printed line holds any
+    identifying value, and neither does what ``read_dicom`` returns."""
+    from pneumodet.data.dicom import read_dicom
+
+    out = tmp_path / "eda"
+    code = main(["eda", str(identified), "--out", str(out), "--workers", "1", "--samples", "2"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "(0028,0010) Rows" in html and "(0010,0020) Patient ID" in html
+    assert re.search(r"\d+ other element\(s\) withheld", html)
+    images = identified / "stage_2_train_images"
+    assert_no_identifying_data(out, [captured.out + captured.err], images / "p000.dcm")
+    for metadata_only in (True, False):
+        meta = read_dicom(images / "p001.dcm", metadata_only=metadata_only)[1]
+        assert find_identifying(repr(meta).encode()) == []
+
+
 @pytest.mark.slow
-def test_outputs_carry_no_identifying_dicom_data(tmp_path, dataset, split_dir, capsys):
-    """Every generated DICOM carries a name, birth date, institution, referring physician and accession
-    number; no file written by eda, cache, train (metrics, logs, report, checkpoints), predict (CSV,
-    JSON, overlays) or score, and no printed line, contains any of them."""
+def test_outputs_carry_no_identifying_dicom_data(tmp_path, identified, capsys):
+    """Every DICOM carries identifying data in standard and private elements (``identified``); no file
+    written by eda, cache, split, train (metrics, logs, report, checkpoints), predict (CSV, JSON,
+    overlays) or score, and no printed line, contains any of it."""
     import torch as _torch
 
     from pneumodet.model import ModelConfig, build_model, save_checkpoint
@@ -157,31 +208,26 @@ def test_outputs_carry_no_identifying_dicom_data(tmp_path, dataset, split_dir, c
     save_checkpoint(run / "best_model.pt", build_model(ModelConfig(encoder="resnet18", image_size=64)),
                     extra={"threshold": 0.0, "image_size": 64})
     out = tmp_path / "outputs"
-    images = dataset / "stage_2_train_images"
+    images = identified / "stage_2_train_images"
     commands = [
-        ["eda", str(dataset), "--out", str(out / "eda"), "--workers", "1", "--samples", "2"],
-        ["cache", str(dataset), "--size", "32", "--out", str(out / "cache"), "--workers", "1"],
+        ["eda", str(identified), "--out", str(out / "eda"), "--workers", "1", "--samples", "2"],
+        ["cache", str(identified), "--size", "32", "--out", str(out / "cache"), "--workers", "1"],
         ["predict", str(run), str(images), "--out", str(out / "sub.csv"), "--json", str(out / "pred.json"),
          "--overlays", str(out / "overlays"), "--threshold", "0.0"],
-        ["score", str(out / "sub.csv"), "--labels", str(dataset / "stage_2_train_labels.csv"), "--json",
+        ["score", str(out / "sub.csv"), "--labels", str(identified / "stage_2_train_labels.csv"), "--json",
          str(out / "score.json")],
-        train_args(dataset, split_dir, out / "train" / "run"),
+        ["split", str(identified), "--out", str(out / "split"), "--val", "0.25", "--test", "0.25"],
+        train_args(identified, out / "split", out / "train" / "run"),
     ]
     printed = []
     for command in commands:
         assert main(command) == 0, command
         captured = capsys.readouterr()
         printed.append(captured.out + captured.err)
-    files = [p for p in out.rglob("*") if p.is_file()]
     assert len(list((out / "overlays").glob("*.png"))) == 12 and (out / "eda" / "report.html").exists()
     assert (out / "train" / "run" / "report.html").exists() and (out / "score.json").exists()
     assert pd.read_csv(out / "sub.csv")["patientId"].nunique() == 12
-    needles = [v.encode() for v in PHI.values()] + [v.replace("^", " ").encode() for v in PHI.values()]
-    leaks = [(str(p.relative_to(out)), n) for p in files for n in needles if n in p.read_bytes()]
-    leaks += [("stdout/stderr", n) for text in printed for n in needles if n.decode() in text]
-    assert leaks == []
-    # the check can fail: the identifying values are in the inputs and readable as bytes
-    assert PHI["PatientName"].encode() in (images / "p000.dcm").read_bytes()
+    assert_no_identifying_data(out, printed, images / "p000.dcm")
 
 
 # ============================================================================================ paths

@@ -72,7 +72,7 @@ def test_run_directory_holds_everything(finished_run: Path, split_dir: Path) -> 
 
 def test_config_yaml_reproduces_the_run(finished_run: Path) -> None:
     config = TrainConfig.from_yaml(finished_run / "config.yaml")
-    assert config.encoder == "resnet18" and config.image_size == 96 and config.epochs == 2
+    assert config.model.encoder == "resnet18" and config.model.image_size == 96 and config.epochs == 2
     assert TrainConfig.from_dict(config.to_dict()) == config
 
 
@@ -80,7 +80,8 @@ def test_checkpoints_load_with_weights_only(finished_run: Path) -> None:
     state = torch.load(finished_run / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] > 0 and "optimizer_states" in state and "pneumodet" in state
     model, extra = load_checkpoint(finished_run / "best_model.pt")
-    assert 0.0 < extra["threshold"] <= 1.0 and extra["image_size"] == 96
+    assert 0.0 < extra["threshold"] <= 1.0 and model.config.image_size == 96
+    assert "image_size" not in extra  # stored once: in the model config
 
 
 def test_existing_run_is_not_overwritten(finished_run: Path, synth_dataset: Path, split_dir: Path) -> None:

@@ -262,11 +262,12 @@ BAD_CONFIGS: dict[str, tuple[str | bytes, tuple[str, ...]]] = {
     "seed_negative": ("seed: -1\n", (r"seed must be in \[0, 4294967295\]",)),
     "num_workers_negative": ("num_workers: -3\n", (r"num_workers must be in \[0, 256\]",)),
     "devices_zero": ("devices: 0\n", (r"devices must be in \[1, 1024\]",)),
-    "image_size_huge": ("image_size: 65536\n", (r"image_size must be a multiple of 32 in \[64, 2048\]",)),
+    "image_size_huge": ("image_size: 65536\n", (r"image_size must be in \[32, 2048\], got 65536",)),
+    "image_size_odd": ("image_size: 100\n", (r"image_size must be a multiple of 32 in \[64, 2048\], got 100",)),
     "batch_size_huge": ("batch_size: 100000000\n", (r"batch_size must be in \[1, 4096\]",)),
     "epochs_huge": ("epochs: 1000000000\n", (r"epochs must be in \[1, 100000\]",)),
-    "model_wrong_type": ("model: {fpn_channels: wide}\n", (r"model fpn_channels must be a whole number",)),
-    "model_unknown_key": ("model: {layers: 3}\n", (r"unknown config model key layers",)),
+    "model_wrong_type": ("model: {fpn_channels: wide}\n", (r"model config fpn_channels must be a whole number",)),
+    "model_unknown_key": ("model: {layers: 3}\n", (r"unknown model config key\(s\): layers",)),
     "model_a_list": ("model: [1, 2]\n", (r"model must be a mapping",)),
     "unknown_key": ("epoch: 3\n", (r"unknown config keys: epoch",)),
     "not_a_mapping": ("- epochs\n- 3\n", (r"must be a mapping of keys to values, not list",)),
@@ -335,7 +336,8 @@ def test_evaluate_of_a_run_with_a_malformed_config_yaml(text, patterns, finished
 def test_the_finished_run_config_round_trips(finished_run):
     """The control: the config ``train`` wrote reads back, with its model overrides."""
     config = TrainConfig.from_yaml(RunDir(finished_run).config)
-    assert config.model == {"fpn_channels": 16, "head_convs": 1} and config.encoder == TINY["encoder"]
+    assert (config.model.fpn_channels, config.model.head_convs) == (16, 1)
+    assert config.model.encoder == TINY["encoder"]
 
 
 # ------------------------------------------------------------------------------- pretrained, offline
@@ -408,7 +410,7 @@ def test_train_with_a_local_weights_file_works_offline(dataset, split_dir, tmp_p
                                             _tiny_model_yaml(tmp_path)))
     assert code == 0, err
     run = RunDir(out)
-    assert run.done.exists() and TrainConfig.from_yaml(run.config).weights == str(weights)
+    assert run.done.exists() and TrainConfig.from_yaml(run.config).model.weights == str(weights)
     model, _ = load_checkpoint(run.best_model)
     stem = model.encoder.body.state_dict()["conv_stem.weight"]
     expected = state["conv_stem.weight"].sum(dim=1, keepdim=True)

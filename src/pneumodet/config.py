@@ -13,8 +13,10 @@ from typing import Any
 
 import yaml
 
+from pneumodet.data.levels import LEVELS
 from pneumodet.errors import ConfigError
 from pneumodet.fieldtypes import check_field_types, check_range, show_key
+from pneumodet.model.config import MAX_IMAGE_SIZE, ModelConfig
 from pneumodet.safeio import load_yaml, write_text
 
 #: Named optimisation recipes. ``default`` trains well from random init and from ImageNet weights
@@ -36,8 +38,11 @@ _INT_RANGES = (("epochs", 1, 100_000), ("batch_size", 1, 4096), ("devices", 1, 1
 
 #: What ``train --resume`` may change: how long to go on and how to feed it, not what is learned.
 RESUME_CHANGEABLE = frozenset({"epochs", "max_steps", "num_workers", "checkpoint_every_n_steps"})
-#: Fields holding paths: compared as resolved paths, stored absolute by ``train``.
+#: Fields holding paths (``weights`` is the model's): compared as resolved paths, stored absolute by ``train``.
 PATH_FIELDS = ("data_dir", "split_dir", "cache_dir", "out_dir", "weights")
+#: The model's settings, which a flat mapping (command-line options, config files of pneumodet 0.1) may name
+#: at the top level: ``encoder: resnet18`` means ``model: {encoder: resnet18}``.
+MODEL_KEYS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
 
 
 def _same_setting(key: str, stored: Any, given: Any) -> bool:
@@ -46,19 +51,49 @@ def _same_setting(key: str, stored: Any, given: Any) -> bool:
     return stored == given
 
 
+def nest_model_keys(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with every top-level model setting moved into its ``model`` mapping (the flat name wins
+    over the same name inside ``model``: it is the later, more specific layer)."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config must be a mapping of keys to values, got {type(values).__name__}")
+    out = {k: v for k, v in values.items() if k not in MODEL_KEYS}
+    flat = {k: v for k, v in values.items() if k in MODEL_KEYS}
+    model = values.get("model", {})
+    if isinstance(model, ModelConfig):
+        model = model.to_dict()
+    if flat or "model" in values:
+        if not isinstance(model, Mapping):
+            raise ConfigError(f"config model must be a mapping of model settings, got {type(model).__name__}")
+        out["model"] = {**model, **flat}
+    return out
+
+
+def merge_layers(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Later layers over earlier ones; the ``model`` mappings are merged key by key."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        layer = nest_model_keys(layer)
+        model = {**merged.get("model", {}), **layer.get("model", {})}
+        merged.update(layer)
+        if model:
+            merged["model"] = model
+    return merged
+
+
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on. Paths are stored as strings so the YAML stays plain."""
+    """Everything a training run depends on: the data, the network (:class:`ModelConfig`, nested as
+    ``model:`` in YAML), the optimisation recipe and the hardware. Paths are stored as strings so the YAML
+    stays plain."""
 
     data_dir: str = ""
     split_dir: str = ""
     out_dir: str = ""
     cache_dir: str | None = None
-    encoder: str = "resnet50"
+    model: ModelConfig = field(default_factory=ModelConfig)
     aug: str = "heavy"
     epochs: int = 8
     batch_size: int = 8
-    image_size: int = 512
     recipe: str = "default"
     optimizer: str = "adamw"
     lr: float = 3e-4
@@ -68,8 +103,6 @@ class TrainConfig:
     grad_clip: float = 1.0
     plateau_patience: int = 4
     plateau_factor: float = 0.2
-    global_loss_weight: float = 0.1
-    box_loss: str = "smooth_l1"
     precision: str = "auto"
     channels_last: bool = True
     compile: bool = False
@@ -78,14 +111,16 @@ class TrainConfig:
     num_nodes: int = 1
     num_workers: int = 2
     seed: int = 42
-    pretrained: bool = False
-    weights: str | None = None
     checkpoint_every_n_steps: int = 200
     max_steps: int = -1
     limit_val_batches: float | int = 1.0
-    model: dict[str, Any] = field(default_factory=dict)
     #: set by ``train``: SHA-256 of the split's set files; ``evaluate`` and ``--resume`` check it
     split_fingerprint: str | None = None
+
+    @property
+    def image_size(self) -> int:
+        """The training (and prediction) input side: the model's, stored once."""
+        return self.model.image_size
 
     @classmethod
     def with_recipe(cls, recipe: str, **overrides: Any) -> TrainConfig:
@@ -96,25 +131,27 @@ class TrainConfig:
     def layered(cls, *, recipe: str | None = None, base: Mapping[str, Any] | None = None,
                 overrides: Mapping[str, Any] | None = None) -> TrainConfig:
         """The config of ``recipe``'s defaults, then ``base`` (a config file's values), then ``overrides``
-        (command-line options). A ``recipe`` named here replaces the optimisation settings of ``base``;
-        without one, ``base``'s recipe (else ``default``) applies."""
-        base = dict(base or {})
-        overrides = dict(overrides or {})
+        (command-line options; model settings may be named flat, e.g. ``encoder``). A ``recipe`` named here
+        replaces the optimisation settings of ``base``; without one, ``base``'s recipe (else ``default``)
+        applies."""
+        base = nest_model_keys(base or {})
+        overrides = nest_model_keys(overrides or {})
         name = recipe or overrides.pop("recipe", None) or base.get("recipe") or "default"
         overrides.pop("recipe", None)
         if not isinstance(name, str) or name not in RECIPES:
             raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
         if recipe and recipe != base.get("recipe", recipe):
             base = {k: v for k, v in base.items() if k not in RECIPES[recipe]}
-        return cls.from_dict({**RECIPES[name], **base, **overrides, "recipe": name})
+        return cls.from_dict(merge_layers(RECIPES[name], base, overrides, {"recipe": name}))
 
     def with_absolute_paths(self) -> TrainConfig:
         """The same config with every path made absolute (what ``train`` records: a run is read from
         anywhere, and a relative path would silently mean another folder from another directory)."""
         values = self.to_dict()
-        for key in PATH_FIELDS:
-            if values.get(key):
-                values[key] = str(Path(values[key]).absolute())
+        for layer in (values, values["model"]):
+            for key in PATH_FIELDS:
+                if layer.get(key):
+                    layer[key] = str(Path(layer[key]).absolute())
         return TrainConfig.from_dict(values)
 
     def resumed_with(self, requested: Mapping[str, Any], run_dir: Path) -> tuple[TrainConfig, list[str]]:
@@ -122,20 +159,24 @@ class TrainConfig:
 
         ``run_dir`` is the run (a moved run folder resumes where it now is). Only the fields in
         :data:`RESUME_CHANGEABLE` may change; any other requested value that differs from the stored one
-        is refused with :class:`ConfigError` naming each. Returns the config and one note per change.
+        (model settings included) is refused with :class:`ConfigError` naming each. Returns the config and
+        one note per change.
         """
         stored = self.to_dict()
+        requested = nest_model_keys(requested)
         notes, refused = [], []
-        for key, value in requested.items():
-            if key in ("out_dir", "split_fingerprint") or key not in stored:
+        pairs = [(k, stored, v) for k, v in requested.items() if k != "model"]
+        pairs += [(k, stored["model"], v) for k, v in requested.get("model", {}).items()]
+        for key, layer, value in pairs:
+            if key in ("out_dir", "split_fingerprint") or key not in layer:
                 continue
-            if _same_setting(key, stored[key], value):
+            if _same_setting(key, layer[key], value):
                 continue
-            if key in RESUME_CHANGEABLE:
-                notes.append(f"{key}: {stored[key]} -> {value}")
-                stored[key] = value
+            if key in RESUME_CHANGEABLE and layer is stored:
+                notes.append(f"{key}: {layer[key]} -> {value}")
+                layer[key] = value
             else:
-                refused.append(f"{key} (run: {stored[key]}, given: {value})")
+                refused.append(f"{key} (run: {layer[key]}, given: {value})")
         if refused:
             raise ConfigError(f"{run_dir}: cannot change {', '.join(refused)} when resuming; only "
                               f"{', '.join(sorted(RESUME_CHANGEABLE))} can change (start a new run with another --out)")
@@ -144,36 +185,38 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """The config of ``values`` (missing keys keep their defaults; paths may be ``Path`` objects), validated.
+        """The config of ``values`` (missing keys keep their defaults; paths may be ``Path`` objects; model
+        settings nested under ``model`` or named flat), validated.
 
         Anything else than a mapping of known keys to values of the right types and ranges raises
         :class:`ConfigError` naming the first problem: ``values`` may come straight from a file.
         """
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"config must be a mapping of keys to values, got {type(values).__name__}")
+        values = nest_model_keys(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(show_key(k) for k in values if k not in known)
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(unknown[:5])}")
-        config = cls(**{k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()})
+        values = {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}
+        if "model" in values:
+            model = {k: (str(v) if isinstance(v, Path) else v) for k, v in values["model"].items()}
+            values["model"] = ModelConfig.from_dict(model)  # its errors say "model config ..."
+        config = cls(**values)
         config.validate()
         return config
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data (the model nested as a mapping, tuples as lists): what ``config.yaml`` holds."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["model"] = self.model.to_dict()
+        return values
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first field of a wrong type (checked first: a value from a
-        file may be anything), out of its range, or not one of its choices.
-
-        ``model`` overrides are checked against :class:`~pneumodet.model.ModelConfig`'s keys and types here;
-        their ranges when the model config is built.
-        """
-        from pneumodet.data.augment import LEVELS
-        from pneumodet.model.config import MAX_IMAGE_SIZE, ModelConfig
-
-        check_field_types(type(self), vars(self), what="config")
-        check_field_types(ModelConfig, self.model, what="config model")
+        file may be anything), out of its range, or not one of its choices. The model's own fields were
+        checked when it was built; here only what training adds (a size the encoder's strides divide)."""
+        check_field_types(type(self), {k: v for k, v in vars(self).items() if k != "model"}, what="config")
+        if not isinstance(self.model, ModelConfig):
+            raise ConfigError(f"config model must be a mapping of model settings, got {type(self.model).__name__}")
         for name, low, high in _INT_RANGES:
             check_range(name, getattr(self, name), low, high)
         if self.max_steps != -1:
@@ -183,7 +226,7 @@ class TrainConfig:
         check_range("lr", self.lr, 0.0, 10.0, low_open=True)
         check_range("warmup_fraction", self.warmup_fraction, 0.0, 1.0, high_open=True)
         check_range("plateau_factor", self.plateau_factor, 0.0, 1.0, low_open=True, high_open=True)
-        for name in ("weight_decay", "grad_clip", "global_loss_weight"):
+        for name in ("weight_decay", "grad_clip"):
             check_range(name, getattr(self, name), 0.0)
         if isinstance(self.limit_val_batches, float):  # a fraction of the batches; an int counts batches
             check_range("limit_val_batches", self.limit_val_batches, 0.0, 1.0, low_open=True)
@@ -192,12 +235,10 @@ class TrainConfig:
         choices = {"aug": LEVELS, "recipe": tuple(RECIPES), "optimizer": ("adam", "adamw", "sgd"),
                    "scheduler": ("cosine", "plateau", "none"),
                    "precision": ("auto", "bf16-mixed", "16-mixed", "32-true", "32"),
-                   "box_loss": ("smooth_l1", "giou"), "accelerator": ("auto", "cpu", "gpu", "cuda", "mps")}
+                   "accelerator": ("auto", "cpu", "gpu", "cuda", "mps")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        if not self.encoder.strip():
-            raise ConfigError("encoder must be a model name, got empty text")
 
     def to_yaml(self, path: Path) -> None:
         write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))

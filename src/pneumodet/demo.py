@@ -56,7 +56,7 @@ def run_demo(out: Path, *, patients: int = 400, seed: int = 0, epochs: int | Non
                                      **{**DEMO_TRAINING, **({"epochs": epochs} if epochs else {})})
     run = RunDir(run_dir)
     if not run.is_finished():
-        step(f"train: {config.encoder}, {config.image_size} px, {config.epochs} epochs, aug {config.aug} "
+        step(f"train: {config.model.encoder}, {config.image_size} px, {config.epochs} epochs, aug {config.aug} "
              "(the image cache is built first)")
         say(train(config, resume=run.is_run(), progress=progress).summary())
     step("evaluate: best model on the held-out test set")

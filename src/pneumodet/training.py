@@ -330,8 +330,7 @@ class RunKeeper(L.Callback):
         if improved:
             self.best_map = result["map"]
         extra = {"threshold": result.get("threshold", 0.5), "val_map": result.get("map"),
-                 "epoch": epoch, "image_size": pl_module.train_config.image_size,
-                 "encoder": pl_module.train_config.encoder}
+                 "epoch": epoch}
         extra = {k: v for k, v in extra.items() if v is not None}
         if trainer.is_global_zero:
             from pneumodet.model.checkpoint import save_checkpoint
@@ -454,16 +453,6 @@ class TrainResult:
         return text
 
 
-def model_config_for(config: TrainConfig) -> dict[str, Any]:
-    """The model configuration a training config implies (encoder, size, loss settings, overrides)."""
-    from pneumodet.model import ModelConfig
-
-    values = {"encoder": config.encoder, "image_size": config.image_size, "pretrained": config.pretrained,
-              "weights": config.weights, "global_loss_weight": config.global_loss_weight,
-              "box_loss": config.box_loss, **config.model}
-    return ModelConfig.from_dict(values).to_dict()
-
-
 def build_datamodule(config: TrainConfig, *, progress: bool = True) -> L.LightningDataModule:
     from pneumodet.data.dataset import RsnaDataModule
 
@@ -553,7 +542,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
 
     L.seed_everything(config.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
-    module = DetectorModule(model_config_for(config), config.to_dict())
+    module = DetectorModule(config.model.to_dict(), config.to_dict())
     datamodule = build_datamodule(config, progress=progress)
     stopper = GracefulStop(run)
     trainer = build_trainer(config, run, progress=progress, callbacks=[stopper, *callbacks])
@@ -588,16 +577,16 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
 
 def _encoder_start(config: TrainConfig) -> str:
     """What the encoder started from, in words (recorded in done.json and shown in the report)."""
-    if config.weights:
-        return f"weights file {config.weights}"
-    return "ImageNet weights (timm)" if config.pretrained else "random initialisation"
+    if config.model.weights:
+        return f"weights file {config.model.weights}"
+    return "ImageNet weights (timm)" if config.model.pretrained else "random initialisation"
 
 
 def _check_resumable(run: RunDir, config: TrainConfig) -> None:
     """Refuse a ``last.ckpt`` whose model differs from the run's config before anything is built."""
     checkpoint = AtomicCheckpointIO().load_checkpoint(run.last_ckpt)
     stored = (checkpoint.get("hyper_parameters") or {}).get("model_config") if isinstance(checkpoint, dict) else None
-    expected = model_config_for(config)
+    expected = config.model.to_dict()
     if not isinstance(stored, dict):
         raise CheckpointError(f"{run.last_ckpt}: not a pneumodet training checkpoint (no model config)")
     differs = sorted(k for k in expected if k not in ("pretrained", "weights") and stored.get(k) != expected[k])

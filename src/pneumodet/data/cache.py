@@ -71,6 +71,7 @@ class CacheEntry:
     source_mtime_ns: int = -1
     crc32: int = 0
     cause: str = ""
+    constant: bool = False  # the decoded image has one value everywhere (see read_dicom)
 
     def same_source(self, source: str, stat: os.stat_result) -> bool:
         return (self.source, self.source_size, self.source_mtime_ns) == (source, stat.st_size, stat.st_mtime_ns)
@@ -86,6 +87,7 @@ class CacheReport:
     reused: int = 0
     rebuilt: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (patient id, cause)
+    constant: list[str] = field(default_factory=list)  # patients whose cached image is constant (kept)
     missing: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -108,6 +110,10 @@ class CacheReport:
         lines += [f"  failed {pid}: {cause}" for pid, cause in self.failed[:max_causes]]
         if len(self.failed) > max_causes:
             lines.append(f"  ... and {len(self.failed) - max_causes} more failures (see {INDEX_NAME})")
+        if self.constant:  # kept (the file is readable) but nothing to learn from: said, never silent
+            more = ", ..." if len(self.constant) > max_causes else ""
+            lines.append(f"  constant images (one value everywhere; cached, worth a look): "
+                         f"{len(self.constant)}: {', '.join(self.constant[:max_causes])}{more}")
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -229,6 +235,7 @@ class _Result:
     width: int = 0
     crc32: int = 0
     cause: str = ""
+    constant: bool = False
 
 
 def _decode_row(task: _Task) -> _Result:
@@ -236,7 +243,7 @@ def _decode_row(task: _Task) -> _Result:
     from pneumodet.data.dicom import read_dicom
 
     try:
-        pixels, _ = read_dicom(task.source)
+        pixels, meta = read_dicom(task.source)
         if pixels.ndim != 2 or pixels.dtype != np.uint8:
             raise ValueError(f"expected a 2-D uint8 image, got {pixels.dtype} {pixels.shape}")
         resized = resize_area(pixels, task.size)
@@ -248,7 +255,8 @@ def _decode_row(task: _Task) -> _Result:
     # catches what a crash of the machine could lose.
     view[:] = resized
     del view
-    return _Result(task.row, pixels.shape[0], pixels.shape[1], _row_crc(resized))
+    return _Result(task.row, pixels.shape[0], pixels.shape[1], _row_crc(resized),
+                   constant=bool(meta.get("constant_image")))
 
 
 def _usable_cores() -> int:
@@ -365,6 +373,9 @@ def _record(entry: CacheEntry, result: _Result, was_good: bool, report: CacheRep
         return
     entry.status, entry.cause = _OK, ""
     entry.height, entry.width, entry.crc32 = result.height, result.width, result.crc32
+    entry.constant = result.constant
+    if result.constant:
+        report.constant.append(entry.patient_id)
     if was_good:
         report.rebuilt += 1
     else:
@@ -442,6 +453,8 @@ def _plan(
         elif entry.same_source(source, stat) and entry.status == _OK:
             if not verify or _row_crc(array[entry.row]) == entry.crc32:
                 report.reused += 1
+                if entry.constant:
+                    report.constant.append(entry.patient_id)
                 continue
             bad_crc.append(entry.patient_id)
         entry.status, entry.cause, entry.source = _PENDING, "", source
@@ -468,6 +481,8 @@ class ImageCache:
         self._ok = {e.patient_id: e for e in entries if e.status == _OK}
         self._ok_rows = {e.row for e in self._ok.values()}
         self.failed: dict[str, str] = {e.patient_id: e.cause for e in entries if e.status == _FAILED}
+        #: patients whose (usable) image is constant: one value everywhere, nothing to learn from
+        self.constant: set[str] = {e.patient_id for e in self._ok.values() if e.constant}
 
     @classmethod
     def open(cls, cache_dir: Path | str) -> ImageCache:

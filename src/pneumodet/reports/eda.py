@@ -32,6 +32,8 @@ from pneumodet.data.records import CLASS_NAMES, RSNA_IMAGE_SIZE, PatientRecord
 from pneumodet.data.rsna import PROBLEM_KINDS, Problem, ValidationReport, load_rsna
 from pneumodet.errors import ConfigError, DicomReadError
 from pneumodet.reports.html import HtmlReport, Section
+from pneumodet.safeio import atomic_path, write_json
+from pneumodet.textsafe import display_path
 
 __all__ = [
     "IMPOSSIBLE_AGE",
@@ -453,6 +455,8 @@ class _Picture:
     record: PatientRecord
     thumb: np.ndarray
     caption: str
+    constant: bool = False  # every pixel of the decoded image has one value
+    notes: tuple[str, ...] = ()  # what read_dicom worked around or found worth a look
 
 
 def _pictures(records: Sequence[PatientRecord], *, draw_boxes: bool) -> tuple[list[_Picture], list[tuple[str, str]]]:
@@ -466,8 +470,18 @@ def _pictures(records: Sequence[PatientRecord], *, draw_boxes: bool) -> tuple[li
             failed.append((str(rec.image_path), exc.cause))
             continue
         thumb = _thumbnail(image, rec.boxes if draw_boxes else ())
-        pictures.append(_Picture(rec, thumb, _caption(rec, meta)))
+        caption = _caption(rec, meta) + ("\n**constant image**" if meta["constant_image"] else "")
+        pictures.append(_Picture(rec, thumb, caption, constant=bool(meta["constant_image"]),
+                                 notes=tuple(meta["image_notes"])))
     return pictures, failed
+
+
+def _image_notes(pictures: Sequence[_Picture]) -> pd.DataFrame:
+    """One row per note of each image decoded (once per file): ``path, patient_id, constant, note``."""
+    seen: dict[str, _Picture] = {str(pic.record.image_path): pic for pic in pictures}
+    rows = [(display_path(path), pic.record.patient_id, pic.constant, note)
+            for path, pic in sorted(seen.items()) for note in pic.notes]
+    return pd.DataFrame(rows, columns=["path", "patient_id", "constant", "note"])
 
 
 def _sample(records: Sequence[PatientRecord], n: int, rng: np.random.Generator) -> list[PatientRecord]:
@@ -524,7 +538,8 @@ class _Writer:
         self.written: list[str] = []
 
     def save(self, name: str, frame: pd.DataFrame) -> None:
-        frame.to_csv(self.out_dir / f"{name}.csv", index=False)
+        with atomic_path(self.out_dir / f"{name}.csv") as tmp:
+            frame.to_csv(tmp, index=False)
         self.written.append(f"{name}.csv")
 
     def table(self, section: Section, name: str, frame: pd.DataFrame, caption: str, **kwargs: Any) -> None:
@@ -565,7 +580,9 @@ def build_eda_report(data_dir: str | os.PathLike[str], out_dir: str | os.PathLik
         images_found, images_missing, label_problems, patients_per_class, rows_per_class,
         patients_per_target, boxes_per_patient`` (``{"0": n, ...}``), ``age`` (``min, median, max`` of
         the possible ages, ``impossible`` and ``missing`` counts), ``sex``, ``view_position``
-        (``{"AP": n, "PA": n}``), ``headers_read``, ``headers_failed``, ``images_unreadable``, ``tables``.
+        (``{"AP": n, "PA": n}``), ``headers_read``, ``headers_failed``, ``images_unreadable``,
+        ``images_decoded`` (the sample images decoded) and ``images_constant`` (those of them that came
+        out constant; named, with every other decoding note, in ``image_notes.csv``), ``tables``.
 
     Raises:
         LabelsError: the labels cannot be read (or, under ``strict``, have any problem).
@@ -589,28 +606,47 @@ def build_eda_report(data_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     rng = np.random.default_rng(seed)
     writer = _Writer(out)
 
-    html = HtmlReport("pneumodet — data exploration", subtitle=str(Path(data_dir)))
+    html = HtmlReport("pneumodet — data exploration", subtitle=display_path(data_dir))
     _overview_section(html, writer, _overview(vreport, patients, scan), vreport, _key_facts(patients, boxes))
     _boxes_section(html, writer, patients, _boxes_per_patient(patients))
     class_table, target_table, class_by_target = (_class_table(patients), _target_table(patients),
                                                   _class_by_target(patients))
     _classes_section(html, writer, vreport, class_table, target_table, class_by_target)
     impossible = _metadata_section(html, writer, records, meta, scan)
-    image_failures = _images_section(html, records, rng, samples_per_class, opacity_grid)
+    image_failures, decoded = _images_section(html, records, rng, samples_per_class, opacity_grid)
     _box_section(html, writer, boxes, meta)
     failures = pd.DataFrame(list(scan.failed) + image_failures, columns=["path", "reason"])
     failures = failures.drop_duplicates("path").reset_index(drop=True)
+    failures["path"] = failures["path"].map(display_path)  # shown and written as text: never fails to encode
     if len(failures):
         sec = html.section("Unreadable files", "unreadable")
         sec.text(f"{len(failures)} DICOM file(s) could not be read; they were skipped.")
         writer.table(sec, "unreadable_files", failures, "Files skipped and why")
+    constant = _decoded_images_section(html, writer, decoded)
 
     summary = _summary(vreport, patients, class_table, target_table, meta, impossible, scan, len(failures))
+    summary["images_decoded"] = len({str(pic.record.image_path) for pic in decoded})
+    summary["images_constant"] = len(constant)
     summary["tables"] = sorted(writer.written)
     writer.remove_stale(out / "summary.json")
     html.write(out / "report.html")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "summary.json", summary)
     return summary
+
+
+def _decoded_images_section(html: HtmlReport, writer: _Writer, decoded: Sequence[_Picture]) -> list[str]:
+    """What decoding the sample images found (constant images, an unusable VOI LUT or window, extra
+    frames), when it found anything; returns the paths of the constant images."""
+    notes = _image_notes(decoded)
+    constant = sorted(set(notes.loc[notes["constant"], "path"]))
+    if len(notes):
+        total = len({str(pic.record.image_path) for pic in decoded})
+        sec = html.section("Images to look at", "image-notes")
+        sec.text(f"Of the {total} image(s) decoded for the samples above, **{len(constant)}** came out "
+                 "constant (one value everywhere: nothing to learn from or to predict on). What the decoder "
+                 "noted, per file:")
+        writer.table(sec, "image_notes", notes, "Decoded images with a note, and the note")
+    return constant
 
 
 def _key_facts(patients: pd.DataFrame, boxes: pd.DataFrame) -> list[str]:
@@ -695,7 +731,10 @@ def _metadata_section(html: HtmlReport, writer: _Writer, records: Sequence[Patie
     read_ids = set(meta["patient_id"])
     first = next((r for r in records if r.patient_id in read_ids), None)
     if first is not None:
-        sec.heading(f"Full header of one image ({first.patient_id})")
+        sec.heading(f"Technical header of one image ({first.patient_id})")
+        sec.text("Only an allow-list of technical elements and the patient ID is shown; every other "
+                 "element (names, addresses, dates, institutions, free text, private elements) is withheld "
+                 "and counted.")
         sec.pre(dicom_header_text(first.image_path))
     if meta.empty:
         sec.note("No header could be read.")
@@ -726,13 +765,15 @@ def _metadata_section(html: HtmlReport, writer: _Writer, records: Sequence[Patie
 
 
 def _images_section(html: HtmlReport, records: Sequence[PatientRecord], rng: np.random.Generator,
-                    per_class: int, opacity_grid: int) -> list[tuple[str, str]]:
+                    per_class: int, opacity_grid: int) -> tuple[list[tuple[str, str]], list[_Picture]]:
+    """Sample grids; returns the files that failed and every picture decoded."""
     sec = html.section("Sample images", "samples")
     present = [r for r in records if _has_image(r)]
     if not present:
         sec.note("No images present: this is a labels-only run, there are no images to show.")
-        return []
+        return [], []
     failed: list[tuple[str, str]] = []
+    decoded: list[_Picture] = []
     sec.text(f"Random images of each class (seed-fixed), from the {len(present):,} images present.")
     for name in CLASS_NAMES:
         chosen = _sample([r for r in present if r.label_class == name], per_class, rng)
@@ -742,6 +783,7 @@ def _images_section(html: HtmlReport, records: Sequence[PatientRecord], rng: np.
             continue
         pictures, bad = _pictures(chosen, draw_boxes=False)
         failed += bad
+        decoded += pictures
         grid = sec.grid(240)
         for pic in pictures:
             grid.image(pic.thumb, pic.caption)
@@ -749,13 +791,14 @@ def _images_section(html: HtmlReport, records: Sequence[PatientRecord], rng: np.
     opacity = _sample([r for r in present if r.target == 1], opacity_grid, rng)
     if not opacity:
         sec.note("No Lung Opacity image present.")
-        return failed
+        return failed, decoded
     pictures, bad = _pictures(opacity, draw_boxes=True)
     failed += bad
+    decoded += pictures
     grid = sec.grid(240)
     for pic in pictures:
         grid.image(pic.thumb, f"{pic.caption} · {len(pic.record.boxes)} box(es)")
-    return failed
+    return failed, decoded
 
 
 def _frame_size(meta: pd.DataFrame) -> int:

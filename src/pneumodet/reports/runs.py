@@ -162,7 +162,7 @@ def write_run_report(run_dir: Path, *, samples: int = 8) -> Path:
     info = read_run(run_dir)
     cfg = info.config
     report = HtmlReport(f"Training run {info.name}",
-                        f"{cfg.encoder} · aug {cfg.aug} · {cfg.image_size} px · {cfg.epochs} epochs · "
+                        f"{cfg.model.encoder} · aug {cfg.aug} · {cfg.image_size} px · {cfg.epochs} epochs · "
                         f"recipe {cfg.recipe}")
     overview = report.section("Overview", "overview")
     overview.text(f"Best validation RSNA mAP: **{info.best_map:.4f}**.")
@@ -184,8 +184,13 @@ def write_run_report(run_dir: Path, *, samples: int = 8) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ comparisons
+def _setting(run: RunInfo, name: str) -> str:
+    """The run's encoder or augmentation level (the factors a comparison groups by)."""
+    return run.config.model.encoder if name == "encoder" else getattr(run.config, name)
+
+
 def _label(run: RunInfo, by: str) -> str:
-    return {"encoder": run.config.encoder, "aug": run.config.aug,
+    return {"encoder": run.config.model.encoder, "aug": run.config.aug,
             "samples": f"{run.samples} patients" if run.samples else run.name}[by]
 
 
@@ -209,7 +214,7 @@ def comparison_table(runs: Sequence[RunInfo]) -> pd.DataFrame:
     for run in runs:
         best_epoch = (int(run.metrics.loc[run.metrics["val_map"].idxmax(), "epoch"])
                       if "val_map" in run.metrics and run.metrics["val_map"].notna().any() else None)
-        rows.append({"run": run.name, "encoder": run.config.encoder, "aug": run.config.aug,
+        rows.append({"run": run.name, "encoder": run.config.model.encoder, "aug": run.config.aug,
                      "samples": run.samples, "epochs": len(run.metrics), "best_val_map": run.best_map,
                      "best_epoch": best_epoch})
     return pd.DataFrame(rows).sort_values("best_val_map", ascending=False, na_position="last")
@@ -257,15 +262,15 @@ def compare_runs(run_dirs: Sequence[Path], out_dir: Path) -> Comparison:
     ]
     for fixed, varied, title, anchor in groups:
         section = report.section(title, anchor)
-        for value in sorted({getattr(r.config, fixed) for r in runs}):
-            chosen = [r for r in runs if getattr(r.config, fixed) == value]
+        for value in sorted({_setting(r, fixed) for r in runs}):
+            chosen = [r for r in runs if _setting(r, fixed) == value]
             fig = _curves_figure(chosen, varied, f"{fixed} = {value}: validation curves by {varied}")
             _save_png(fig, out_dir / f"{anchor}_{value}.png")
             section.figure(fig, f"{fixed} = {value}")
     section = report.section("Sample sizes for one encoder", "by_samples")
     shown = 0
-    for encoder in sorted({r.config.encoder for r in runs}):
-        chosen = [r for r in runs if r.config.encoder == encoder]
+    for encoder in sorted({r.config.model.encoder for r in runs}):
+        chosen = [r for r in runs if r.config.model.encoder == encoder]
         sizes = {r.samples for r in chosen}
         if len(sizes) < 2:
             continue
