@@ -214,20 +214,13 @@ def train_child(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
             self.val_end = time.perf_counter()
 
     clock = EpochClock()
-    build_trainer = training.build_trainer
-
-    def build_trainer_with_clock(*pos: Any, extra_callbacks: list | None = None, **kw: Any) -> L.Trainer:
-        return build_trainer(*pos, extra_callbacks=[*(extra_callbacks or []), clock], **kw)
-
-    # train() takes no callbacks; the clock joins the trainer it builds, and nothing else changes.
-    training.build_trainer = build_trainer_with_clock
     config = TrainConfig.with_recipe(
         "default", data_dir=str(work / "data"), split_dir=str(split_dir(work, n)), out_dir=str(run_dir(work, n)),
         cache_dir=str(cache_dir(work, n)), encoder=args.encoder, image_size=args.size, aug=args.aug, epochs=args.epochs,
         batch_size=args.batch, num_workers=args.workers, seed=SEED)
     rss_before = status_mib("VmRSS")
     sampler.start()
-    result = training.train(config, progress=False)
+    result = training.train(config, progress=False, callbacks=[clock])
     sampler.stop()
     steps = clock.step_ends
     half = len(steps) // 2

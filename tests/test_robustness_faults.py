@@ -75,7 +75,7 @@ def test_sigkill_during_a_checkpoint_write_then_resume(dataset, tmp_path):
 
         def dying_save(obj, f, *a, **k):
             name = getattr(f, "name", "")
-            if ".last.ckpt.tmp" in str(name):
+            if ".last.ckpt." in str(name) and str(name).endswith(".tmp"):  # safeio's temporary file
                 calls.append(name)
                 if len(calls) == 2:  # the second write of last.ckpt: half the bytes, then die
                     buffer = io.BytesIO()
@@ -91,7 +91,7 @@ def test_sigkill_during_a_checkpoint_write_then_resume(dataset, tmp_path):
     """)
     assert killed.returncode == -9, killed.stderr[-3000:]
     ckpt = run / "checkpoints"
-    half = list(ckpt.glob(".last.ckpt.tmp*"))
+    half = list(ckpt.glob(".last.ckpt.*.tmp"))
     assert len(half) == 1 and half[0].stat().st_size > 0
     with pytest.raises(Exception):  # noqa: B017 - the half file is not loadable, whatever torch calls it
         torch.load(half[0], weights_only=True)
@@ -164,24 +164,85 @@ class _HalfThenFull:
 
 
 def test_disk_full_while_writing_a_submission(tmp_path, monkeypatch, capsys):
+    import pneumodet.safeio as safeio
     import pneumodet.submission as submission
 
     path = submission.write_submission(tmp_path / "sub.csv", {"a": np.array([[0.9, 1, 2, 3, 4]])})
     before = path.read_bytes()
-    real_fdopen = os.fdopen
-    monkeypatch.setattr(submission.os, "fdopen", lambda *a, **k: _HalfThenFull(real_fdopen(*a, **k)))
+    monkeypatch.setattr(safeio, "open", lambda *a, **k: _HalfThenFull(open(*a, **k)), raising=False)  # noqa: SIM115
     with pytest.raises(SubmissionError, match=r"sub\.csv: cannot write the submission \(No space left"):
         submission.write_submission(path, {"b": np.zeros((0, 5))})
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["sub.csv"]
 
 
-def test_disk_full_while_writing_the_eda_report_is_one_line(dataset, tmp_path, monkeypatch, capsys):
-    import pneumodet.reports.html as html
+class _FullDiskFile:
+    """A file open for writing on a disk that fills up: the first write stores half of its data, then
+    fails with ENOSPC. No ``fileno``: writers that would go around Python's ``write`` (PIL does) use it."""
 
+    def __init__(self, fh) -> None:
+        self._fh = fh
+
+    def write(self, data) -> int:
+        self._fh.write(data[: len(data) // 2])
+        self._fh.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def fileno(self) -> int:
+        import io
+
+        raise io.UnsupportedOperation("fileno")
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._fh.close()
+
+
+#: safeio's temporary file for destination NAME: ``.NAME.<12 hex digits>.tmp``.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{12}\.tmp$")
+
+
+def fill_the_disk_for(monkeypatch, pattern: str) -> None:
+    """From now on, every file opened for writing (through ``open``, ``io.open`` or ``Path.open``) whose destination name
+    matches the glob ``pattern`` (directly, or through its temporary file) fails half-way, as on a full
+    disk; all other files are untouched."""
+    import builtins
+    import io
+    from fnmatch import fnmatch
+
+    real_open = io.open  # builtins.open is io.open; pathlib's Path.open calls io.open
+
+    def open_on_a_full_disk(file, mode="r", *args, **kwargs):
+        fh = real_open(file, mode, *args, **kwargs)
+        if isinstance(file, int) or not any(c in mode for c in "wax+"):
+            return fh
+        name = Path(os.fsdecode(file)).name
+        while (temporary := _TEMPORARY.match(name)) is not None:  # a temporary file's destination
+            name = temporary["name"]
+        return _FullDiskFile(fh) if fnmatch(name, pattern) else fh
+
+    monkeypatch.setattr(builtins, "open", open_on_a_full_disk)
+    monkeypatch.setattr(io, "open", open_on_a_full_disk)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden ones too) and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_disk_full_while_writing_the_eda_report_is_one_line(dataset, tmp_path, monkeypatch, capsys):
     out = tmp_path / "eda"
     out.mkdir()
     (out / "report.html").write_text("the previous report")
-    monkeypatch.setattr(html, "open", lambda *a, **k: _HalfThenFull(open(*a, **k)), raising=False)  # noqa: SIM115
+    fill_the_disk_for(monkeypatch, "report.html")
     code = main(["eda", str(dataset), "--out", str(out), "--workers", "1", "--samples", "1"])
     line = one_line_error(capsys, code, "eda")
     assert f"{out / 'report.html'}: cannot write the report (No space left on device)" in line
@@ -227,6 +288,89 @@ def test_a_really_full_disk_gives_clear_errors_and_keeps_previous_files(small_tm
     line = one_line_error(capsys, code, "predict")
     assert "previous.csv: cannot write the submission (No space left on device)" in line
     assert (small_tmpfs / "previous.csv").read_text() == "patientId,PredictionString\nold,\n"
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory) -> Path:
+    """A run ``evaluate``, ``predict`` and ``export`` accept (random 64-px model, threshold 0)."""
+    from _helpers import make_run
+
+    return make_run(tmp_path_factory.mktemp("eval_run"), small_patients(12), threshold=0.0)
+
+
+#: case -> (command line, the file the disk fills up on, as a glob of its name)
+FULL_DISK_CASES = {
+    "export: the graph": (["export", "{run}", "--onnx", "{out}/model.onnx"], "model.onnx"),
+    "export: its side file": (["export", "{run}", "--onnx", "{out}/model.onnx"], "model.onnx.json"),
+    "predict --json": (["predict", "{run}", "{images}", "--out", "{out}/sub.csv", "--json", "{out}/pred.json",
+                        "--threshold", "0"], "pred.json"),
+    "predict --overlays": (["predict", "{run}", "{images}", "--out", "{out}/sub.csv", "--overlays", "{out}/overlays",
+                            "--threshold", "0"], "*.png"),
+    "evaluate: metrics.json": (["evaluate", "{run}", "--out", "{out}/eval"], "metrics.json"),
+    "evaluate: a plot": (["evaluate", "{run}", "--out", "{out}/eval"], "confusion_matrix.png"),
+}
+
+
+@pytest.mark.parametrize("case", FULL_DISK_CASES)
+def test_disk_full_while_exporting_predicting_or_evaluating_keeps_the_previous_files(
+        eval_run, tmp_path, monkeypatch, capsys, case):
+    """Each command runs once, then again on a disk that fills up while one of its files is written: one
+    line naming that file, exit 2, and every file of the first run byte-identical, no half file beside."""
+    argv, pattern = FULL_DISK_CASES[case]
+    out = tmp_path / "out"
+    args = [a.format(run=eval_run, out=out, images=eval_run.parent / "data" / "stage_2_train_images") for a in argv]
+    assert main(args) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    before = snapshot(out)
+    assert any(Path(name).match(pattern) for name in before), before.keys()
+    fill_the_disk_for(monkeypatch, pattern)
+    line = one_line_error(capsys, main(args), args[0])
+    assert re.search(rf"{re.escape(str(out))}/\S*{pattern.replace('*', '[^/]*').replace('.', '[.]')}: "
+                     r".*No space left on device", line), line
+    monkeypatch.undo()
+    assert snapshot(out) == before
+
+
+def test_a_really_full_disk_keeps_previous_exports_predictions_and_metrics(small_tmpfs, eval_run, capsys):
+    """On a real 1 MB filesystem: the ONNX graph (MBs) does not fit; then, with a filler taking the space
+    left, predict's JSON and overlays and evaluate's metrics do not either. One line each; the previous
+    files are as they were and no temporary file is left."""
+    images = eval_run.parent / "data" / "stage_2_train_images"
+    (small_tmpfs / "model.onnx").write_bytes(b"previous graph")
+    (small_tmpfs / "model.onnx.json").write_text("{}")
+    line = one_line_error(capsys, main(["export", str(eval_run), "--onnx", str(small_tmpfs / "model.onnx")]),
+                          "export")
+    assert "model.onnx: No space left on device" in line
+    assert snapshot(small_tmpfs) == {"model.onnx": b"previous graph", "model.onnx.json": b"{}"}
+
+    (small_tmpfs / "pred.json").write_text("previous")
+    filler = small_tmpfs / "filler"
+    with open(filler, "wb", buffering=0) as fh, contextlib.suppress(OSError):  # take all the space left
+        fh.write(b"\0" * (1 << 20))
+    before = snapshot(small_tmpfs)
+    for args in (["predict", str(eval_run), str(images), "--out", str(eval_run.parent / "sub.csv"), "--json",
+                  str(small_tmpfs / "pred.json"), "--threshold", "0"],
+                 ["predict", str(eval_run), str(images), "--out", str(eval_run.parent / "sub.csv"), "--overlays",
+                  str(small_tmpfs / "overlays"), "--threshold", "0"],
+                 ["evaluate", str(eval_run), "--out", str(small_tmpfs / "eval")]):
+        line = one_line_error(capsys, main(args), args[0])
+        assert "No space left on device" in line and str(small_tmpfs) in line
+        assert snapshot(small_tmpfs) == before
+
+
+def test_atomic_writes_keep_the_usual_file_permissions(tmp_path):
+    """Written through a temporary file, a report or a submission still gets 0666 less the umask (a
+    mkstemp file would stay 0600, unreadable to the user's group)."""
+    from pneumodet.reports.html import HtmlReport
+    from pneumodet.safeio import write_json
+
+    old = os.umask(0o022)
+    try:
+        report = HtmlReport("r").write(tmp_path / "report.html")
+        data = write_json(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert oct(report.stat().st_mode & 0o777) == oct(data.stat().st_mode & 0o777) == oct(0o644)
 
 
 # ============================================================================================ cache

@@ -27,6 +27,7 @@ from pneumodet.errors import CheckpointError, ConfigError, PneumodetError
 from pneumodet.hardware import bf16_is_native
 from pneumodet.metrics import xyxy_to_xywh
 from pneumodet.rundir import RunDir
+from pneumodet.safeio import atomic_open
 
 LOSS_NAMES = ("total", "classification", "regression", "global")
 #: Low enough that the threshold sweep sees every useful box; the sweep picks the real cut-off.
@@ -253,21 +254,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
-            with open(tmp, "wb") as f:
+            with atomic_open(path, "wb") as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
         except (OSError, RuntimeError) as err:  # disk full (torch says RuntimeError), read-only folder
-            tmp.unlink(missing_ok=True)
             raise CheckpointError(f"{path}: cannot write the checkpoint ({getattr(err, 'strerror', None) or err}); "
                                   "the previous one is kept") from err
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
         try:
@@ -449,7 +441,8 @@ class TrainResult:
                 f"at confidence threshold {self.threshold:.2f}; run in {self.run_dir}")
         if any(self.excluded.values()):
             counts = ", ".join(f"{name} {len(ids)}" for name, ids in self.excluded.items())
-            text += f"\npatients left out for an unreadable or missing image: {counts} (listed in done.json)"
+            text += (f"\npatients left out for an unreadable or missing image: {counts} "
+                     f"(listed in {RunDir(self.run_dir).done.name})")
         return text
 
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from pneumodet.data.records import PatientRecord
 from pneumodet.errors import CacheError
+from pneumodet.safeio import write_json
 
 ARRAY_NAME = "images.npy"
 INDEX_NAME = "index.json"
@@ -143,12 +144,10 @@ def _read_index(cache_dir: Path) -> tuple[int, list[CacheEntry]]:
 
 def _write_index(cache_dir: Path, size: int, entries: Sequence[CacheEntry]) -> None:
     path = cache_dir / INDEX_NAME
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # unique: ranks of one job may share a cache
     data = {"format": _FORMAT, "version": _VERSION, "size": size, "array": ARRAY_NAME,
             "entries": [asdict(entry) for entry in entries]}
-    try:
-        tmp.write_text(json.dumps(data, indent=0))
-        os.replace(tmp, path)
+    try:  # a unique temporary file: ranks of one job may share a cache
+        write_json(path, data, indent=0)
     except OSError as exc:
         raise CacheError(f"{path}: cannot write the cache index: {exc}") from exc
 

@@ -168,12 +168,12 @@ def write_run_report(run_dir: Path, *, samples: int = 8) -> Path:
     overview.text(f"Best validation RSNA mAP: **{info.best_map:.4f}**.")
     settings = pd.DataFrame([(k, "–" if v is None else str(v)) for k, v in cfg.to_dict().items()],
                             columns=["setting", "value"])
-    overview.table(settings, "Run configuration (config.yaml)")
+    overview.table(settings, f"Run configuration ({RunDir(info.run_dir).config.name})")
     losses = report.section("Loss curves", "losses")
     losses.figure(_loss_figure(info.metrics, "train (solid) and validation (dashed) losses per epoch"))
     maps = report.section("Validation mAP", "map")
     maps.figure(_map_figure(info.metrics))
-    maps.table(info.metrics, "metrics.csv")
+    maps.table(info.metrics, RunDir(info.run_dir).metrics.name)
     preds = report.section("Sample validation predictions", "predictions")
     run = RunDir(Path(run_dir))
     if run.has_model() and samples > 0:
