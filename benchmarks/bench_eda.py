@@ -67,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _pooled(records: list[PatientRecord], workers: int) -> None:
-    from pneumodet.reports import eda
+    from pneumodet.reports.eda import headers
 
-    saved, eda._POOL_MIN_FILES = eda._POOL_MIN_FILES, 1  # force the pool whatever the size
+    saved, headers._POOL_MIN_FILES = headers._POOL_MIN_FILES, 1  # force the pool whatever the size
     try:
         scan_metadata(records, workers=workers)
     finally:
-        eda._POOL_MIN_FILES = saved
+        headers._POOL_MIN_FILES = saved
 
 
 if __name__ == "__main__":

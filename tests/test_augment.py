@@ -16,17 +16,15 @@ from pneumodet.data.augment import (
     AffineParams,
     Augmentation,
     PhotometricParams,
-    PreviewSample,
     adjust_gamma,
     affine_matrix,
     build_augmentation,
-    preview_figure,
-    preview_samples,
     transform_boxes,
     warp_image,
 )
 from pneumodet.data.records import CLASS_NAMES, PatientRecord
 from pneumodet.errors import ConfigError, DicomReadError
+from pneumodet.reports.augment_preview import PreviewSample, preview_figure, preview_samples
 
 SIZE = 128
 FAST = settings(max_examples=40, deadline=None)

@@ -262,7 +262,7 @@ def test_worker_pool_reads_the_same_headers_as_one_process(small_dataset, monkey
 
     records = load_rsna(small_dataset).records
     serial = eda.scan_metadata(records, workers=1)
-    monkeypatch.setattr(eda, "_POOL_MIN_FILES", 1)
+    monkeypatch.setattr(eda.headers, "_POOL_MIN_FILES", 1)  # the module that reads the headers
     pooled = eda.scan_metadata(records, workers=2)
     pd.testing.assert_frame_equal(serial.frame, pooled.frame)
     assert [Path(p).name for p, _ in pooled.failed] == ["p-bad.dcm"]
