@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import assert_one_line_error, assert_same_detections
 from pneumodet.cli import main
 from pneumodet.errors import CheckpointError, ConfigError
 from pneumodet.inference import ONNX_OUTPUTS, decode_onnx_outputs, export_onnx, onnx_side_file, run_onnx
@@ -67,9 +68,8 @@ def test_decoded_onnx_boxes_match_model_detect(run_dir, exported):
     assert len(got) == 2
     assert sum(len(d.boxes) for d in expected) > 4, "the test model must produce boxes to compare"
     for e, g in zip(expected, got, strict=True):
-        assert len(g.boxes) == len(e.boxes)
-        torch.testing.assert_close(g.boxes, e.boxes, rtol=1e-4, atol=1e-3)
-        torch.testing.assert_close(g.scores, e.scores, rtol=1e-4, atol=1e-5)
+        # as sets: two boxes with scores equal to 6 digits may come out in either order
+        assert_same_detections(g.boxes, g.scores, e.boxes, e.scores, box_atol=1e-3, score_atol=1e-4)
         torch.testing.assert_close(g.class_probs, e.class_probs, rtol=1e-4, atol=1e-6)
 
 
@@ -144,6 +144,31 @@ def test_the_documented_decoding_recipe_gives_the_same_boxes(exported):
     for i, det in enumerate(decoded):
         boxes, scores, probs = _numpy_decode(outputs[0][i], outputs[1][i], outputs[2][i], outputs[3], side, 0.3)
         assert len(boxes) > 2
-        np.testing.assert_allclose(det.boxes.numpy(), boxes, rtol=1e-5, atol=1e-3)
-        np.testing.assert_allclose(det.scores.numpy(), scores, rtol=1e-5)
+        assert_same_detections(det.boxes, det.scores, boxes, scores, box_atol=1e-3, score_atol=1e-5)
         np.testing.assert_allclose(det.class_probs.numpy(), probs, rtol=1e-5)
+
+
+@pytest.mark.parametrize("opset", ["5", "8", "1000", "-1"])
+def test_an_unsupported_opset_is_one_line_before_any_work(run_dir, tmp_path, capsys, opset):
+    from pneumodet.inference import MIN_ONNX_OPSET, onnx_opsets
+
+    out, _ = run_dir
+    target = tmp_path / "m.onnx"
+    code = main(["export", str(out), "--onnx", str(target), "--opset", opset])
+    assert_one_line_error(code, capsys.readouterr().err, "export",
+                          rf"ONNX opset {opset} is not supported: choose {MIN_ONNX_OPSET} to {onnx_opsets()[-1]} "
+                          r"\(default 17\)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_oldest_and_newest_accepted_opsets_give_pytorchs_boxes(run_dir, tmp_path):
+    from pneumodet.inference import MIN_ONNX_OPSET, onnx_opsets
+
+    out, model = run_dir
+    images = _images(2, seed=4)
+    with torch.no_grad():
+        expected = model.detect(model(images), score_thresh=0.3)
+    for opset in (MIN_ONNX_OPSET, onnx_opsets()[-1]):
+        exported = export_onnx(out, tmp_path / f"m{opset}.onnx", opset=opset)
+        for e, g in zip(expected, run_onnx(exported.path, images.numpy(), score_thresh=0.3), strict=True):
+            assert_same_detections(g.boxes, g.scores, e.boxes, e.scores, box_atol=1e-3, score_atol=1e-4)

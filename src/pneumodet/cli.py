@@ -12,8 +12,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pneumodet import __version__
+from pneumodet import __version__, rundir
+from pneumodet.config import RECIPES, TrainConfig
+from pneumodet.data.levels import LEVELS as AUGMENTATION_LEVELS
 from pneumodet.errors import PneumodetError
+from pneumodet.model.config import ModelConfig
 from pneumodet.textsafe import display_path, display_text
 
 
@@ -106,7 +109,6 @@ def _add_score(p: argparse.ArgumentParser) -> None:
 def _run_score(args: argparse.Namespace) -> None:
     from pneumodet.safeio import write_json
     from pneumodet.submission import score_submission
-    from pneumodet.textsafe import display_path
 
     result = score_submission(args.submission, args.labels, classes_csv=args.classes, all_patients=args.all)
     print(result.summary())
@@ -117,7 +119,7 @@ def _run_score(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- predict
 def _add_predict(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=Path, help="training run directory (uses its best_model.pt) or a checkpoint")
+    p.add_argument("model", type=Path, help=f"training run directory (uses its {rundir.BEST_MODEL}) or a checkpoint")
     p.add_argument("inputs", type=Path, nargs="+", help="DICOM files or folders (searched recursively for *.dcm)")
     p.add_argument("--out", type=Path, required=True,
                    help="Kaggle submission CSV to write: one row per patient; a patient with several images "
@@ -135,8 +137,9 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
                    help="folder for one PNG per image with boxes and probabilities, named <patient id, "
                         "sanitised, at most 40 characters>_<hash of the SOP Instance UID>.png")
     p.add_argument("--json", type=Path,
-                   help="JSON file with one entry per image: patient id, study/series/SOP instance UIDs, file, "
-                        "boxes, scores, class probabilities, overlay name, whether it makes the submission row")
+                   help="JSON file with one entry per image: patient id, study/series/SOP instance UIDs, "
+                        "file, boxes, scores, class probabilities, overlay name, whether it makes the "
+                        "submission row")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--precision", choices=["bf16", "fp32"],
                    help="default: bf16 where the hardware computes it natively, else fp32")
@@ -152,7 +155,6 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 
 def _run_predict(args: argparse.Namespace) -> None:
     from pneumodet.inference import predict, write_prediction_json, write_prediction_submission
-    from pneumodet.textsafe import display_path
 
     result = predict(args.model, args.inputs, threshold=args.threshold, tta=args.tta, tta_merge=args.tta_merge,
                      gate=args.gate, batch_size=args.batch_size, device=args.device, precision=args.precision,
@@ -160,16 +162,112 @@ def _run_predict(args: argparse.Namespace) -> None:
                      compile=args.compile, progress=sys.stderr.isatty())
     print(result.summary())
     rows = len(result.submission_rows())
-    print(f"wrote submission {display_path(write_prediction_submission(result, args.out))} ({rows} patient row(s))")
+    submission = write_prediction_submission(result, args.out)
+    print(f"wrote submission {display_path(submission)} ({rows} patient row(s))")
     if args.json:
         print(f"wrote {display_path(write_prediction_json(result, args.json))}")
     if args.overlays:
         print(f"wrote {len(result.predictions)} overlays to {display_path(args.overlays)}")
 
 
+# ---------------------------------------------------------------- pacs
+def _add_prediction_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``predict`` that any command predicting on DICOM images takes."""
+    p.add_argument("--threshold", type=float,
+                   help="confidence threshold from 0 to 1 (default: the run's validation choice)")
+    p.add_argument("--tta", choices=["hflip"], help="test-time augmentation: also predict the mirrored image")
+    p.add_argument("--tta-merge", choices=["wbf", "nms"], default="wbf",
+                   help="how TTA views are merged (default: weighted box fusion)")
+    p.add_argument("--gate", action="store_true",
+                   help="multiply box scores by the global Lung-Opacity probability before thresholding")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--precision", choices=["bf16", "fp32"],
+                   help="default: bf16 where the hardware computes it natively, else fp32")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:N, or auto: the GPU when this machine has one, else the CPU (default cpu)")
+    p.add_argument("--workers", type=int, default=0, help="DICOM decoding processes (default 0: in-process)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the network with frozen weights: seconds of compilation per batch shape, "
+                        "then ~1.4x faster batches (default: on for CPU jobs from 500 images where a C++ compiler exists)")
+
+
+def _add_dicom_out_options(p: argparse.ArgumentParser) -> None:
+    """How the DICOM SR and presentation state of each image are made (``predict --dicom-out``, ``pacs``)."""
+    p.add_argument("--dicom-patient-details", action="store_true",
+                   help="also copy the patient's name, birth date and sex, the study date and time and the referring "
+                        "physician from each source image into its SR and PR (default: only what links a result to "
+                        "its image: PatientID, Study Instance UID, Accession Number, Study ID)")
+    p.add_argument("--uid-root", metavar="ROOT",
+                   help="your organisation's registered UID root for the new SR/PR UIDs (default 2.25: UUID-derived "
+                        "UIDs, unique without registration)")
+
+
+def _add_pacs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help=f"training run directory (uses its {rundir.BEST_MODEL}) or a checkpoint")
+    p.add_argument("--url", required=True,
+                   help="DICOMweb base URL, e.g. http://pacs.example.org:8042/dicom-web (never with credentials in it)")
+    p.add_argument("--study", action="append", default=[], metavar="UID",
+                   help="a Study Instance UID to fetch (repeat for several)")
+    p.add_argument("--series", action="append", default=[], metavar="UID",
+                   help="a Series Instance UID to fetch (repeat for several)")
+    p.add_argument("--modality", metavar="LIST",
+                   help="comma-separated modalities, e.g. CR,DX: without --study/--series, search the studies holding "
+                        "them (with --date-from/--date-to); always, predict only images of these modalities "
+                        "(default CR,DX); everything else is skipped and listed")
+    p.add_argument("--date-from", metavar="YYYY-MM-DD", help="search studies from this study date")
+    p.add_argument("--date-to", metavar="YYYY-MM-DD", help="search studies up to this study date")
+    p.add_argument("--auth-env", metavar="VAR",
+                   help="environment variable holding 'Bearer <token>' or 'Basic <user>:<password>' "
+                        "(default: $PNEUMODET_DICOMWEB_AUTH when set; credentials are never taken from the command line)")
+    p.add_argument("--auth-file", type=Path, metavar="FILE",
+                   help="file whose first line is 'Bearer <token>' or 'Basic <user>:<password>' (chmod 600)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to connect and to wait for each answer "
+                                                              "(default 30)")
+    p.add_argument("--retries", type=int, default=3,
+                   help="further attempts after a transient failure (no connection, timeout, 429/5xx), waiting 1, 2, "
+                        "4... s between them (default 3)")
+    _add_prediction_options(p)
+    _add_dicom_out_options(p)
+    p.add_argument("--chunk", type=int, default=256,
+                   help="images fetched, predicted and stored per round (default 256: bounds disk and memory)")
+    p.add_argument("--stow-batch", type=int, default=16,
+                   help="instances per STOW-RS request (default 16: 8 images' SR and PR)")
+    p.add_argument("--json", type=Path,
+                   help="JSON file with every instance found and what became of it: skipped, fetched, predicted, "
+                        "the UIDs of its SR and PR and whether the server stored them")
+    p.add_argument("--dicom-out", type=Path, metavar="DIR", help="also keep a copy of every SR and PR in DIR")
+
+
+def _run_pacs(args: argparse.Namespace) -> None:
+    from pneumodet.clinical.dicomweb import DicomWebServer, PacsError, read_credentials
+    from pneumodet.clinical.identity import check_uid_root
+    from pneumodet.clinical.pacs import PacsQuery, PredictOptions, parse_date, run_pacs
+    from pneumodet.safeio import write_json
+
+    query = PacsQuery(studies=tuple(args.study), series=tuple(args.series),
+                      modalities=tuple(_csv(args.modality.upper())) if args.modality else (),
+                      date_from=parse_date(args.date_from, "--date-from"), date_to=parse_date(args.date_to, "--date-to"))
+    check_uid_root(args.uid_root)
+    credentials, warnings = read_credentials(env=args.auth_env, file=args.auth_file)
+    for warning in warnings:
+        print(f"pneumodet pacs: warning: {warning}", file=sys.stderr)
+    server = DicomWebServer(args.url, credentials=credentials, timeout=args.timeout, retries=args.retries)
+    options = PredictOptions(threshold=args.threshold, tta=args.tta, tta_merge=args.tta_merge, gate=args.gate,
+                             batch_size=args.batch_size, device=args.device, precision=args.precision,
+                             workers=args.workers, compile=args.compile)
+    summary = run_pacs(args.model, server, query, options=options, chunk=args.chunk, stow_batch=args.stow_batch,
+                       patient_details=args.dicom_patient_details, uid_root=args.uid_root,
+                       dicom_out=args.dicom_out, progress=sys.stderr.isatty())
+    print(summary.render())
+    if args.json:
+        print(f"wrote {display_path(write_json(args.json, summary.to_json(), indent=1))}")
+    if summary.error:
+        raise PacsError(summary.error)
+
+
 # ---------------------------------------------------------------- export
 def _add_export(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=Path, help="training run directory (uses its best_model.pt) or a checkpoint")
+    p.add_argument("model", type=Path, help=f"training run directory (uses its {rundir.BEST_MODEL}) or a checkpoint")
     p.add_argument("--onnx", type=Path, required=True, help="ONNX file to write (a .json side file goes next to it)")
     p.add_argument("--image-size", type=int, help="input side in pixels (default: the training size)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 11 to 20 with torch 2.x (default 17)")
@@ -179,6 +277,53 @@ def _run_export(args: argparse.Namespace) -> None:
     from pneumodet.inference import export_onnx
 
     print(export_onnx(args.model, args.onnx, image_size=args.image_size, opset=args.opset).summary())
+
+
+# ---------------------------------------------------------------- serve
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="training run directory (uses its best_model.pt) or a checkpoint")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the "
+                        "network: set a token in $PNEUMODET_SERVE_TOKEN, which every /v1 request must then send "
+                        "as 'Authorization: Bearer TOKEN')")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: a free port, printed)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N, or auto: the GPU when this machine has one, else the CPU (default auto)")
+    p.add_argument("--precision", choices=["bf16", "fp32"],
+                   help="default: bf16 where the hardware computes it natively, else fp32")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="most images the model runs at once, gathered from concurrent requests (default 8; "
+                        "1: no batching)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="how long the first waiting image waits for others to fill its batch (default 10)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="most images waiting for the model, and most prediction requests in progress; beyond, "
+                        "503 with Retry-After (default 64)")
+    p.add_argument("--max-files", type=int, default=16, help="most files per request (default 16; beyond: 413)")
+    p.add_argument("--max-upload-mb", type=float, default=64.0,
+                   help="largest request body in MiB (default 64; beyond: 413)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to answer a request, upload included (default 60; beyond: 504)")
+    p.add_argument("--log-ids", choices=["plain", "hash", "none"], default="plain",
+                   help="how the log names each predicted image: its PatientID and SOP Instance UID (plain, "
+                        "default), keyed hashes of them (hash), or not at all (none); nothing else from an "
+                        "image ever reaches the log")
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from pneumodet.serve.app import TOKEN_ENV, ServeSettings
+    from pneumodet.serve.limits import MIB, Limits
+    from pneumodet.serve.server import serve
+
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * MIB), max_files=args.max_files,
+                    timeout_s=args.timeout, max_queue=args.max_queue)
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, limits=limits,
+                             token=os.environ.get(TOKEN_ENV) or None, log_ids=args.log_ids)
+    summary = serve(args.model, host=args.host, port=args.port, device=args.device, precision=args.precision,
+                    settings=settings, announce=lambda line: print(line, flush=True))
+    print(summary, flush=True)
 
 
 # ---------------------------------------------------------------- eda
@@ -212,31 +357,35 @@ ENCODER_HELP = ("encoder: resnet50, se_resnext50 (timm seresnext50_32x4d), legac
 
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``train`` and ``grid``; unset options keep the recipe's or config's value."""
+    """Options shared by ``train`` and ``grid``; unset options keep the recipe's or config's value. The
+    defaults shown are the config's own (:class:`~pneumodet.config.TrainConfig`, its ``model``)."""
+    train, model = TrainConfig(), ModelConfig()
     p.add_argument("--data", type=Path, help="Kaggle-layout data folder")
-    p.add_argument("--aug", help="augmentation level: resize_only, light, heavy, heavy_with_rotations")
-    p.add_argument("--epochs", type=int, help="epochs (default 8)")
-    p.add_argument("--batch-size", type=int, help="batch size (default 8)")
-    p.add_argument("--image-size", type=int, help="training image side in pixels (default 512)")
+    p.add_argument("--aug", help=f"augmentation level: {', '.join(AUGMENTATION_LEVELS)} (default {train.aug})")
+    p.add_argument("--epochs", type=int, help=f"epochs (default {train.epochs})")
+    p.add_argument("--batch-size", type=int, help=f"batch size (default {train.batch_size})")
+    p.add_argument("--image-size", type=int, help=f"training image side in pixels (default {model.image_size})")
     p.add_argument("--cache-dir", type=Path, help="image cache folder (default DATA/cache_<size>)")
-    p.add_argument("--recipe", help="optimisation recipe: default (AdamW 3e-4, warm-up, cosine) or reference "
-                                    "(Adam 1e-5, plateau x0.2 after 4 epochs, clip 0.05)")
+    recipes = "; ".join(f"{name}: {r['optimizer']} {r['lr']:g}, {r['scheduler']} schedule, clip {r['grad_clip']:g}"
+                        for name, r in RECIPES.items())
+    p.add_argument("--recipe", help=f"optimisation recipe (default {train.recipe}) — {recipes}")
     p.add_argument("--lr", type=float, help="learning rate (overrides the recipe)")
-    p.add_argument("--precision", help="auto (bf16-mixed where the hardware has bf16, else 32-true), "
-                                       "bf16-mixed, 16-mixed, 32-true")
-    p.add_argument("--devices", type=int, help="devices (processes) per node; > 1 runs DDP")
-    p.add_argument("--num-nodes", type=int, help="nodes for DDP")
-    p.add_argument("--accelerator", help="auto, cpu or gpu")
-    p.add_argument("--num-workers", type=int, help="data-loading processes (default 2)")
-    p.add_argument("--seed", type=int, help="random seed (default 42)")
+    p.add_argument("--precision", help=f"{train.precision} (bf16-mixed where the hardware has bf16, else 32-true; "
+                                       "the default), bf16-mixed, 16-mixed, 32-true")
+    p.add_argument("--devices", type=int, help=f"devices (processes) per node; > 1 runs DDP (default {train.devices})")
+    p.add_argument("--num-nodes", type=int, help=f"nodes for DDP (default {train.num_nodes})")
+    p.add_argument("--accelerator", help=f"auto, cpu or gpu (default {train.accelerator})")
+    p.add_argument("--num-workers", type=int, help=f"data-loading processes (default {train.num_workers})")
+    p.add_argument("--seed", type=int, help=f"random seed (default {train.seed})")
     p.add_argument("--weights", type=str, help="local encoder weights file (.pth/.safetensors) for offline use")
     p.add_argument("--pretrained", action="store_true", default=None,
                    help="ImageNet weights through timm (needs a network)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the network")
     p.add_argument("--checkpoint-every", dest="checkpoint_every_n_steps", type=int,
-                   help="also write checkpoints/last.ckpt every K optimiser steps (default 200)")
+                   help=f"also write the resumable checkpoint every K optimiser steps "
+                        f"(default {train.checkpoint_every_n_steps}; 0: at epoch ends only)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (default: no limit)")
-    p.add_argument("--config", type=Path, help="a run.yaml / config.yaml to start from")
+    p.add_argument("--config", type=Path, help=f"a {rundir.CONFIG} to start from (a run's own reproduces it)")
 
 
 _OPTION_FIELDS = {"data": "data_dir", "aug": "aug", "epochs": "epochs", "batch_size": "batch_size",
@@ -266,8 +415,8 @@ def _train_config(args: argparse.Namespace):
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", type=Path, help="split folder written by `pneumodet split`")
     p.add_argument("--out", type=Path, required=True, help="run folder, e.g. runs/NAME")
-    p.add_argument("--encoder", help=ENCODER_HELP)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.ckpt")
+    p.add_argument("--encoder", help=f"{ENCODER_HELP} (default {ModelConfig().encoder})")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     _add_training_options(p)
 
 
@@ -366,14 +515,13 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> None:
     from pneumodet.evaluation import METRICS_FILE, evaluate, format_metric
-    from pneumodet.textsafe import display_path
 
     metrics = evaluate(args.run_dir, split=args.split, batch_size=args.batch_size, precision=args.precision,
                        device=args.device, tta=args.tta, gate=args.gate, out_dir=args.out, compile=args.compile)
     gc = metrics["global_class"]
-    print(f"{args.split}: RSNA mAP {format_metric(metrics['rsna_map'], 4)} over {metrics['images_scored']} images "
-          f"({metrics['images_excluded']} without boxes either way, not scored) at confidence threshold "
-          f"{metrics['threshold']:.2f} (chosen on validation)")
+    print(f"{args.split}: RSNA mAP {format_metric(metrics['rsna_map'], 4)} over {metrics['images_scored']} "
+          f"images ({metrics['images_excluded']} without boxes either way, not scored) at confidence "
+          f"threshold {metrics['threshold']:.2f} (chosen on validation)")
     print("  per IoU threshold: " + ", ".join(f"{t}: {format_metric(v)}"
                                               for t, v in metrics["rsna_map_per_iou_threshold"].items()))
     print(f"  global class accuracy {format_metric(gc['accuracy'])}, pneumonia-vs-not AUC "
@@ -408,15 +556,16 @@ def _add_augment_preview(p: argparse.ArgumentParser) -> None:
 
 
 def _run_augment_preview(args: argparse.Namespace) -> None:
-    from pneumodet.data.augment import LEVELS, build_augmentation, preview_figure, preview_samples
+    from pneumodet.data.augment import LEVELS, build_augmentation
     from pneumodet.errors import ConfigError
+    from pneumodet.reports.augment_preview import preview_figure, preview_samples
     from pneumodet.safeio import atomic_path
-    from pneumodet.textsafe import display_path, display_text
 
     # every option is checked before any image is read: a typo must not cost a data load
     image_format = args.out.suffix.lower().lstrip(".")
     if image_format not in PREVIEW_FORMATS:
-        raise ConfigError(f"--out {display_path(args.out)}: unknown picture format {args.out.suffix or '(no suffix)'!r}; "
+        suffix = args.out.suffix or "(no suffix)"
+        raise ConfigError(f"--out {display_path(args.out)}: unknown picture format {suffix!r}; "
                           f"name a {', '.join('.' + f for f in PREVIEW_FORMATS)} file")
     if args.n < 1 or args.draws < 1:
         raise ConfigError(f"--n and --draws must be at least 1, got {args.n} and {args.draws}")
@@ -446,7 +595,7 @@ COMMANDS: list[_Command] = [
     ("cache", "decode every DICOM once into a memory-mapped image cache", _add_cache, _run_cache),
     ("augment-preview", "before/after grid of an augmentation level on real images, boxes drawn",
      _add_augment_preview, _run_augment_preview),
-    ("train", "train RetinaNet on a split (Lightning; checkpoints, metrics.csv, report.html)", _add_train,
+    ("train", f"train RetinaNet on a split (Lightning; checkpoints, {rundir.METRICS}, {rundir.REPORT})", _add_train,
      _run_train),
     ("grid", "train every encoder x augmentation x sample size; summary table", _add_grid, _run_grid),
     ("compare", "compare runs: validation curves per encoder/augmentation/sample size", _add_compare,
@@ -454,9 +603,13 @@ COMMANDS: list[_Command] = [
     ("evaluate", "score a run's best model on the held-out test set (threshold from validation)",
      _add_evaluate, _run_evaluate),
     ("predict", "predict boxes for DICOM files: Kaggle submission, JSON, overlays", _add_predict, _run_predict),
+    ("pacs", "fetch radiographs from a DICOMweb PACS, predict, store DICOM SR and presentation states back",
+     _add_pacs, _run_pacs),
     ("score", "score a Kaggle submission CSV against the labels (RSNA mAP)", _add_score, _run_score),
     ("export", "export the network to ONNX (decoding documented and provided in Python)", _add_export,
      _run_export),
+    ("serve", "HTTP detection service with a review page: batched, bounded, JSON or DICOM SR answers",
+     _add_serve, _run_serve),
     ("demo", "the whole job on synthetic data: synth, eda, split, cache, train, evaluate, predict, score",
      _add_demo, _run_demo),
 ]

@@ -7,8 +7,7 @@ the evaluated split is drawn for information only, with the chosen threshold mar
 
 from __future__ import annotations
 
-import json
-import os
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +18,15 @@ import torch
 
 from pneumodet.config import TrainConfig
 from pneumodet.data.records import CLASS_INDEX, CLASS_NAMES
-from pneumodet.errors import ConfigError, RunError
+from pneumodet.errors import CheckpointError, ConfigError, PneumodetError, RunError
 from pneumodet.metrics import rsna_map, sweep_thresholds, xyxy_to_xywh
 from pneumodet.rundir import RunDir
+from pneumodet.safeio import atomic_path, json_safe, write_json
 
 #: Sets that can be evaluated (the training set is augmented, so it is not one of them).
 SPLITS = ("val", "test")
+#: The metrics file in the evaluation folder.
+METRICS_FILE = "metrics.json"
 
 
 @dataclass
@@ -72,17 +74,31 @@ def evaluate(run_dir: Path, *, split: str = "test", batch_size: int = 16, num_wo
              precision: str | None = None, device: str = "auto", tta: str | None = None, gate: bool = False,
              out_dir: Path | None = None, compile: bool | None = None) -> dict[str, Any]:
     """Score a run's best model on ``split`` and write ``metrics.json`` and plots to
-    ``RUN_DIR/eval_<split>/`` (or ``out_dir``). ``precision``, ``tta``, ``gate`` and ``compile``
-    are ``predict``'s. Returns the metrics dict."""
-    from pneumodet.inference import Predictor
+    ``RUN_DIR/eval_<split>/`` (or ``out_dir``). ``precision``, ``tta``, ``gate``, ``device`` and
+    ``compile`` are ``predict``'s.
+
+    Returns:
+        The metrics as written to ``metrics.json`` (strict JSON: an undefined value, e.g. the AUC of a
+        set with one class, is ``None``); ``out_dir`` says where they went.
+
+    Raises:
+        ConfigError: an unusable option (checked before the run is loaded).
+        PneumodetError: nothing could be scored (no image, or no image with a ground-truth or a
+            predicted box: the RSNA metric is undefined); nothing is written then.
+    """
+    from pneumodet.inference import Predictor, check_predict_options, resolve_device
     from pneumodet.model.fusion import compile_pays_off
 
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    check_predict_options(batch_size=batch_size, workers=num_workers)
+    dev = resolve_device(device)
     run_dir = Path(run_dir)
     model, extra, config = load_run(run_dir)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    threshold = float(extra.get("threshold", math.nan))
+    if not 0.0 <= threshold <= 1.0:  # also NaN, as when the checkpoint records none
+        raise CheckpointError(f"{RunDir(run_dir).best_model}: records no usable validation threshold "
+                              f"({extra.get('threshold')!r})")
     loader = split_loader(config, split, batch_size=batch_size, num_workers=num_workers)
     if compile is None:
         compile = compile_pays_off(len(loader.dataset), dev)
@@ -103,9 +119,10 @@ def evaluate(run_dir: Path, *, split: str = "test", batch_size: int = 16, num_wo
         true_class.extend(batch["classes"].tolist())
         probs.append(out.class_probs)
 
-    threshold = float(extra["threshold"])
     kept = {pid: p[p[:, 0] >= threshold] for pid, p in preds.items()}
     result = rsna_map(gt, kept)
+    if result.n_images == 0:
+        raise PneumodetError(_nothing_scored(split, len(gt), threshold))
     class_probs = np.concatenate(probs) if probs else np.zeros((0, len(CLASS_NAMES)))
     true = np.asarray(true_class, dtype=np.int64)
     predicted = class_probs.argmax(axis=1) if len(class_probs) else np.zeros(0, np.int64)
@@ -127,11 +144,25 @@ def evaluate(run_dir: Path, *, split: str = "test", batch_size: int = 16, num_wo
         },
         "metric_vs_threshold_for_information": curve,
     }
-    out = Path(out_dir) if out_dir else run_dir / f"eval_{split}"
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "metrics.json", metrics)
+    out = Path(out_dir) if out_dir else RunDir(run_dir).eval_dir(split)
+    metrics = json_safe({**metrics, "out_dir": str(out)})  # NaN -> None: what is returned is what is written
+    write_json(out / METRICS_FILE, metrics)
     _plot_evaluation(metrics, out)
     return metrics
+
+
+def _nothing_scored(split: str, images: int, threshold: float) -> str:
+    if not images:
+        return f"nothing could be scored: the {split} set holds no image; nothing written"
+    return (f"nothing could be scored: none of the {images} {split} image(s) has a ground-truth box or a box "
+            f"predicted at threshold {threshold:.2f}, and the RSNA metric skips such images; nothing written")
+
+
+def format_metric(value: float | None, digits: int = 3) -> str:
+    """``value`` with ``digits`` decimals, or ``n/a`` when it is undefined (``None`` or NaN)."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.{digits}f}"
 
 
 def _threshold_curve(gt: dict[str, np.ndarray], preds: dict[str, np.ndarray]) -> list[list[float]]:
@@ -205,8 +236,7 @@ def _plot_evaluation(metrics: dict[str, Any], out: Path) -> None:
     ax.set_title(f"RSNA mAP vs confidence threshold ({metrics['split']}, for information)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "metric_vs_threshold.png", dpi=110)
-    plt.close(fig)
+    _save_figure(fig, out / "metric_vs_threshold.png")
 
     cm = np.asarray(metrics["global_class"]["confusion_matrix"])
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
@@ -219,13 +249,16 @@ def _plot_evaluation(metrics: dict[str, Any], out: Path) -> None:
     ax.set_xlabel("predicted class (global head)")
     ax.set_ylabel("true class")
     ax.set_title(f"Global class confusion ({metrics['split']}), accuracy "
-                 f"{metrics['global_class']['accuracy']:.3f}")
+                 f"{format_metric(metrics['global_class']['accuracy'])}")
     fig.tight_layout()
-    fig.savefig(out / "confusion_matrix.png", dpi=110)
-    plt.close(fig)
+    _save_figure(fig, out / "confusion_matrix.png")
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=float))
-    os.replace(tmp, path)
+def _save_figure(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:  # the temporary name has no .png: say the format
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)

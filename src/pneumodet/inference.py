@@ -3,7 +3,7 @@
 Prediction streams: files are found (:func:`find_dicom_files`), decoded and resized one by one in a
 :class:`~torch.utils.data.DataLoader`, batched, run through the network, decoded by the model's own
 ``detect``, and the boxes are mapped back to each image's original pixels. Only one batch of images
-is ever in memory; per patient only its few boxes and class probabilities are kept.
+is ever in memory; per image only its few boxes and class probabilities are kept.
 
 ONNX
 ----
@@ -36,6 +36,7 @@ with onnxruntime. Written out, for an implementation in another language, per im
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -54,14 +55,15 @@ from torch.utils.data import DataLoader, Dataset
 from pneumodet.data.records import CLASS_INDEX, CLASS_NAMES
 from pneumodet.errors import CheckpointError, ConfigError, DicomReadError, PneumodetError
 from pneumodet.hardware import bf16_is_native, release_free_heap
+from pneumodet.rundir import RunDir
+from pneumodet.safeio import atomic_path, write_json
+from pneumodet.textsafe import display_path, display_text
 
 if TYPE_CHECKING:
     import PIL.Image
 
     from pneumodet.model import Detections, HeadOutputs
 
-#: The checkpoint :func:`predict` takes from a training run directory.
-RUN_CHECKPOINT = "best_model.pt"
 #: How often a streaming prediction returns freed heap pages to the system (see release_free_heap).
 _TRIM_EVERY_BATCHES = 16
 #: Index of "Lung Opacity" in the global head's probabilities (used by ``gate``).
@@ -72,6 +74,12 @@ TtaMerge = Literal["wbf", "nms"]
 
 
 # ---------------------------------------------------------------- results
+#: How the per-patient submission is made from the images of a patient (printed, and in the JSON).
+SUBMISSION_MERGE = ("one row per patient: the boxes of its image with the highest box score (ties: the "
+                    "higher Lung Opacity probability, then the first file); every image is in --json and "
+                    "--overlays")
+
+
 @dataclass(frozen=True)
 class UnreadableInput:
     """An input that yielded no prediction, and why."""
@@ -82,20 +90,23 @@ class UnreadableInput:
 
 @dataclass(frozen=True)
 class DuplicateInput:
-    """A file whose patient id was already predicted from ``kept``; it was not used."""
+    """A file holding an image already predicted from ``kept`` (the same SOP Instance UID, or the same file
+    reached twice, e.g. through a link); it was not used again."""
 
     patient_id: str
     path: Path
     kept: Path
+    same: str  # what makes it the same image: "SOP Instance UID" or "file"
 
 
 @dataclass(frozen=True)
-class PatientPrediction:
-    """One patient's prediction, in the original image's pixels.
+class ImagePrediction:
+    """One image's prediction, in the original image's pixels.
 
     ``boxes`` is float32 ``[M, 5]``: ``confidence, x, y, width, height`` (top-left corner), sorted by
     confidence, only boxes at or above the threshold. ``class_probs`` is float32 ``[C]`` in
-    :data:`~pneumodet.data.records.CLASS_NAMES` order. ``original_size`` is ``(height, width)``.
+    :data:`~pneumodet.data.records.CLASS_NAMES` order. ``original_size`` is ``(height, width)``. The UIDs
+    are the DICOM's (``None`` when the file has none); :attr:`key` tells images apart.
     """
 
     patient_id: str
@@ -103,13 +114,38 @@ class PatientPrediction:
     class_probs: np.ndarray
     source: Path
     original_size: tuple[int, int]
+    sop_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The image's identity: its SOP Instance UID, else its real file path."""
+        return image_key(self.sop_instance_uid, self.source)
+
+    @property
+    def rank(self) -> tuple[float, float]:
+        """The image-level score that picks a patient's submission row: its best box score (-1 without
+        boxes), then P(Lung Opacity)."""
+        top = float(self.boxes[0, 0]) if len(self.boxes) else -1.0
+        return top, float(self.class_probs[OPACITY_INDEX])
+
+
+def image_key(sop_instance_uid: str | None, path: Path) -> str:
+    """``sop:<UID>``, or ``file:<real path>`` for a file without a SOP Instance UID (a link to it is the
+    same image)."""
+    return f"sop:{sop_instance_uid}" if sop_instance_uid else f"file:{os.path.realpath(path)}"
 
 
 @dataclass
 class PredictionResult:
-    """Everything :func:`predict` found: predictions, and every input that gave none."""
+    """Everything :func:`predict` found: one prediction per image, and every input that gave none.
 
-    predictions: dict[str, PatientPrediction]
+    ``predictions`` is keyed by :attr:`ImagePrediction.key`, in file order; a patient may have several
+    images (:meth:`patients`). The Kaggle submission has one row per patient (:meth:`submission_rows`).
+    """
+
+    predictions: dict[str, ImagePrediction]
     threshold: float
     files_found: int
     unreadable: list[UnreadableInput] = field(default_factory=list)
@@ -120,32 +156,57 @@ class PredictionResult:
     gate: bool = False
     precision: str = "fp32"
     compiled: bool = False
+    overlay_dir: Path | None = None  # where the overlays went, when drawn
+
+    def patients(self) -> dict[str, list[ImagePrediction]]:
+        """``{patientId: its images in file order}``."""
+        out: dict[str, list[ImagePrediction]] = {}
+        for pred in self.predictions.values():
+            out.setdefault(pred.patient_id, []).append(pred)
+        return out
+
+    def submission_rows(self) -> dict[str, ImagePrediction]:
+        """``{patientId: the image whose boxes make its submission row}`` (see :data:`SUBMISSION_MERGE`).
+
+        The RSNA metric scores one image per patient, and boxes from two images of a patient are in
+        different frames (another day, another position), so their boxes are never pooled: the image
+        with the strongest finding speaks for the patient. Ties keep the first image in file order.
+        """
+        return {pid: max(images, key=lambda p: p.rank)  # max keeps the first of equal ranks
+                for pid, images in self.patients().items()}
+
+    def submission_boxes(self) -> dict[str, np.ndarray]:
+        """``{patientId: float [M, 5] conf, x, y, w, h}``, the form ``write_submission`` takes."""
+        return {pid: p.boxes for pid, p in self.submission_rows().items()}
 
     @property
     def boxes_total(self) -> int:
         return sum(len(p.boxes) for p in self.predictions.values())
 
     @property
-    def patients_with_boxes(self) -> int:
+    def images_with_boxes(self) -> int:
         return sum(1 for p in self.predictions.values() if len(p.boxes))
 
-    def submission_boxes(self) -> dict[str, np.ndarray]:
-        """``{patientId: float [M, 5] conf, x, y, w, h}``, the form ``write_submission`` takes."""
-        return {pid: p.boxes for pid, p in self.predictions.items()}
-
     def summary(self) -> str:
+        several = {pid: images for pid, images in self.patients().items() if len(images) > 1}
         lines = [
-            f"files found: {self.files_found}; patients predicted: {len(self.predictions)} "
-            f"({self.patients_with_boxes} with boxes, {self.boxes_total} boxes; threshold {self.threshold:.3f}, "
-            f"tta {self.tta or 'none'}, gate {'on' if self.gate else 'off'}, {self.precision}"
-            f"{', compiled' if self.compiled else ''})",
-            f"unreadable: {len(self.unreadable)}; duplicate patient ids: {len(self.duplicates)}; "
+            f"files found: {self.files_found}; images predicted: {len(self.predictions)} of "
+            f"{len(self.patients())} patient(s) ({self.images_with_boxes} images with boxes, "
+            f"{self.boxes_total} boxes; threshold {self.threshold:.3f}, tta {self.tta or 'none'}, "
+            f"gate {'on' if self.gate else 'off'}, {self.precision}{', compiled' if self.compiled else ''})",
+            f"unreadable: {len(self.unreadable)}; duplicate images: {len(self.duplicates)}; "
             f"symlinks not followed: {len(self.skipped_links)}; warnings: {len(self.warnings)}",
+            f"patients with several images: {len(several)}"
+            + (f" (submission: {SUBMISSION_MERGE})" if several else ""),
         ]
-        lines += [f"  unreadable {u.path}: {u.cause}" for u in self.unreadable]
-        lines += [f"  duplicate {d.patient_id}: {d.path} (kept {d.kept})" for d in self.duplicates]
-        lines += [f"  symlink not followed (leaves its input folder): {p}" for p in self.skipped_links]
-        lines += [f"  warning: {w}" for w in self.warnings]
+        lines += [f"  unreadable {display_path(u.path)}: {display_text(u.cause)}" for u in self.unreadable]
+        lines += [f"  duplicate {display_text(d.patient_id)}: {display_path(d.path)} "
+                  f"(kept {display_path(d.kept)}; same {d.same})" for d in self.duplicates]
+        lines += [f"  several images of {display_text(pid)}: {len(images)}"
+                  for pid, images in several.items()]
+        lines += [f"  symlink not followed (leaves its input folder): {display_path(p)}"
+                  for p in self.skipped_links]
+        lines += [f"  warning: {display_text(w)}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -307,11 +368,12 @@ def resolve_checkpoint(model_source: Path | str) -> Path:
     """A run directory means its ``best_model.pt``; a file is taken as the checkpoint itself."""
     path = Path(model_source)
     if path.is_dir():
-        path = path / RUN_CHECKPOINT
+        path = RunDir(path).best_model
         if not path.is_file():
-            raise CheckpointError(f"{model_source}: a run directory needs {RUN_CHECKPOINT}, which is missing")
+            raise CheckpointError(f"{display_path(model_source)}: a run directory needs {path.name}, "
+                                  "which is missing")
     elif not path.is_file():
-        raise CheckpointError(f"{model_source}: no such checkpoint file or run directory")
+        raise CheckpointError(f"{display_path(model_source)}: no such checkpoint file or run directory")
     return path
 
 
@@ -363,6 +425,7 @@ class _Item:
     dicom_patient_id: str | None = None
     pixels: np.ndarray | None = None  # the original uint8 [H, W], only when overlays are drawn
     error: str | None = None
+    uids: tuple[str | None, str | None, str | None] = (None, None, None)  # SOP instance, study, series
 
 
 class DicomImageStream(Dataset):
@@ -388,8 +451,9 @@ class DicomImageStream(Dataset):
         except Exception as exc:  # one bad file must never end the run: its cause is listed instead
             return _Item(index, path, error=f"{type(exc).__name__}: {exc}")
         pid = meta.get("patient_id")
+        uids = (meta.get("sop_instance_uid"), meta.get("study_instance_uid"), meta.get("series_instance_uid"))
         return _Item(index, path, image, (int(pixels.shape[0]), int(pixels.shape[1])),
-                     str(pid).strip() if pid else None, pixels if self.keep_pixels else None)
+                     str(pid).strip() if pid else None, pixels if self.keep_pixels else None, uids=uids)
 
 
 def _collate(items: list[_Item]) -> list[_Item]:
@@ -425,7 +489,7 @@ class Predictor:
         tta_merge: TtaMerge = "wbf",
         tta_iou: float = 0.55,
         gate: bool = False,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = "cpu",
         precision: str | None = None,
         compile: bool = False,
         fold_batchnorm: bool = True,
@@ -433,9 +497,7 @@ class Predictor:
         """Takes over ``model``: it is put in eval mode on ``device``, channels_last, and (unless
         ``fold_batchnorm`` is false) its encoder's batch norms are folded into the convolutions."""
         check_tta(tta, tta_merge)
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r} asked for, but this machine has no usable CUDA GPU")
+        self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         from pneumodet.model import fusion
 
@@ -520,7 +582,7 @@ def predict(
     tta_merge: TtaMerge = "wbf",
     gate: bool = False,
     batch_size: int = 8,
-    device: str = "cpu",
+    device: str | torch.device | None = "cpu",
     precision: str | None = None,
     follow_symlinks: bool = False,
     overlay_dir: Path | str | None = None,
@@ -537,29 +599,37 @@ def predict(
             run chose on validation, recorded in the checkpoint.
         tta: ``"hflip"`` also predicts on the mirrored image and merges both views (``tta_merge``).
         gate: multiply box scores by the global head's Lung-Opacity probability before thresholding.
+        batch_size: images per forward pass (at least 1).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (the GPU when there is one, see
+            :func:`resolve_device`).
         precision: ``"bf16"`` (autocast) or ``"fp32"``; default bf16 where the device computes it natively.
-        overlay_dir: when given, one PNG per predicted image with boxes, scores and class probabilities.
+        overlay_dir: when given, one PNG per predicted image with boxes, scores and class probabilities,
+            named by :func:`overlay_filename`.
         workers: DataLoader processes decoding DICOMs (0: in this process).
         compile: run the network through ``torch.compile`` with frozen weights (seconds of compilation,
             then faster batches); ``None`` compiles for CPU jobs of ``COMPILE_MIN_IMAGES`` images or
             more where a C++ compiler is available (never automatically on a GPU).
 
     Returns:
-        A :class:`PredictionResult`; unreadable files, duplicate patient ids and links not followed are
-        listed there, never raised.
+        A :class:`PredictionResult` with one prediction per image (keyed by SOP Instance UID, see
+        :class:`ImagePrediction`); unreadable files, duplicate images (a second file with the same SOP
+        Instance UID, or the same file twice) and links not followed are listed there, never raised.
+
+    Raises:
+        ConfigError: an option no prediction can use (checked before the model is loaded).
+        PneumodetError: no DICOM file was found, or none could be predicted (nothing to report).
     """
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    check_predict_options(batch_size=batch_size, workers=workers, threshold=threshold)
     check_tta(tta, tta_merge)
+    dev = resolve_device(device)
     model, extra = load_for_inference(model_source)
     threshold_from_run = threshold is None
     if threshold is None:
         if "threshold" not in extra:
-            raise CheckpointError(f"{model_source}: the checkpoint records no validation threshold; "
-                                  "pass one explicitly (--threshold)")
+            raise CheckpointError(f"{display_path(model_source)}: the checkpoint records no validation "
+                                  "threshold; pass one explicitly (--threshold)")
         threshold = float(extra["threshold"])
-    if not math.isfinite(threshold):
-        raise ConfigError(f"threshold must be a finite number, got {threshold}")
+        check_predict_options(threshold=threshold)
     image_size = model_image_size(model, extra)
     search = find_dicom_files(inputs, follow_symlinks=follow_symlinks)
     if not search.files:
@@ -567,9 +637,9 @@ def predict(
     if compile is None:
         from pneumodet.model.fusion import compile_pays_off
 
-        compile = compile_pays_off(len(search.files), device)
+        compile = compile_pays_off(len(search.files), dev)
     predictor = Predictor(model, image_size, tta=tta, tta_merge=tta_merge, gate=gate,
-                          device=device, precision=precision, compile=compile)
+                          device=dev, precision=precision, compile=compile)
 
     result = PredictionResult({}, threshold, len(search.files), unreadable=list(search.missing),
                               skipped_links=list(search.skipped_links), tta=tta, gate=gate,
@@ -580,6 +650,7 @@ def predict(
     overlays = Path(overlay_dir) if overlay_dir is not None else None
     if overlays is not None:
         overlays.mkdir(parents=True, exist_ok=True)
+        result.overlay_dir = overlays
 
     stream = DicomImageStream(search.files, image_size, keep_pixels=overlays is not None)
     loader = DataLoader(stream, batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -589,16 +660,70 @@ def predict(
         if number % _TRIM_EVERY_BATCHES == 0:
             release_free_heap()
     result.compiled = predictor.compiled  # false if the compilation failed and eager took over
+    if not result.predictions:  # a run that predicted nothing must not look like a success
+        raise PneumodetError(_nothing_predicted(result))
     return result
 
 
+def check_predict_options(*, batch_size: int = 1, workers: int = 0, threshold: float | None = None) -> None:
+    """:class:`ConfigError` for a value no prediction can use; checked before anything is loaded."""
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise ConfigError(f"workers must be 0 (decode in this process) or more, got {workers}")
+    if threshold is not None and not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        raise ConfigError(f"threshold must be a number from 0 to 1 (box scores are probabilities), "
+                          f"got {threshold}")
+
+
+#: Shown with a device that is not one of these (torch knows more, e.g. "meta", which computes nothing).
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device to predict on: ``"auto"`` (or ``None``) is the first CUDA GPU when this machine has a
+    usable one, else the CPU; ``"cpu"``, ``"cuda"`` and ``"cuda:N"`` are checked against the machine.
+
+    Raises:
+        ConfigError: an unknown device, or a GPU this machine does not have.
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; choose {DEVICE_CHOICES}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ConfigError(f"device {device!r} is not supported; choose {DEVICE_CHOICES}")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but this machine has no usable CUDA GPU")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ConfigError(f"device {device!r} asked for, but this machine has {count} CUDA GPU(s) "
+                          f"(cuda:0 to cuda:{count - 1})")
+    return dev
+
+
+def _listing(items: Sequence[str], shown: int = 3) -> str:
+    more = f"; and {len(items) - shown} more" if len(items) > shown else ""
+    return "; ".join(items[:shown]) + more
+
+
 def _nothing_found(inputs: Sequence[Path | str], search: FileSearch) -> str:
-    parts = [f"no DICOM files (*.dcm) found in {', '.join(map(str, inputs))}"]
-    parts += [f"{u.path}: {u.cause}" for u in search.missing]
+    parts = [f"no DICOM files (*.dcm) found in {', '.join(display_path(p) for p in inputs)}"]
+    parts += [f"{display_path(u.path)}: {display_text(u.cause)}" for u in search.missing]
     if search.skipped_links:
         parts.append(f"{len(search.skipped_links)} symbolic link(s) leading out of the input folders were "
                      "not followed (follow_symlinks / --follow-symlinks)")
     return "; ".join(parts)
+
+
+def _nothing_predicted(result: PredictionResult) -> str:
+    causes = [f"{display_path(u.path)}: {display_text(u.cause)}" for u in result.unreadable]
+    return (f"no image could be predicted from the {result.files_found} DICOM file(s) found ({len(causes)} "
+            f"unreadable: {_listing(causes)}); nothing written")
 
 
 def _progress(iterable: Any, enabled: bool, total: int) -> Iterator[Any]:
@@ -609,65 +734,84 @@ def _progress(iterable: Any, enabled: bool, total: int) -> Iterator[Any]:
     return iter(tqdm(iterable, total=total, desc="predict", unit="batch"))
 
 
-#: Characters a patient id cannot hold: it must stay one field of the submission CSV.
-_CSV_BREAKING = frozenset(',"\r\n')
+#: Characters a printable patient id still cannot hold: it must stay one field of the submission CSV.
+_CSV_BREAKING = frozenset(',"')
 
 
 def _patient_id(item: _Item, result: PredictionResult) -> str | None:
-    """The DICOM PatientID, else the file stem; ``None`` (and the file listed) when unusable."""
+    """The DICOM PatientID, else the file stem; ``None`` (and the file listed) when unusable.
+
+    Allowed: printable characters (no line breaks, no control characters, no undecodable bytes from a
+    file name) except comma and double quote.
+    """
     stem = item.path.stem
     pid = item.dicom_patient_id or stem
-    if _CSV_BREAKING & set(pid):
-        result.unreadable.append(UnreadableInput(item.path, f"patient id {pid!r} cannot be a submission "
-                                                            "CSV field (comma, quote or line break)"))
+    if not pid.strip() or not pid.isprintable() or _CSV_BREAKING & set(pid):
+        source = "DICOM PatientID" if item.dicom_patient_id else "file name (no PatientID in the file)"
+        result.unreadable.append(UnreadableInput(
+            item.path, f"patient id {pid!r} from the {source} cannot be a submission CSV field (comma, "
+                       "quote, line break or unprintable character)"))
         return None
     if item.dicom_patient_id and item.dicom_patient_id != stem:
-        result.warnings.append(f"{item.path}: DICOM PatientID {item.dicom_patient_id!r} differs from the "
-                               f"file name; using the PatientID")
+        result.warnings.append(f"{display_path(item.path)}: DICOM PatientID {item.dicom_patient_id!r} "
+                               f"differs from the file name; using the PatientID")
     return pid
 
 
 def _predict_batch(items: list[_Item], predictor: Predictor, result: PredictionResult,
                    overlays: Path | None) -> None:
-    good = []
+    good: dict[str, tuple[str, _Item]] = {}  # image key -> (patient id, item), in file order
     for item in items:
         if item.error is not None:
             result.unreadable.append(UnreadableInput(item.path, item.error))
             continue
+        key = image_key(item.uids[0], item.path)
+        first = result.predictions[key].source if key in result.predictions else (
+            good[key][1].path if key in good else None)
+        if first is not None:  # checked first: a second copy adds no warning of its own
+            same = "SOP Instance UID" if item.uids[0] else "file"
+            pid = result.predictions[key].patient_id if key in result.predictions else good[key][0]
+            result.duplicates.append(DuplicateInput(pid, item.path, first, same))
+            continue
         pid = _patient_id(item, result)
         if pid is None:
             continue
-        kept = result.predictions.get(pid)
-        earlier = next((g for g in good if g[0] == pid), None)
-        if kept is not None or earlier is not None:
-            first = kept.source if kept is not None else earlier[1].path
-            result.duplicates.append(DuplicateInput(pid, item.path, first))
-            continue
-        good.append((pid, item))
+        good[key] = (pid, item)
     if not good:
         return
-    raws = predictor(torch.stack([item.image for _, item in good]))
-    for (pid, item), raw in zip(good, raws, strict=True):
+    raws = predictor(torch.stack([item.image for _, item in good.values()]))
+    for (key, (pid, item)), raw in zip(good.items(), raws, strict=True):
         keep = raw.scores >= result.threshold
         boxes = boxes_to_original(raw.boxes[keep], item.original_size, predictor.image_size)
-        pred = PatientPrediction(pid, xyxy_to_kaggle(boxes, raw.scores[keep]),
-                                 raw.class_probs.numpy().astype(np.float32), item.path, item.original_size)
-        result.predictions[pid] = pred
+        pred = ImagePrediction(pid, xyxy_to_kaggle(boxes, raw.scores[keep]),
+                               raw.class_probs.numpy().astype(np.float32), item.path, item.original_size,
+                               *item.uids)
+        result.predictions[key] = pred
         if overlays is not None and item.pixels is not None:
-            draw_overlay(item.pixels, pred).save(overlays / f"{safe_filename(pid)}.png")
+            with atomic_path(overlays / overlay_filename(pred)) as tmp:
+                draw_overlay(item.pixels, pred).save(tmp, format="PNG")
 
 
 # ---------------------------------------------------------------- outputs
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+#: Characters of the patient id kept in an overlay's file name (the hash makes it unique).
+_OVERLAY_PREFIX = 40
 
 
-def safe_filename(patient_id: str) -> str:
-    """A file name from a patient id: anything but letters, digits, ``.``, ``_``, ``-`` becomes ``_``."""
-    name = _UNSAFE.sub("_", patient_id).lstrip(".")
-    return name or "_"
+def overlay_filename(prediction: ImagePrediction) -> str:
+    """The overlay's file name: ``<patient id, sanitised, at most 40 characters>_<12 hex digits>.png``.
+
+    Anything but ASCII letters, digits, ``.``, ``_`` and ``-`` becomes ``_`` and leading dots go, so the
+    name stays in the overlay folder and is short enough for any file system; the hex digits are a hash
+    of the image's key (its SOP Instance UID), so two images never share a name, even when their patient
+    ids look alike once sanitised.
+    """
+    prefix = _UNSAFE.sub("_", prediction.patient_id)[:_OVERLAY_PREFIX].lstrip(".") or "_"
+    digest = hashlib.sha256(prediction.key.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{prefix}_{digest}.png"
 
 
-def draw_overlay(pixels: np.ndarray, prediction: PatientPrediction) -> PIL.Image.Image:
+def draw_overlay(pixels: np.ndarray, prediction: ImagePrediction) -> PIL.Image.Image:
     """The grey image (uint8 ``[H, W]``) as RGB with the boxes, their scores and the class probabilities.
 
     Only the patient id is written; nothing else from the DICOM header reaches the picture.
@@ -692,11 +836,20 @@ def draw_overlay(pixels: np.ndarray, prediction: PatientPrediction) -> PIL.Image
 
 
 def prediction_json(result: PredictionResult) -> dict[str, Any]:
-    """The result as plain JSON data: per patient its boxes, scores, class probabilities and source file."""
-    patients = [
+    """The result as plain JSON data: one entry per image (patient id, DICOM UIDs, source file, boxes,
+    scores, class probabilities, whether it makes its patient's submission row, its overlay's file name),
+    then every input that gave no prediction. Paths are display text
+    (:func:`~pneumodet.textsafe.display_path`)."""
+    chosen = {p.key for p in result.submission_rows().values()}
+    images = [
         {
             "patientId": p.patient_id,
-            "source": str(p.source),
+            "studyInstanceUID": p.study_instance_uid,
+            "seriesInstanceUID": p.series_instance_uid,
+            "sopInstanceUID": p.sop_instance_uid,
+            "source": display_path(p.source),
+            "overlay": overlay_filename(p) if result.overlay_dir is not None else None,
+            "in_submission": p.key in chosen,
             "original_size": list(p.original_size),
             "boxes": [[round(v, 2) for v in row[1:]] for row in p.boxes.tolist()],
             "scores": [round(row[0], 5) for row in p.boxes.tolist()],
@@ -712,29 +865,30 @@ def prediction_json(result: PredictionResult) -> dict[str, Any]:
         "gate": result.gate,
         "precision": result.precision,
         "files_found": result.files_found,
-        "patients": patients,
-        "unreadable": [{"path": str(u.path), "cause": u.cause} for u in result.unreadable],
-        "duplicates": [{"patientId": d.patient_id, "path": str(d.path), "kept": str(d.kept)}
-                       for d in result.duplicates],
-        "symlinks_not_followed": [str(p) for p in result.skipped_links],
-        "warnings": list(result.warnings),
+        "submission_merge": SUBMISSION_MERGE,
+        "images": images,
+        "unreadable": [{"path": display_path(u.path), "cause": display_text(u.cause)}
+                       for u in result.unreadable],
+        "duplicates": [{"patientId": d.patient_id, "path": display_path(d.path), "kept": display_path(d.kept),
+                        "same": d.same} for d in result.duplicates],
+        "symlinks_not_followed": [display_path(p) for p in result.skipped_links],
+        "warnings": [display_text(w) for w in result.warnings],
     }
 
 
 def write_prediction_json(result: PredictionResult, path: Path | str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(prediction_json(result), indent=1) + "\n", encoding="utf-8")
-    return path
+    """Write :func:`prediction_json` atomically (a full disk leaves the previous file as it was)."""
+    return write_json(path, prediction_json(result), indent=1)
 
 
 def write_prediction_submission(result: PredictionResult, path: Path | str) -> Path:
-    """The Kaggle CSV (``patientId,PredictionString``), one row per predicted patient."""
+    """The Kaggle CSV (``patientId,PredictionString``): one row per patient, see :data:`SUBMISSION_MERGE`."""
     from pneumodet.submission import write_submission
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_submission(path, result.submission_boxes(), patient_ids=list(result.predictions))
+    rows = result.submission_boxes()
+    write_submission(path, rows, patient_ids=list(rows))
     return path
 
 
@@ -771,8 +925,9 @@ class OnnxExport:
     num_anchors: int
 
     def summary(self) -> str:
-        return (f"wrote {self.path} (input images [B, 1, {self.image_size}, {self.image_size}] in [0, 1], "
-                f"{self.num_anchors} anchors) and {self.side_file}")
+        side = self.image_size
+        return (f"wrote {display_path(self.path)} (input images [B, 1, {side}, {side}] in [0, 1], "
+                f"{self.num_anchors} anchors) and {display_path(self.side_file)}")
 
 
 def onnx_side_file(onnx_path: Path | str) -> Path:
@@ -789,7 +944,15 @@ def export_onnx(model_source: Path | str, out_path: Path | str, *, image_size: i
         model_source: a training run directory (its ``best_model.pt``) or a checkpoint file.
         out_path: the ``.onnx`` file; the side file :func:`onnx_side_file` goes next to it.
         image_size: input side ``S`` (default: the size the model was trained at).
+        opset: ONNX opset, one of :func:`onnx_opsets`.
+
+    Both files are written to temporary files and renamed into place only when both are complete: a
+    full disk or an interruption leaves the previous pair as it was.
     """
+    if opset not in onnx_opsets():
+        newest = onnx_opsets()[-1]
+        raise ConfigError(f"ONNX opset {opset} is not supported: choose {MIN_ONNX_OPSET} to {newest} "
+                          "(default 17)")
     model, extra = load_for_inference(model_source)
     size = int(image_size) if image_size is not None else model_image_size(model, extra)
     if size < 2 ** max(model.config.pyramid_levels):
@@ -797,17 +960,6 @@ def export_onnx(model_source: Path | str, out_path: Path | str, *, image_size: i
                           f"{2 ** max(model.config.pyramid_levels)}")
     network = OnnxNetwork(model.float().eval(), size).eval()
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    batch_axes = {name: {0: "batch"} for name in ("images", *ONNX_OUTPUTS[:3])}
-    with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in favour of torch.export's, which needs onnxscript.
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-        warnings.filterwarnings("ignore", message=".*feature will be removed.*")
-        # The anchors are meant to be constants of the graph: S is fixed at export.
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(network, (torch.rand(2, 1, size, size),), str(out_path), dynamo=False,
-                          input_names=["images"], output_names=list(ONNX_OUTPUTS), dynamic_axes=batch_axes,
-                          opset_version=opset, do_constant_folding=True)
     side = {
         "format": ONNX_FORMAT,
         "image_size": size,
@@ -819,8 +971,43 @@ def export_onnx(model_source: Path | str, out_path: Path | str, *, image_size: i
         "model_config": model.config.to_dict(),
     }
     side_file = onnx_side_file(out_path)
-    side_file.write_text(json.dumps(side, indent=1) + "\n", encoding="utf-8")
+    # the side file is renamed first, the graph last: both are complete before either replaces its old file
+    with atomic_path(out_path) as graph_tmp:
+        _export_graph(network, size, graph_tmp, opset)
+        write_json(side_file, side, indent=1)
     return OnnxExport(out_path, side_file, size, int(network.anchors.shape[0]))
+
+
+#: The oldest opset whose Resize matches PyTorch's nearest-neighbour upsampling (the FPN's); opsets 9 and
+#: 10 export, but their Upsample may not give PyTorch's results.
+MIN_ONNX_OPSET = 11
+
+
+def onnx_opsets() -> range:
+    """The opsets :func:`export_onnx` accepts: :data:`MIN_ONNX_OPSET` to the newest the TorchScript exporter
+    supports (20 in torch 2.x; it writes newer numbers with a warning, unsupported)."""
+    try:
+        from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as newest
+    except ImportError:  # a private module: fall back to torch 2.x's value
+        newest = 20
+    return range(MIN_ONNX_OPSET, int(newest) + 1)
+
+
+def _export_graph(network: OnnxNetwork, size: int, path: Path, opset: int) -> None:
+    batch_axes = {name: {0: "batch"} for name in ("images", *ONNX_OUTPUTS[:3])}
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of torch.export's, which needs onnxscript.
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message=".*feature will be removed.*")
+        # The anchors are meant to be constants of the graph: S is fixed at export.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        try:
+            torch.onnx.export(network, (torch.rand(2, 1, size, size),), str(path), dynamo=False,
+                              input_names=["images"], output_names=list(ONNX_OUTPUTS),
+                              dynamic_axes=batch_axes, opset_version=opset, do_constant_folding=True)
+        except torch.onnx.errors.OnnxExporterError as err:  # an operator this opset cannot express
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"ONNX opset {opset} cannot express this network: {first[:300]}") from None
 
 
 def _read_side_file(side: Path | str | dict[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,8 @@ import numpy as np
 import pandas as pd
 from pandas.api import types as pd_types
 
+from pneumodet.safeio import write_text
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -309,25 +311,12 @@ class HtmlReport:
         )
 
     def write(self, path: str | os.PathLike[str]) -> Path:
-        """Write the report atomically (temporary file in the same folder, then rename)."""
+        """Write the report atomically (:func:`pneumodet.safeio.write_text`): a full disk leaves the
+        previous report as it was, and the ``OSError`` names the report."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(path, self.render())
-        return path
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    # a plain open() (not mkstemp, which makes 0600 files) so the report gets the usual permissions
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:  # name the report, not the temporary file (a disk-full write names neither)
-        tmp.unlink(missing_ok=True)
-        raise OSError(exc.errno, f"cannot write the report ({exc.strerror or exc}); a previous one is kept",
-                      str(path)) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        try:
+            return write_text(path, self.render())
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot write the report ({exc.strerror or exc}); a previous one is "
+                          "kept", str(path)) from exc
 
