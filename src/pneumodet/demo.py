@@ -12,8 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from pneumodet.config import TrainConfig
+from pneumodet.data.rsna import load_rsna
+from pneumodet.data.split import read_split, split_patients, write_split
+from pneumodet.data.synth import make_synthetic_dataset
+from pneumodet.evaluation import METRICS_FILE, evaluate
+from pneumodet.inference import predict, write_prediction_submission
+from pneumodet.metrics import rsna_map
+from pneumodet.reports.eda import build_eda_report
+from pneumodet.reports.runs import write_run_report
 from pneumodet.rundir import RunDir
 from pneumodet.safeio import write_json
+from pneumodet.submission import read_ground_truth
+from pneumodet.training import train
 
 #: The demo's training settings: small enough for 2 CPU cores, large enough to learn the opacities.
 DEMO_TRAINING: dict[str, Any] = dict(encoder="resnet50", aug="light", image_size=256, epochs=8, batch_size=8,
@@ -23,16 +33,6 @@ DEMO_TRAINING: dict[str, Any] = dict(encoder="resnet50", aug="light", image_size
 def run_demo(out: Path, *, patients: int = 400, seed: int = 0, epochs: int | None = None,
              say: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
     """Run every step into ``out`` and return the headline numbers (also in ``out/demo.json``)."""
-    from pneumodet.data.rsna import load_rsna
-    from pneumodet.data.split import split_patients, write_split
-    from pneumodet.data.synth import make_synthetic_dataset
-    from pneumodet.evaluation import evaluate
-    from pneumodet.inference import predict, write_prediction_submission
-    from pneumodet.metrics import rsna_map
-    from pneumodet.reports.eda import build_eda_report
-    from pneumodet.reports.runs import write_run_report
-    from pneumodet.submission import read_ground_truth
-    from pneumodet.training import train
 
     out = Path(out)
     started = time.perf_counter()
@@ -62,7 +62,6 @@ def run_demo(out: Path, *, patients: int = 400, seed: int = 0, epochs: int | Non
     step("evaluate: best model on the held-out test set")
     metrics = evaluate(run_dir, split="test")
     step("predict: the test DICOMs into a Kaggle submission")
-    from pneumodet.data.split import read_split
 
     test_records = read_split(split_dir)["test"]
     prediction = predict(run_dir, [r.image_path for r in test_records if r.image_path], progress=progress)
@@ -77,7 +76,7 @@ def run_demo(out: Path, *, patients: int = 400, seed: int = 0, epochs: int | Non
         "submission_rsna_map": scored.score, "global_class_accuracy": metrics["global_class"]["accuracy"],
         "pneumonia_auc": metrics["global_class"]["pneumonia_auc"], "seconds": time.perf_counter() - started,
         "reports": {"eda": str(out / "eda" / "report.html"), "run": str(run_report),
-                    "evaluation": str(run.eval_dir("test") / "metrics.json"), "submission": str(submission)},
+                    "evaluation": str(Path(metrics["out_dir"]) / METRICS_FILE), "submission": str(submission)},
     }
     write_json(out / "demo.json", summary)
     say("")

@@ -18,10 +18,13 @@ from typing import Any
 import pandas as pd
 
 from pneumodet.config import TrainConfig
+from pneumodet.data.rsna import load_rsna
+from pneumodet.data.split import split_patients, write_split
 from pneumodet.errors import ConfigError, RunError
 from pneumodet.reports.runs import write_run_report
 from pneumodet.rundir import RunDir
 from pneumodet.safeio import atomic_open, write_text
+from pneumodet.training import train
 
 
 @dataclass
@@ -60,8 +63,6 @@ def run_name(encoder: str, aug: str, samples: int | None) -> str:
 def make_sample_split(data_dir: Path, split_dir: Path, samples: int | None, *, val: float, test: float,
                       seed: int, labels_only: bool = False) -> Path:
     """One split per sample size, drawn once and reused by every run of that size."""
-    from pneumodet.data.rsna import load_rsna
-    from pneumodet.data.split import split_patients, write_split
 
     if (split_dir / "split.json").exists():
         return split_dir
@@ -75,7 +76,6 @@ def run_grid(base: TrainConfig, grid_dir: Path, *, encoders: Sequence[str], augs
              samples: Sequence[int | None], val: float = 0.1, test: float = 0.1,
              progress: bool = True, train_fn: Callable[..., Any] | None = None) -> GridResult:
     """Train every combination into ``grid_dir`` and write the summary table."""
-    from pneumodet.training import train
 
     train_fn = train_fn or train
     if not encoders or not augs or not samples:

@@ -24,6 +24,7 @@ from typing import TextIO
 import numpy as np
 
 from pneumodet import safeio
+from pneumodet.data.rsna import load_ground_truth
 from pneumodet.errors import LabelsError, SubmissionError
 from pneumodet.metrics import (
     MAX_ABS_COORDINATE,
@@ -236,7 +237,6 @@ def read_ground_truth(
     Raises:
         LabelsError: unreadable labels, or a row problem (the message names file and line).
     """
-    from pneumodet.data.rsna import load_ground_truth
 
     labels_csv = Path(labels_csv)
     if classes_csv is None:

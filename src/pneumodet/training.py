@@ -22,10 +22,15 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+import pneumodet
 from pneumodet.config import TrainConfig
+from pneumodet.data.dataset import RsnaDataModule
+from pneumodet.data.split import split_fingerprint
 from pneumodet.errors import CheckpointError, ConfigError, PneumodetError
 from pneumodet.hardware import bf16_is_native
-from pneumodet.metrics import xyxy_to_xywh
+from pneumodet.metrics import rsna_map, sweep_thresholds, xyxy_to_xywh
+from pneumodet.model import ModelConfig, build_model
+from pneumodet.model.checkpoint import load_checkpoint, save_checkpoint
 from pneumodet.rundir import RunDir
 from pneumodet.safeio import atomic_open
 
@@ -87,7 +92,6 @@ class DetectorModule(L.LightningModule):
 
     def __init__(self, model_config: dict[str, Any], train_config: dict[str, Any]) -> None:
         super().__init__()
-        from pneumodet.model import ModelConfig, build_model
 
         self.save_hyperparameters()
         self.train_config = TrainConfig.from_dict(train_config)
@@ -142,7 +146,6 @@ class DetectorModule(L.LightningModule):
         self._val_predictions.update(_scored_predictions(detections, batch["patient_ids"]))
 
     def on_validation_epoch_end(self) -> None:
-        from pneumodet.metrics import rsna_map, sweep_thresholds
 
         gt, preds = self._gathered_validation()
         try:
@@ -224,7 +227,6 @@ class _WarmupCosine:
 
 
 def _versions() -> dict[str, str]:
-    import pneumodet
 
     return {"pneumodet": pneumodet.__version__, "torch": str(torch.__version__), "lightning": str(L.__version__)}
 
@@ -325,7 +327,6 @@ class RunKeeper(L.Callback):
                  "epoch": epoch}
         extra = {k: v for k, v in extra.items() if v is not None}
         if trainer.is_global_zero:
-            from pneumodet.model.checkpoint import save_checkpoint
 
             save_checkpoint(self.run.last_model, pl_module.model, extra=extra)
             if improved or not self.run.best_model.exists():
@@ -447,7 +448,6 @@ class TrainResult:
 
 
 def build_datamodule(config: TrainConfig, *, progress: bool = True) -> L.LightningDataModule:
-    from pneumodet.data.dataset import RsnaDataModule
 
     return RsnaDataModule(
         config.data_dir, config.split_dir, cache_dir=config.cache_dir, cache_size=config.image_size,
@@ -496,7 +496,6 @@ def prepare_run(config: TrainConfig, *, resume: bool) -> tuple[TrainConfig, list
     trains where its folder is now, even if it was moved. Paths are made absolute and the split's
     fingerprint recorded (or, on resume, checked). Returns the config and notes for the user.
     """
-    from pneumodet.data.split import split_fingerprint
 
     run = RunDir(Path(config.out_dir))
     notes: list[str] = []
@@ -597,7 +596,6 @@ def _rank_fingerprint(module: DetectorModule, result: TrainResult) -> dict[str, 
 
 
 def _read_extra(path: Path) -> dict[str, Any]:
-    from pneumodet.model.checkpoint import load_checkpoint
 
     _, extra = load_checkpoint(path)
     return extra

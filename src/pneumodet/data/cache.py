@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
+from pneumodet.data.dicom import read_dicom
 from pneumodet.data.records import PatientRecord
 from pneumodet.errors import CacheError
 from pneumodet.safeio import write_json
@@ -239,7 +240,6 @@ class _Result:
 
 def _decode_row(task: _Task) -> _Result:
     """Decode one DICOM, resize it and write it into its row of the array (runs in a worker)."""
-    from pneumodet.data.dicom import read_dicom
 
     try:
         pixels, meta = read_dicom(task.source)

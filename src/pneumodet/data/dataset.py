@@ -17,8 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pneumodet.data.augment import build_augmentation
 from pneumodet.data.cache import CacheReport, ImageCache, build_cache, default_cache_dir, resize_area
 from pneumodet.data.records import PatientRecord
+from pneumodet.data.split import read_split
 from pneumodet.errors import CacheError, ConfigError
 
 #: ``augment(image uint8 [C, C], boxes float32 [N, 4] xyxy, rng) -> (image uint8 [S, S], boxes [K, 4])``
@@ -209,7 +211,6 @@ class RsnaDataModule(L.LightningDataModule):
         self.datasets: dict[str, DetectionDataset] = {}
 
     def _split(self) -> dict[str, list[PatientRecord]]:
-        from pneumodet.data.split import read_split
 
         return read_split(self.split_dir)
 
@@ -222,7 +223,6 @@ class RsnaDataModule(L.LightningDataModule):
                                         workers=self.cache_workers, progress=self.progress)
 
     def setup(self, stage: str | None = None) -> None:
-        from pneumodet.data.augment import build_augmentation
 
         split = self._split()
         train_augment = build_augmentation(self.aug, self.image_size)  # a bad level fails before any decoding

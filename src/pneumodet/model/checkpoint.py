@@ -13,9 +13,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from pneumodet import __version__
 from pneumodet.errors import CheckpointError, ConfigError
 from pneumodet.fieldtypes import is_finite
 from pneumodet.model.config import MAX_IMAGE_SIZE, ModelConfig
+from pneumodet.model.retinanet import build_model
 from pneumodet.safeio import atomic_path
 
 FORMAT = "pneumodet-checkpoint"
@@ -28,7 +30,6 @@ def _versions() -> dict[str, str]:
     import timm
     import torchvision
 
-    from pneumodet import __version__
 
     return {"pneumodet": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "timm": timm.__version__}
@@ -92,7 +93,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     Returns:
         (model in eval mode on ``map_location``, ``extra`` as saved, plus ``versions``).
     """
-    from pneumodet.model.retinanet import build_model
 
     path = Path(path)
     header = _read_header(path)
@@ -232,7 +232,6 @@ def _parse_metadata(path: Path, metadata: dict[str, str]) -> tuple[ModelConfig, 
 def _expected_specs(path: Path, config: ModelConfig) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Name -> (dtype, shape) of the state dict of the model ``config`` describes, built on the ``meta``
     device: no memory is allocated and no weights initialised, whatever encoder the file names."""
-    from pneumodet.model.retinanet import build_model
 
     try:
         with torch.device("meta"):

@@ -22,6 +22,8 @@ import pandas as pd  # noqa: E402
 
 from pneumodet.config import TrainConfig  # noqa: E402
 from pneumodet.errors import ConfigError, PneumodetError, RunError  # noqa: E402
+from pneumodet.evaluation import load_run, run_batches, split_loader
+from pneumodet.inference import Predictor
 from pneumodet.reports.html import HtmlReport  # noqa: E402
 from pneumodet.rundir import RunDir  # noqa: E402
 from pneumodet.safeio import atomic_open, atomic_path  # noqa: E402
@@ -116,8 +118,6 @@ def _map_figure(metrics: pd.DataFrame) -> plt.Figure:
 
 def _sample_predictions(run_dir: Path, n: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
     """``(image, gt boxes, kept predicted boxes with scores, caption)`` for the first validation images."""
-    from pneumodet.evaluation import load_run, run_batches, split_loader
-    from pneumodet.inference import Predictor
 
     model, extra, config = load_run(run_dir)
     loader = split_loader(config, "val", batch_size=min(n, 8))
