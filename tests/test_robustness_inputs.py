@@ -488,6 +488,15 @@ def test_good_submission_still_scores(tmp_path, capsys, labels_csv):
     (["train", "--config", "{tmp}/no.yaml", "--out", "{tmp}/r"], r"no\.yaml: file not found"),
     (["train", "--out", "{tmp}/empty", "--resume"], r"empty: no run to resume \(config.yaml not found\)"),
     (["augment-preview", "{data}", "--level", "extreme"], r"unknown augmentation level 'extreme'"),
+    (["train", "--data", "{data}", "--split", "{tmp}/s", "--out", "{tmp}/r", "--seed", "-1"],
+     r"seed must be in \[0, 4294967295\], got -1"),
+    (["train", "--data", "{data}", "--split", "{tmp}/s", "--out", "{tmp}/r", "--num-workers", "-1"],
+     r"num_workers must be in \[0, 256\], got -1"),
+    (["train", "--data", "{data}", "--split", "{tmp}/s", "--out", "{tmp}/r", "--image-size", "100"],
+     r"image_size must be a multiple of 32 in \[64, 2048\], got 100"),
+    (["train", "--data", "{data}", "--split", "{tmp}/no_split", "--out", "{tmp}/r", "--epochs", "1"],
+     r"no_split/train\.csv: cannot read"),
+    (["grid", "--data", "{data}", "--out", "{tmp}/g", "--seed", "-5"], r"seed must be in \[0, 4294967295\], got -5"),
 ])
 def test_each_command_names_a_user_mistake_in_one_line(tmp_path, capsys, args, pattern):
     data = dataset_with(tmp_path, [LABELS_HEADER, *GOOD_L], [CLASSES_HEADER, *GOOD_C])
