@@ -31,8 +31,9 @@ import pydicom
 from PIL import Image
 
 from _common import cpu_model
-from pneumodet.data.cache import ImageCache, build_cache, resize_area
+from pneumodet.data.cache import ImageCache, build_cache
 from pneumodet.data.dicom import read_dicom
+from pneumodet.data.preprocess import resize_area
 from pneumodet.data.records import PatientRecord
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rsna-sample"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pneumodet.data.dicom
+import pneumodet.data.cache  # its read_dicom is patched: the name the cache decodes with
 from pneumodet.cli import main
 from pneumodet.data.cache import (
     ARRAY_NAME,
@@ -22,9 +22,9 @@ from pneumodet.data.cache import (
     ImageCache,
     build_cache,
     default_cache_dir,
-    resize_area,
 )
 from pneumodet.data.dicom import read_dicom
+from pneumodet.data.preprocess import resize_area
 from pneumodet.data.records import PatientRecord
 from pneumodet.data.rsna import load_rsna
 from pneumodet.errors import CacheError
@@ -94,7 +94,7 @@ def test_build_once_then_reuse(synth_records, tmp_path, monkeypatch):
     assert isinstance(view, np.memmap) and not view.flags.owndata and not view.flags.writeable
 
     reads = CountingReads()
-    monkeypatch.setattr(pneumodet.data.dicom, "read_dicom", reads)
+    monkeypatch.setattr(pneumodet.data.cache, "read_dicom", reads)
     second = build_cache(synth_records, out, size=SIZE, workers=1, progress=False)
     assert reads.paths == [] and second.decoded == 0 and second.reused == len(synth_records)
     assert "reused 8" in second.summary()
@@ -119,7 +119,7 @@ def test_parallel_build_equals_a_fresh_decode(real_sample, tmp_path, monkeypatch
     def refuse(path):
         raise RuntimeError("decoded in the main process")
 
-    monkeypatch.setattr(pneumodet.data.dicom, "read_dicom", refuse)
+    monkeypatch.setattr(pneumodet.data.cache, "read_dicom", refuse)
     files = sorted((real_sample / "stage_2_train_images").glob("*.dcm"))
     # Each file under two ids: enough images for the build to start its worker pool.
     records = [PatientRecord(f"{p.stem}-{copy}", "Normal", 0, (), p) for copy in (0, 1) for p in files]
@@ -132,14 +132,14 @@ def test_parallel_build_equals_a_fresh_decode(real_sample, tmp_path, monkeypatch
 
 def test_interrupted_build_resumes_where_it_stopped(synth_records, tmp_path, monkeypatch):
     out = tmp_path / "cache"
-    monkeypatch.setattr(pneumodet.data.dicom, "read_dicom", CountingReads(stop_after=3))
+    monkeypatch.setattr(pneumodet.data.cache, "read_dicom", CountingReads(stop_after=3))
     with pytest.raises(KeyboardInterrupt):
         build_cache(synth_records, out, size=SIZE, workers=1, progress=False, flush_every=1)
     index = json.loads((out / INDEX_NAME).read_text())
     assert [e["status"] for e in index["entries"]].count("ok") == 3
 
     reads = CountingReads()
-    monkeypatch.setattr(pneumodet.data.dicom, "read_dicom", reads)
+    monkeypatch.setattr(pneumodet.data.cache, "read_dicom", reads)
     report = build_cache(synth_records, out, size=SIZE, workers=1, progress=False)
     assert report.reused == 3 and report.cached == len(synth_records) - 3
     assert reads.paths == [str(Path(r.image_path).absolute()) for r in synth_records[3:]]
@@ -252,7 +252,7 @@ def test_garbage_file_is_listed_as_failed_and_others_are_fine(synth_records, tmp
 
     # The failure is remembered: the unchanged file is not read again, and still reported.
     reads = CountingReads()
-    monkeypatch.setattr(pneumodet.data.dicom, "read_dicom", reads)
+    monkeypatch.setattr(pneumodet.data.cache, "read_dicom", reads)
     again = build_cache(records, out, size=SIZE, workers=1, progress=False)
     assert reads.paths == [] and [pid for pid, _ in again.failed] == ["garbage-patient"]
 

@@ -12,16 +12,11 @@ import torch
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+from pneumodet.boxes import boxes_to_input, boxes_to_original
 from pneumodet.data.augment import build_augmentation
-from pneumodet.data.cache import ImageCache, build_cache, resize_area
-from pneumodet.data.dataset import (
-    DetectionDataset,
-    EpochSampler,
-    RsnaDataModule,
-    collate_detection,
-    scale_boxes_to_image,
-    scale_boxes_to_original,
-)
+from pneumodet.data.cache import ImageCache, build_cache
+from pneumodet.data.dataset import DetectionDataset, EpochSampler, RsnaDataModule, collate_detection
+from pneumodet.data.preprocess import resize_area
 from pneumodet.data.records import CLASS_INDEX, PatientRecord
 from pneumodet.errors import ConfigError
 
@@ -82,13 +77,13 @@ def test_boxes_round_trip_to_original_pixels(orig_size, image_size):
     h, w = orig_size
     xy1 = rng.uniform(0, [w - 50, h - 50], size=(20, 2))
     boxes = np.hstack([xy1, xy1 + rng.uniform(1, 50, size=(20, 2))]).astype(np.float32)
-    scaled = scale_boxes_to_image(boxes, orig_size, image_size)
+    scaled = boxes_to_input(boxes, orig_size, image_size)
     assert scaled[:, [0, 2]].max() <= image_size and scaled[:, [1, 3]].max() <= image_size
     np.testing.assert_allclose(scaled[:, 0], boxes[:, 0] * image_size / w, rtol=1e-6)
     np.testing.assert_allclose(scaled[:, 1], boxes[:, 1] * image_size / h, rtol=1e-6)
-    back = scale_boxes_to_original(scaled, orig_size, image_size)
+    back = boxes_to_original(scaled, orig_size, image_size)
     assert np.abs(back - boxes).max() < 1e-3
-    back_t = scale_boxes_to_original(torch.from_numpy(scaled), orig_size, image_size)
+    back_t = boxes_to_original(torch.from_numpy(scaled), orig_size, image_size)
     assert isinstance(back_t, torch.Tensor)
     assert (back_t - torch.from_numpy(boxes)).abs().max() < 1e-3
 
@@ -107,7 +102,7 @@ def test_items_put_boxes_on_the_bright_pixels(box_cache):
         assert item["orig_size"] == cache.original_size(record.patient_id)
         boxes = item["boxes"]
         assert boxes.dtype == torch.float32 and boxes.shape == (len(record.boxes), 4)
-        back = scale_boxes_to_original(boxes, item["orig_size"], 96)
+        back = boxes_to_original(boxes, item["orig_size"], 96)
         assert (back - torch.tensor(record.boxes_array())).abs().max() < 1e-3 if len(boxes) else True
         bright = image[0].numpy() > 125
         drawn = np.zeros_like(bright)
@@ -245,7 +240,7 @@ def test_data_module_serves_the_split(real_sample, real_split, tmp_path):
         for row, pid in enumerate(batch["patient_ids"]):
             count = int(batch["num_boxes"][row])
             assert count == len(by_id[pid].boxes)
-            back = scale_boxes_to_original(batch["boxes"][row, :count], (1024, 1024), 96)
+            back = boxes_to_original(batch["boxes"][row, :count], (1024, 1024), 96)
             assert (back - torch.tensor(by_id[pid].boxes_array())).abs().max() < 1e-3 if count else True
             assert batch["orig_sizes"][row].tolist() == [1024, 1024]
 

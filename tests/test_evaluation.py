@@ -53,3 +53,26 @@ def test_undefined_metrics_are_null_in_the_json_and_n_a_when_printed(tmp_path, c
     assert f"wrote {tmp_path / 'eval' / 'metrics.json'}" in captured.out
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
         "confusion_matrix.png", "metric_vs_threshold.png", "metrics.json"]
+
+
+def test_evaluate_takes_every_prediction_option_that_applies(tmp_path, capsys):
+    """``evaluate`` shares ``predict``'s options (:class:`PredictOptions`): the TTA merge, the device and the
+    data-loading workers too, and records the TTA in metrics.json; a threshold it does not take, as the
+    run's own (chosen on validation) is the one scored."""
+    from pneumodet.errors import ConfigError
+    from pneumodet.evaluation import evaluate
+
+    patients = [(f"p{i:02d}", [(100 + 40 * i, 200, 300, 300)]) for i in range(8)]
+    run = make_run(tmp_path, patients, threshold=0.0)
+    code = main(["evaluate", str(run), "--batch-size", "2", "--tta", "hflip", "--tta-merge", "nms", "--device", "cpu",
+                 "--workers", "1", "--precision", "fp32", "--no-compile", "--out", str(tmp_path / "eval")])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert (metrics["tta"], metrics["tta_merge"], metrics["precision"]) == ("hflip", "nms", "fp32")
+    with pytest.raises(SystemExit):  # not an option of the command
+        main(["evaluate", str(run), "--threshold", "0.5"])
+    with pytest.raises(ConfigError, match="threshold the run chose on validation"):
+        evaluate(run, threshold=0.5)
+    capsys.readouterr()
+    code = main(["evaluate", str(run), "--workers", "-1"])
+    assert_one_line_error(code, capsys.readouterr().err, "evaluate", r"workers must be 0 .*or more, got -1")

@@ -40,3 +40,21 @@ def test_bf16_is_not_native_on_devices_without_it():
     assert not bf16_is_native("mps")
     if not torch.cuda.is_available():
         assert not bf16_is_native("cuda")
+
+
+def test_one_precision_resolver_for_training_and_prediction():
+    """``hardware.resolve_precision`` speaks bf16/fp16/fp32 (Lightning's names accepted); the trainer gets
+    Lightning's name back, prediction is offered bf16 and fp32 only."""
+    from pneumodet.config import TrainConfig
+    from pneumodet.errors import ConfigError
+    from pneumodet.hardware import TRAINING_PRECISIONS, lightning_precision, resolve_precision
+    from pneumodet.training import resolve_precision as training_precision
+
+    native = "bf16" if bf16_is_native("cpu") else "fp32"
+    assert resolve_precision(None, "cpu") == resolve_precision("auto", torch.device("cpu")) == native
+    for name, precision in {"bf16-mixed": "bf16", "16-mixed": "fp16", "32-true": "fp32", "32": "fp32"}.items():
+        assert resolve_precision(name, "cpu", choices=TRAINING_PRECISIONS) == precision
+        assert training_precision(TrainConfig(precision=name, accelerator="cpu")) == lightning_precision(precision)
+    assert training_precision(TrainConfig(precision="auto", accelerator="cpu")) == lightning_precision(native)
+    with pytest.raises(ConfigError, match="unknown precision 'fp16'; choose 'bf16' or 'fp32'"):
+        resolve_precision("fp16", "cpu")

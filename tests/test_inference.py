@@ -728,3 +728,21 @@ def test_detections_are_compared_as_sets_not_by_position():
                                score_atol=1e-4, cut=False)
     with pytest.raises(AssertionError):  # a missing box that is not at the cut
         assert_same_detections(boxes[[1, 2]], scores[[1, 2]], boxes[:2], scores[:2], box_atol=1e-3, score_atol=1e-4)
+
+
+def test_predict_and_evaluate_share_one_set_of_options_and_its_defaults():
+    """One :class:`PredictOptions` for the commands that predict: the same options, the dataclass's defaults."""
+    from pneumodet.cli import _prediction_options, build_parser
+    from pneumodet.inference import PredictOptions
+
+    parser = build_parser()
+    predict_args = ["predict", "run", "x.dcm", "--out", "s.csv"]
+    assert _prediction_options(parser.parse_args(predict_args)) == PredictOptions()
+    assert _prediction_options(parser.parse_args(["evaluate", "run"])) == PredictOptions()
+    given = ["--tta", "hflip", "--tta-merge", "nms", "--gate", "--batch-size", "3", "--precision", "fp32",
+             "--device", "auto", "--workers", "2", "--compile"]
+    expected = PredictOptions(tta="hflip", tta_merge="nms", gate=True, batch_size=3, precision="fp32",
+                              device="auto", workers=2, compile=True)
+    assert _prediction_options(parser.parse_args([*predict_args, *given])) == expected
+    assert _prediction_options(parser.parse_args(["evaluate", "run", *given])) == expected
+    assert PredictOptions.of(expected, threshold=0.25) == PredictOptions(**{**vars(expected), "threshold": 0.25})

@@ -10,15 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pneumodet import metrics
-from pneumodet.metrics import (
-    RSNA_IOU_THRESHOLDS,
-    box_iou_xywh,
-    greedy_matches,
-    rsna_map,
-    sweep_thresholds,
-    xywh_to_xyxy,
-    xyxy_to_xywh,
-)
+from pneumodet.boxes import xywh_to_xyxy, xyxy_to_xywh
+from pneumodet.metrics import RSNA_IOU_THRESHOLDS, box_iou_xywh, greedy_matches, rsna_map, sweep_thresholds
 
 BOX = [0.0, 0.0, 100.0, 100.0]  # x, y, w, h
 NO_BOX = np.zeros((0, 4))

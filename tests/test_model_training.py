@@ -60,7 +60,7 @@ def _ellipse_images(n: int, size: int, seed: int = 0):
 
 
 def _as_metric_inputs(boxes, detections):
-    from pneumodet.metrics import xyxy_to_xywh
+    from pneumodet.boxes import xyxy_to_xywh
 
     truth = {str(i): xyxy_to_xywh(b[b[:, 2] > b[:, 0]].numpy()) for i, b in enumerate(boxes)}
     preds = {

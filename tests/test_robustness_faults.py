@@ -24,8 +24,9 @@ import torch
 
 from badinputs import small_patients, write_dataset
 from pneumodet.cli import main
-from pneumodet.data.cache import ARRAY_NAME, INDEX_NAME, ImageCache, build_cache, resize_area
+from pneumodet.data.cache import ARRAY_NAME, INDEX_NAME, ImageCache, build_cache
 from pneumodet.data.dicom import read_dicom
+from pneumodet.data.preprocess import resize_area
 from pneumodet.data.rsna import load_rsna
 from pneumodet.errors import CheckpointError, SubmissionError
 
@@ -380,10 +381,10 @@ def test_cache_build_killed_mid_way_resumes(dataset, tmp_path):
     out = tmp_path / "cache"
     killed = run_python(f"""
         import os, signal
-        import pneumodet.data.dicom as dicom
+        import pneumodet.data.cache as cache
         from pneumodet.data.cache import build_cache
         from pneumodet.data.rsna import load_rsna
-        real, done = dicom.read_dicom, []
+        real, done = cache.read_dicom, []
 
         def dying_read(path, **kw):
             if len(done) == 7:
@@ -391,7 +392,7 @@ def test_cache_build_killed_mid_way_resumes(dataset, tmp_path):
             done.append(path)
             return real(path, **kw)
 
-        dicom.read_dicom = dying_read
+        cache.read_dicom = dying_read  # the name the cache decodes with (imported at its top)
         build_cache(load_rsna({str(dataset)!r}).records, {str(out)!r}, size=32, workers=1, progress=False,
                     flush_every=3)
     """)

@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from pathlib import Path
 
 from pneumodet import __version__, rundir
 from pneumodet.config import RECIPES, TrainConfig
 from pneumodet.data.levels import LEVELS as AUGMENTATION_LEVELS
 from pneumodet.errors import PneumodetError
+from pneumodet.hardware import PREDICTION_PRECISIONS
+from pneumodet.inference.options import DEVICE_CHOICES, TTA_CHOICES, TTA_MERGES, PredictOptions
 from pneumodet.model.config import ModelConfig
 from pneumodet.textsafe import display_path, display_text
 
@@ -126,13 +129,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
                         "(several studies, series) gets the boxes of its image with the highest box score "
                         "(ties: the higher Lung Opacity probability, then the first file), as the RSNA metric "
                         "scores one image per patient; --json and --overlays keep every image")
-    p.add_argument("--threshold", type=float,
-                   help="confidence threshold from 0 to 1 (default: the run's validation choice)")
-    p.add_argument("--tta", choices=["hflip"], help="test-time augmentation: also predict the mirrored image")
-    p.add_argument("--tta-merge", choices=["wbf", "nms"], default="wbf",
-                   help="how TTA views are merged (default: weighted box fusion)")
-    p.add_argument("--gate", action="store_true",
-                   help="multiply box scores by the global Lung-Opacity probability before thresholding")
+    _add_prediction_options(p)
     p.add_argument("--overlays", type=Path,
                    help="folder for one PNG per image with boxes and probabilities, named <patient id, "
                         "sanitised, at most 40 characters>_<hash of the SOP Instance UID>.png")
@@ -140,26 +137,22 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
                    help="JSON file with one entry per image: patient id, study/series/SOP instance UIDs, "
                         "file, boxes, scores, class probabilities, overlay name, whether it makes the "
                         "submission row")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
-    p.add_argument("--precision", choices=["bf16", "fp32"],
-                   help="default: bf16 where the hardware computes it natively, else fp32")
-    p.add_argument("--device", default="cpu",
-                   help="cpu, cuda, cuda:N, or auto: the GPU when this machine has one, else the CPU (default cpu)")
-    p.add_argument("--workers", type=int, default=0, help="DICOM decoding processes (default 0: in-process)")
     p.add_argument("--follow-symlinks", action="store_true",
                    help="follow symbolic links that lead out of an input folder")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the network with frozen weights: seconds of compilation per batch shape, "
-                        "then ~1.4x faster batches (default: on for CPU jobs from 500 images where a C++ compiler exists)")
+    p.add_argument("--dicom-out", type=Path, metavar="DIR",
+                   help="folder for one DICOM SR (TID 1500 measurement report: boxes in the image's own pixels, scores, "
+                        "class probabilities) and one grayscale presentation state (boxes drawn) per image, linked to "
+                        "it by its UIDs: <overlay name>_sr.dcm / _pr.dcm")
+    _add_dicom_out_options(p)
 
 
 def _run_predict(args: argparse.Namespace) -> None:
+    from pneumodet.clinical.identity import check_uid_root
     from pneumodet.inference import predict, write_prediction_json, write_prediction_submission
 
-    result = predict(args.model, args.inputs, threshold=args.threshold, tta=args.tta, tta_merge=args.tta_merge,
-                     gate=args.gate, batch_size=args.batch_size, device=args.device, precision=args.precision,
-                     follow_symlinks=args.follow_symlinks, overlay_dir=args.overlays, workers=args.workers,
-                     compile=args.compile, progress=sys.stderr.isatty())
+    check_uid_root(args.uid_root)  # before any work
+    result = predict(args.model, args.inputs, _prediction_options(args), follow_symlinks=args.follow_symlinks,
+                     overlay_dir=args.overlays, progress=sys.stderr.isatty())
     print(result.summary())
     rows = len(result.submission_rows())
     submission = write_prediction_submission(result, args.out)
@@ -168,35 +161,52 @@ def _run_predict(args: argparse.Namespace) -> None:
         print(f"wrote {display_path(write_prediction_json(result, args.json))}")
     if args.overlays:
         print(f"wrote {len(result.predictions)} overlays to {display_path(args.overlays)}")
+    if args.dicom_out:
+        from pneumodet.clinical.sr import write_dicom_results
+
+        print(write_dicom_results(result, args.dicom_out, args.model, patient_details=args.dicom_patient_details,
+                                  uid_root=args.uid_root).summary())
 
 
 # ---------------------------------------------------------------- pacs
-def _add_prediction_options(p: argparse.ArgumentParser) -> None:
-    """The options of ``predict`` that any command predicting on DICOM images takes."""
-    p.add_argument("--threshold", type=float,
-                   help="confidence threshold from 0 to 1 (default: the run's validation choice)")
-    p.add_argument("--tta", choices=["hflip"], help="test-time augmentation: also predict the mirrored image")
-    p.add_argument("--tta-merge", choices=["wbf", "nms"], default="wbf",
-                   help="how TTA views are merged (default: weighted box fusion)")
+def _add_prediction_options(p: argparse.ArgumentParser, *, threshold: bool = True) -> None:
+    """The fields of :class:`~pneumodet.inference.options.PredictOptions`, with its defaults, for every command
+    that predicts (``predict``, ``evaluate``, ``pacs``); ``evaluate`` takes no threshold (it scores the run's)."""
+    default = PredictOptions()
+    if threshold:
+        p.add_argument("--threshold", type=float,
+                       help="confidence threshold from 0 to 1 (default: the run's validation choice)")
+    p.add_argument("--tta", choices=TTA_CHOICES, help="test-time augmentation: also predict the mirrored image")
+    p.add_argument("--tta-merge", choices=TTA_MERGES, default=default.tta_merge,
+                   help=f"how TTA views are merged: wbf (weighted box fusion) or nms (default {default.tta_merge})")
     p.add_argument("--gate", action="store_true",
                    help="multiply box scores by the global Lung-Opacity probability before thresholding")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
-    p.add_argument("--precision", choices=["bf16", "fp32"],
+    p.add_argument("--batch-size", type=int, default=default.batch_size,
+                   help=f"images per forward pass (default {default.batch_size})")
+    p.add_argument("--precision", choices=PREDICTION_PRECISIONS,
                    help="default: bf16 where the hardware computes it natively, else fp32")
-    p.add_argument("--device", default="cpu",
-                   help="cpu, cuda, cuda:N, or auto: the GPU when this machine has one, else the CPU (default cpu)")
-    p.add_argument("--workers", type=int, default=0, help="DICOM decoding processes (default 0: in-process)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--device", default=default.device,
+                   help=f"{DEVICE_CHOICES}; auto: the GPU when this machine has one, else the CPU "
+                        f"(default {default.device})")
+    p.add_argument("--workers", type=int, default=default.workers,
+                   help=f"data-loading processes: DICOM decoding (predict, pacs), cache reading (evaluate) "
+                        f"(default {default.workers}: in this process)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=default.compile,
                    help="torch.compile the network with frozen weights: seconds of compilation per batch shape, "
                         "then ~1.4x faster batches (default: on for CPU jobs from 500 images where a C++ compiler exists)")
+
+
+def _prediction_options(args: argparse.Namespace) -> PredictOptions:
+    """The :class:`~pneumodet.inference.options.PredictOptions` given by :func:`_add_prediction_options`' options."""
+    return PredictOptions(**{f.name: getattr(args, f.name) for f in fields(PredictOptions) if hasattr(args, f.name)})
 
 
 def _add_dicom_out_options(p: argparse.ArgumentParser) -> None:
     """How the DICOM SR and presentation state of each image are made (``predict --dicom-out``, ``pacs``)."""
     p.add_argument("--dicom-patient-details", action="store_true",
-                   help="also copy the patient's name, birth date and sex, the study date and time and the referring "
-                        "physician from each source image into its SR and PR (default: only what links a result to "
-                        "its image: PatientID, Study Instance UID, Accession Number, Study ID)")
+                   help="also copy the patient's name, birth date and sex and the study's date, time, accession "
+                        "number, ID and referring physician from each source image into its SR and PR (default: only "
+                        "what links a result to its image: PatientID and the Study/Series/SOP Instance UIDs)")
     p.add_argument("--uid-root", metavar="ROOT",
                    help="your organisation's registered UID root for the new SR/PR UIDs (default 2.25: UUID-derived "
                         "UIDs, unique without registration)")
@@ -241,7 +251,8 @@ def _add_pacs(p: argparse.ArgumentParser) -> None:
 def _run_pacs(args: argparse.Namespace) -> None:
     from pneumodet.clinical.dicomweb import DicomWebServer, PacsError, read_credentials
     from pneumodet.clinical.identity import check_uid_root
-    from pneumodet.clinical.pacs import PacsQuery, PredictOptions, parse_date, run_pacs
+    from pneumodet.clinical.pacs import PacsQuery, parse_date, run_pacs
+    from pneumodet.inference import PredictOptions
     from pneumodet.safeio import write_json
 
     query = PacsQuery(studies=tuple(args.study), series=tuple(args.series),
@@ -257,7 +268,7 @@ def _run_pacs(args: argparse.Namespace) -> None:
                              workers=args.workers, compile=args.compile)
     summary = run_pacs(args.model, server, query, options=options, chunk=args.chunk, stow_batch=args.stow_batch,
                        patient_details=args.dicom_patient_details, uid_root=args.uid_root,
-                       dicom_out=args.dicom_out, progress=sys.stderr.isatty())
+                       dicom_out=args.dicom_out, progress="bar" if sys.stderr.isatty() else "lines")
     print(summary.render())
     if args.json:
         print(f"wrote {display_path(write_json(args.json, summary.to_json(), indent=1))}")
@@ -281,7 +292,7 @@ def _run_export(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- serve
 def _add_serve(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=Path, help="training run directory (uses its best_model.pt) or a checkpoint")
+    p.add_argument("model", type=Path, help=f"training run directory (uses its {rundir.BEST_MODEL}) or a checkpoint")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the "
                         "network: set a token in $PNEUMODET_SERVE_TOKEN, which every /v1 request must then send "
@@ -347,7 +358,8 @@ def _run_eda(args: argparse.Namespace) -> None:
                                progress=sys.stderr.isatty())
     print(f"{summary['patients']:,} patients, {summary['label_rows']:,} label rows, {summary['boxes']:,} boxes; "
           f"images found {summary['images_found']:,}, missing {summary['images_missing']:,}; "
-          f"{summary['label_problems']} label problem(s), {summary['images_unreadable']} unreadable image(s)")
+          f"{summary['label_problems']} label problem(s), {summary['images_unreadable']} unreadable image(s), "
+          f"{summary['images_constant']} constant of {summary['images_decoded']} sample image(s)")
     print(f"wrote {display_path(args.out / 'report.html')}")
 
 
@@ -502,22 +514,14 @@ def _run_compare(args: argparse.Namespace) -> None:
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=Path, help="training run folder")
     p.add_argument("--split", default="test", choices=["val", "test"], help="set to evaluate (default test)")
-    p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda, cuda:N, or auto: the GPU when this machine has one, else the CPU (default auto)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 where the hardware has it")
-    p.add_argument("--tta", choices=["hflip"], help="test-time augmentation, as predict's")
-    p.add_argument("--gate", action="store_true", help="scale box scores by P(Lung Opacity), as predict's")
     p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval_<split>)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="as predict's (default: on for CPU jobs from 500 images where a C++ compiler exists)")
+    _add_prediction_options(p, threshold=False)
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
     from pneumodet.evaluation import METRICS_FILE, evaluate, format_metric
 
-    metrics = evaluate(args.run_dir, split=args.split, batch_size=args.batch_size, precision=args.precision,
-                       device=args.device, tta=args.tta, gate=args.gate, out_dir=args.out, compile=args.compile)
+    metrics = evaluate(args.run_dir, split=args.split, out_dir=args.out, options=_prediction_options(args))
     gc = metrics["global_class"]
     print(f"{args.split}: RSNA mAP {format_metric(metrics['rsna_map'], 4)} over {metrics['images_scored']} "
           f"images ({metrics['images_excluded']} without boxes either way, not scored) at confidence "

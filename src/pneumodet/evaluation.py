@@ -8,20 +8,28 @@ the evaluated split is drawn for information only, with the chosen threshold mar
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
+from pneumodet.boxes import kaggle_rows, xyxy_to_xywh
 from pneumodet.config import TrainConfig
-from pneumodet.data.records import CLASS_INDEX, CLASS_NAMES
+from pneumodet.data.preprocess import to_unit_range
+from pneumodet.data.records import CLASS_INDEX, CLASS_NAMES, CLASS_SHORT_NAMES
+from pneumodet.data.split import split_fingerprint
 from pneumodet.errors import CheckpointError, ConfigError, PneumodetError, RunError
-from pneumodet.metrics import rsna_map, sweep_thresholds, xyxy_to_xywh
+from pneumodet.inference.engine import Predictor, RawPrediction, check_options
+from pneumodet.inference.options import PredictOptions
+from pneumodet.metrics import rsna_map, sweep_thresholds
+from pneumodet.model.checkpoint import load_checkpoint
 from pneumodet.rundir import RunDir
 from pneumodet.safeio import atomic_path, json_safe, write_json
+from pneumodet.training import build_datamodule
 
 #: Sets that can be evaluated (the training set is augmented, so it is not one of them).
 SPLITS = ("val", "test")
@@ -34,15 +42,16 @@ class BatchOutput:
     """One batch through the predictor: boxes (xyxy, input frame) and scores per image, class probabilities."""
 
     batch: dict[str, Any]
-    predictions: list[Any]
+    predictions: list[RawPrediction]
     class_probs: np.ndarray  # [B, C]
 
 
-def run_batches(predictor: Any, loader: Any) -> Iterator[BatchOutput]:
-    """Run a :class:`pneumodet.inference.Predictor` over collated batches (``images`` uint8
-    ``[B,1,S,S]``): the same precision, TTA and gating as ``predict``."""
+def run_batches(predictor: Predictor, loader: Iterable[dict[str, Any]]) -> Iterator[BatchOutput]:
+    """Run a :class:`~pneumodet.inference.engine.Predictor` over collated batches (``images`` uint8
+    ``[B,1,S,S]``, :func:`~pneumodet.data.dataset.collate_detection`): the same precision, TTA and gating
+    as ``predict``."""
     for batch in loader:
-        predictions = predictor(batch["images"].float().div_(255.0))
+        predictions = predictor(to_unit_range(batch["images"]))
         probs = np.stack([p.class_probs.numpy() for p in predictions])
         yield BatchOutput(batch=batch, predictions=predictions, class_probs=probs)
 
@@ -70,12 +79,16 @@ def confusion_matrix(true: np.ndarray, pred: np.ndarray, n_classes: int) -> np.n
                        minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
-def evaluate(run_dir: Path, *, split: str = "test", batch_size: int = 16, num_workers: int = 0,
-             precision: str | None = None, device: str = "auto", tta: str | None = None, gate: bool = False,
-             out_dir: Path | None = None, compile: bool | None = None) -> dict[str, Any]:
+def evaluate(run_dir: Path, *, split: str = "test", out_dir: Path | None = None,
+             options: PredictOptions | None = None, **overrides: Any) -> dict[str, Any]:
     """Score a run's best model on ``split`` and write ``metrics.json`` and plots to
-    ``RUN_DIR/eval_<split>/`` (or ``out_dir``). ``precision``, ``tta``, ``gate``, ``device`` and
-    ``compile`` are ``predict``'s.
+    ``RUN_DIR/eval_<split>/`` (or ``out_dir``).
+
+    Args:
+        options: how the images are predicted, as by ``predict`` (:class:`PredictOptions`: TTA and its
+            merge, gating, batch size, precision, device, data-loading workers, compilation); ``overrides``
+            replace single fields, e.g. ``evaluate(run, batch_size=4)``. No threshold: the run's own,
+            chosen on validation, is the one scored.
 
     Returns:
         The metrics as written to ``metrics.json`` (strict JSON: an undefined value, e.g. the AUC of a
@@ -86,24 +99,22 @@ def evaluate(run_dir: Path, *, split: str = "test", batch_size: int = 16, num_wo
         PneumodetError: nothing could be scored (no image, or no image with a ground-truth or a
             predicted box: the RSNA metric is undefined); nothing is written then.
     """
-    from pneumodet.inference import Predictor, check_predict_options, resolve_device
-    from pneumodet.model.fusion import compile_pays_off
-
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    check_predict_options(batch_size=batch_size, workers=num_workers)
-    dev = resolve_device(device)
+    options = PredictOptions.of(options, **overrides)
+    if options.threshold is not None:
+        raise ConfigError(f"evaluate scores at the threshold the run chose on validation, not at a given one "
+                          f"({options.threshold})")
+    check_options(options)
     run_dir = Path(run_dir)
     model, extra, config = load_run(run_dir)
     threshold = float(extra.get("threshold", math.nan))
     if not 0.0 <= threshold <= 1.0:  # also NaN, as when the checkpoint records none
         raise CheckpointError(f"{RunDir(run_dir).best_model}: records no usable validation threshold "
                               f"({extra.get('threshold')!r})")
-    loader = split_loader(config, split, batch_size=batch_size, num_workers=num_workers)
-    if compile is None:
-        compile = compile_pays_off(len(loader.dataset), dev)
-    predictor = Predictor(model, config.image_size, tta=tta, gate=gate, device=dev, precision=precision,
-                          compile=compile)
+    loader = split_loader(config, split, batch_size=options.batch_size, num_workers=options.workers)
+    # config.image_size: the frame of the loader's images, in which the predictor mirrors for TTA
+    predictor = Predictor.from_options(model, config.image_size, options, num_images=len(loader.dataset))
 
     gt: dict[str, np.ndarray] = {}
     preds: dict[str, np.ndarray] = {}
@@ -114,8 +125,7 @@ def evaluate(run_dir: Path, *, split: str = "test", batch_size: int = 16, num_wo
         boxes = batch["boxes"].float().numpy()
         for i, pid in enumerate(batch["patient_ids"]):
             gt[pid] = xyxy_to_xywh(boxes[i, : int(batch["num_boxes"][i])])
-            pred = out.predictions[i]
-            preds[pid] = np.concatenate([pred.scores.numpy()[:, None], xyxy_to_xywh(pred.boxes.numpy())], axis=1)
+            preds[pid] = kaggle_rows(out.predictions[i].boxes, out.predictions[i].scores)
         true_class.extend(batch["classes"].tolist())
         probs.append(out.class_probs)
 
@@ -131,7 +141,7 @@ def evaluate(run_dir: Path, *, split: str = "test", batch_size: int = 16, num_wo
     metrics = {
         "run": str(run_dir), "split": split, "images": len(gt), "precision": predictor.precision,
         "compiled": predictor.compiled,
-        "tta": tta, "gate": gate,
+        "tta": options.tta, "tta_merge": options.tta_merge if options.tta else None, "gate": options.gate,
         "threshold": threshold, "threshold_source": "chosen on the validation set during training",
         "rsna_map": result.score, "rsna_map_per_iou_threshold": result.to_dict()["per_threshold"],
         "images_scored": result.n_images, "images_excluded": result.n_excluded,
@@ -179,8 +189,6 @@ def load_run(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any], TrainConfi
     folder from another working directory), exist, and the split must be the one trained on (its
     fingerprint, recorded by ``train``). The config is checked before the model is built.
     """
-    from pneumodet.model.checkpoint import load_checkpoint
-
     run = RunDir(Path(run_dir))
     for needed in (run.config, run.best_model):
         if not needed.exists():
@@ -193,8 +201,6 @@ def load_run(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any], TrainConfi
 
 def check_run_sources(config: TrainConfig, run: RunDir) -> None:
     """:class:`RunError` unless the run's data and split folders are where, and what, training used."""
-    from pneumodet.data.split import split_fingerprint
-
     for key in ("data_dir", "split_dir"):
         value = getattr(config, key)
         if not value or not Path(value).is_absolute():
@@ -208,10 +214,8 @@ def check_run_sources(config: TrainConfig, run: RunDir) -> None:
                        f"(fingerprint recorded in {run.config.name}); its scores would not be comparable")
 
 
-def split_loader(config: TrainConfig, split: str, *, batch_size: int, num_workers: int = 0) -> Any:
+def split_loader(config: TrainConfig, split: str, *, batch_size: int, num_workers: int = 0) -> DataLoader:
     """An unshuffled, resize-only loader over one set of the run's split (images from its cache)."""
-    from pneumodet.training import build_datamodule
-
     cfg = TrainConfig.from_dict({**config.to_dict(), "batch_size": batch_size, "num_workers": num_workers})
     datamodule = build_datamodule(cfg, progress=False)
     datamodule.prepare_data()
@@ -220,7 +224,7 @@ def split_loader(config: TrainConfig, split: str, *, batch_size: int, num_worker
 
 
 def _plot_evaluation(metrics: dict[str, Any], out: Path) -> None:
-    import matplotlib
+    import matplotlib  # here: plotting is the last step, and only evaluate's
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -241,7 +245,7 @@ def _plot_evaluation(metrics: dict[str, Any], out: Path) -> None:
     cm = np.asarray(metrics["global_class"]["confusion_matrix"])
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     ax.imshow(cm, cmap="Blues")
-    names = ["Normal", "Lung Opacity", "No LO / Not Normal"]
+    names = [CLASS_SHORT_NAMES[name] for name in metrics["global_class"]["classes"]]
     ax.set_xticks(range(len(names)), names, rotation=20)
     ax.set_yticks(range(len(names)), names)
     for (i, j), v in np.ndenumerate(cm):

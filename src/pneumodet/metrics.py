@@ -65,19 +65,7 @@ MAX_PREDICTED_BOXES = 10_000
 _PAIRS_PER_BATCH = 1 << 20
 
 
-# ------------------------------------------------------------------ box formats
-def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
-    """``[..., 4]`` boxes ``(x, y, w, h)`` -> ``(xmin, ymin, xmax, ymax)``, as float64."""
-    b = np.asarray(boxes, dtype=np.float64)
-    return np.concatenate([b[..., :2], b[..., :2] + b[..., 2:4]], axis=-1)
-
-
-def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
-    """``[..., 4]`` boxes ``(xmin, ymin, xmax, ymax)`` -> ``(x, y, w, h)``, as float64."""
-    b = np.asarray(boxes, dtype=np.float64)
-    return np.concatenate([b[..., :2], b[..., 2:4] - b[..., :2]], axis=-1)
-
-
+# ------------------------------------------------------------------ IoU (box formats: pneumodet.boxes)
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of broadcastable ``[..., 4]`` xywh boxes -> ``[...]``; 0 where the union has no area."""
     lo = np.maximum(a[..., :2], b[..., :2])
@@ -99,10 +87,13 @@ def box_iou_xywh(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ input checks
-def _check_boxes(patient_id: str, boxes: np.ndarray, columns: int, what: str) -> np.ndarray:
+def check_boxes(patient_id: str, boxes: np.ndarray, columns: int, what: str) -> np.ndarray:
     """``boxes`` as float64 ``[K, columns]``; ``ValueError`` naming the patient if unusable.
 
-    The last four columns are ``x, y, w, h``; ``K`` is limited to :func:`_max_boxes` of ``columns``.
+    The metric's input rules for one image: ``columns`` is 4 for ground truth (``x, y, w, h``) and 5 for
+    predictions (``confidence, x, y, w, h``, as the submission file holds them); ``K`` is at most
+    :data:`MAX_GROUND_TRUTH_BOXES` or :data:`MAX_PREDICTED_BOXES`; every value is finite, coordinates
+    within :data:`MAX_ABS_COORDINATE`, widths and heights not negative.
     """
     arr = np.asarray(boxes, dtype=np.float64)
     if arr.size == 0:
@@ -134,19 +125,19 @@ def _flatten(
     arrays = [np.asarray(boxes.get(pid, ()), dtype=np.float64) for pid in ids]
     for pid, arr in zip(ids, arrays, strict=True):
         if arr.size and (arr.ndim != 2 or arr.shape[1] != columns):
-            _check_boxes(pid, arr, columns, what)  # raises, naming the patient
+            check_boxes(pid, arr, columns, what)  # raises, naming the patient
     arrays = [arr.reshape(-1, columns) for arr in arrays]
     counts = np.array([len(arr) for arr in arrays], dtype=np.int64)
     crowded = np.flatnonzero(counts > _max_boxes(columns))
     if len(crowded):
-        _check_boxes(ids[crowded[0]], arrays[crowded[0]], columns, what)  # raises, naming the patient
+        check_boxes(ids[crowded[0]], arrays[crowded[0]], columns, what)  # raises, naming the patient
     flat = np.concatenate(arrays) if arrays else np.zeros((0, columns))
     with np.errstate(invalid="ignore"):  # NaN is reported below, by name
         bad = (~np.isfinite(flat).all(axis=1) | (np.abs(flat[:, -4:]) > MAX_ABS_COORDINATE).any(axis=1)
                | (flat[:, -2:] < 0).any(axis=1))
     if bad.any():
         image = int(np.searchsorted(np.cumsum(counts), np.flatnonzero(bad)[0], side="right"))
-        _check_boxes(ids[image], arrays[image], columns, what)  # raises, naming the patient
+        check_boxes(ids[image], arrays[image], columns, what)  # raises, naming the patient
     return flat, counts
 
 

@@ -24,16 +24,10 @@ from typing import TextIO
 import numpy as np
 
 from pneumodet import safeio
+from pneumodet.boxes import xyxy_to_xywh
 from pneumodet.data.rsna import load_ground_truth
 from pneumodet.errors import LabelsError, SubmissionError
-from pneumodet.metrics import (
-    MAX_ABS_COORDINATE,
-    MAX_PREDICTED_BOXES,
-    MapResult,
-    _check_boxes,
-    rsna_map,
-    xyxy_to_xywh,
-)
+from pneumodet.metrics import MAX_ABS_COORDINATE, MAX_PREDICTED_BOXES, MapResult, check_boxes, rsna_map
 from pneumodet.textsafe import display_path, display_text
 
 SUBMISSION_COLUMNS: tuple[str, str] = ("patientId", "PredictionString")
@@ -206,7 +200,7 @@ def write_submission(
     lines = [",".join(SUBMISSION_COLUMNS)]
     for pid in ids:
         try:
-            boxes = _check_boxes(pid, predictions.get(pid, ()), 5, "predictions")
+            boxes = check_boxes(pid, predictions.get(pid, ()), 5, "predictions")
         except ValueError as exc:
             raise SubmissionError(f"{name}: {exc}") from None
         lines.append(f"{pid},{_format_row(boxes)}")

@@ -23,12 +23,14 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 import pneumodet
+from pneumodet.boxes import kaggle_rows, xyxy_to_xywh
 from pneumodet.config import TrainConfig
 from pneumodet.data.dataset import RsnaDataModule
 from pneumodet.data.split import split_fingerprint
 from pneumodet.errors import CheckpointError, ConfigError, PneumodetError
-from pneumodet.hardware import bf16_is_native
-from pneumodet.metrics import rsna_map, sweep_thresholds, xyxy_to_xywh
+from pneumodet.hardware import TRAINING_PRECISIONS, bf16_is_native, lightning_precision
+from pneumodet.hardware import resolve_precision as resolve_device_precision
+from pneumodet.metrics import rsna_map, sweep_thresholds
 from pneumodet.model import ModelConfig, build_model
 from pneumodet.model.checkpoint import load_checkpoint, save_checkpoint
 from pneumodet.rundir import RunDir
@@ -51,9 +53,10 @@ def hardware_has_bf16(accelerator: str = "auto") -> bool:
 
 
 def resolve_precision(config: TrainConfig) -> str:
-    if config.precision != "auto":
-        return "32-true" if config.precision == "32" else config.precision
-    return "bf16-mixed" if hardware_has_bf16(config.accelerator) else "32-true"
+    """Lightning's name of the config's precision, resolved by :func:`pneumodet.hardware.resolve_precision`."""
+    use_gpu = config.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return lightning_precision(resolve_device_precision(config.precision, "cuda" if use_gpu else "cpu",
+                                                        choices=TRAINING_PRECISIONS))
 
 
 def resolve_accelerator(config: TrainConfig) -> str:
@@ -72,12 +75,7 @@ def _ground_truth(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def _scored_predictions(detections: list, patient_ids: list[str]) -> dict[str, np.ndarray]:
     """``{patient_id: [M, 5] confidence, x, y, w, h}`` from the model's detections."""
-    out = {}
-    for pid, det in zip(patient_ids, detections, strict=True):
-        boxes = det.boxes.detach().float().cpu().numpy().reshape(-1, 4)
-        scores = det.scores.detach().float().cpu().numpy().reshape(-1, 1)
-        out[pid] = np.concatenate([scores, xyxy_to_xywh(boxes)], axis=1)
-    return out
+    return {pid: kaggle_rows(det.boxes, det.scores) for pid, det in zip(patient_ids, detections, strict=True)}
 
 
 # ---------------------------------------------------------------------------------------------- module

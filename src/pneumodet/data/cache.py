@@ -27,11 +27,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
 from pneumodet.data.dicom import read_dicom
+from pneumodet.data.preprocess import resize_area
 from pneumodet.data.records import PatientRecord
 from pneumodet.errors import CacheError
 from pneumodet.safeio import write_json
@@ -50,13 +50,6 @@ _STALE = "stale"  # was ok, but its row was lost (truncated or replaced array fi
 def default_cache_dir(data_dir: Path | str, size: int) -> Path:
     """Where the cache of ``data_dir`` at ``size`` pixels lives unless told otherwise."""
     return Path(data_dir) / f"cache_{size}"
-
-
-def resize_area(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize a uint8 ``[H, W]`` image to ``[size, size]`` with area interpolation (box average)."""
-    if image.shape == (size, size):
-        return np.ascontiguousarray(image)
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
 
 
 @dataclass

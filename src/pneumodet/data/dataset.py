@@ -3,50 +3,30 @@ Lightning data module that builds both from a split.
 
 Frames: boxes are stored in original DICOM pixels (:class:`PatientRecord`), the cache holds
 ``C x C`` images and the model sees ``S x S`` images (``image_size``). Boxes go original -> S with
-:func:`scale_boxes_to_image` and come back with :func:`scale_boxes_to_original`.
+:func:`pneumodet.boxes.boxes_to_input` and come back with :func:`pneumodet.boxes.boxes_to_original`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pneumodet.boxes import boxes_to_input
 from pneumodet.data.augment import build_augmentation
-from pneumodet.data.cache import CacheReport, ImageCache, build_cache, default_cache_dir, resize_area
+from pneumodet.data.cache import CacheReport, ImageCache, build_cache, default_cache_dir
+from pneumodet.data.preprocess import resize_area
 from pneumodet.data.records import PatientRecord
 from pneumodet.data.split import read_split
 from pneumodet.errors import CacheError, ConfigError
 
 #: ``augment(image uint8 [C, C], boxes float32 [N, 4] xyxy, rng) -> (image uint8 [S, S], boxes [K, 4])``
 Augment = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
-Boxes = TypeVar("Boxes", np.ndarray, torch.Tensor)
-
-
-def _scale(boxes: Boxes, sx: float, sy: float) -> Boxes:
-    if isinstance(boxes, torch.Tensor):
-        return boxes * boxes.new_tensor([sx, sy, sx, sy])
-    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * np.float32([sx, sy, sx, sy])
-
-
-def scale_boxes_to_image(boxes: Boxes, orig_size: tuple[int, int], image_size: int) -> Boxes:
-    """Boxes ``[N, 4]`` xyxy from original pixels (image ``orig_size = (h, w)``) to an S x S image."""
-    height, width = orig_size
-    return _scale(boxes, image_size / width, image_size / height)
-
-
-def scale_boxes_to_original(boxes: Boxes, orig_size: tuple[int, int], image_size: int) -> Boxes:
-    """Boxes ``[N, 4]`` xyxy from an S x S image back to original pixels (``orig_size = (h, w)``).
-
-    The inverse of :func:`scale_boxes_to_image`; prediction uses it. Works on arrays and tensors.
-    """
-    height, width = orig_size
-    return _scale(boxes, width / image_size, height / image_size)
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -117,9 +97,9 @@ class DetectionDataset(Dataset):
         cached = self.cache.image(record.patient_id)
         if self.augment is None:
             image = resize_area(cached, self.image_size) if cached.shape[0] != self.image_size else cached
-            boxes = scale_boxes_to_image(record.boxes_array(), orig_size, self.image_size)
+            boxes = boxes_to_input(record.boxes_array(), orig_size, self.image_size)
         else:
-            boxes = scale_boxes_to_image(record.boxes_array(), orig_size, self.cache.size)
+            boxes = boxes_to_input(record.boxes_array(), orig_size, self.cache.size)
             rng = np.random.default_rng([self.seed, epoch, index])
             image, boxes = self.augment(np.array(cached), boxes, rng)
             self._check_augmented(image, record.patient_id)

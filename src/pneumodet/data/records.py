@@ -10,6 +10,9 @@ import numpy as np
 #: The three RSNA classes, in the index order used by the global classification head.
 CLASS_NAMES: tuple[str, ...] = ("Normal", "Lung Opacity", "No Lung Opacity / Not Normal")
 CLASS_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASS_NAMES)}
+#: Each class's name on a plot axis (the third in full is too long for a tick label).
+CLASS_SHORT_NAMES: dict[str, str] = {**{name: name for name in CLASS_NAMES},
+                                     "No Lung Opacity / Not Normal": "No LO / Not Normal"}
 #: RSNA images are 1024 x 1024; the labels CSV carries no size, so boxes are checked against this.
 RSNA_IMAGE_SIZE = 1024
 

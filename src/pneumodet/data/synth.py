@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from pneumodet.data.records import CLASS_NAMES
 from pneumodet.errors import ConfigError
+from pneumodet.safeio import atomic_open, atomic_path
 
 __all__ = ["SynthSummary", "SyntheticChest", "PatientSpec", "make_synthetic_dataset", "sample_patients",
            "render_chest", "LABELS_FILE", "CLASSES_FILE", "IMAGES_DIR"]
@@ -241,7 +242,7 @@ def _label_rows(patient_id: str, boxes: np.ndarray) -> list[tuple]:
 
 
 def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
@@ -303,7 +304,8 @@ def write_dicom(path: Path, image: np.ndarray, spec: PatientSpec, *, quality: in
     ds.PixelData = encapsulate([buf.getvalue()])
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    with atomic_path(path) as tmp:  # an interrupted write leaves no half file where a reader looks
+        pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
 
 
 # ---------------------------------------------------------------------------------------------- drawing

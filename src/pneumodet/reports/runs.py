@@ -20,7 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from pneumodet.boxes import kaggle_rows, xyxy_to_xywh  # noqa: E402
 from pneumodet.config import TrainConfig  # noqa: E402
+from pneumodet.data.records import CLASS_INDEX  # noqa: E402
 from pneumodet.errors import ConfigError, PneumodetError, RunError  # noqa: E402
 from pneumodet.evaluation import load_run, run_batches, split_loader
 from pneumodet.inference import Predictor
@@ -117,7 +119,8 @@ def _map_figure(metrics: pd.DataFrame) -> plt.Figure:
 
 
 def _sample_predictions(run_dir: Path, n: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
-    """``(image, gt boxes, kept predicted boxes with scores, caption)`` for the first validation images."""
+    """``(image, gt boxes xywh, kept predictions as Kaggle rows, caption)`` for the first validation images,
+    in the model's input frame."""
 
     model, extra, config = load_run(run_dir)
     loader = split_loader(config, "val", batch_size=min(n, 8))
@@ -126,13 +129,11 @@ def _sample_predictions(run_dir: Path, n: int) -> list[tuple[np.ndarray, np.ndar
     for out in run_batches(Predictor(model, config.image_size), loader):
         batch = out.batch
         for i, pid in enumerate(batch["patient_ids"]):
-            pred = out.predictions[i]
-            keep = pred.scores.numpy() >= threshold
-            boxes = np.concatenate([pred.scores.numpy()[keep, None], pred.boxes.numpy()[keep]], 1)
-            gt = batch["boxes"][i, : int(batch["num_boxes"][i])].numpy()
-            probs = out.class_probs[i]
-            samples.append((batch["images"][i, 0].numpy(), gt, boxes,
-                            f"{pid[:8]}… P(opacity) {probs[1]:.2f}"))
+            rows = kaggle_rows(out.predictions[i].boxes, out.predictions[i].scores)
+            gt = xyxy_to_xywh(batch["boxes"][i, : int(batch["num_boxes"][i])].numpy())
+            opacity = out.class_probs[i, CLASS_INDEX["Lung Opacity"]]
+            samples.append((batch["images"][i, 0].numpy(), gt, rows[rows[:, 0] >= threshold],
+                            f"{pid[:8]}… P(opacity) {opacity:.2f}"))
             if len(samples) >= n:
                 return samples
     return samples
@@ -146,11 +147,11 @@ def _prediction_grid(samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, str
         ax.axis("off")
     for ax, (image, gt, pred, caption) in zip(axes.ravel(), samples, strict=False):
         ax.imshow(image, cmap="gray", vmin=0, vmax=255)
-        for x1, y1, x2, y2 in gt:
-            ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="lime", lw=1.6))
-        for score, x1, y1, x2, y2 in pred:
-            ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="red", lw=1.2, ls="--"))
-            ax.text(x1, y1 - 2, f"{score:.2f}", color="red", fontsize=7)
+        for x, y, w, h in gt:
+            ax.add_patch(plt.Rectangle((x, y), w, h, fill=False, color="lime", lw=1.6))
+        for score, x, y, w, h in pred:
+            ax.add_patch(plt.Rectangle((x, y), w, h, fill=False, color="red", lw=1.2, ls="--"))
+            ax.text(x, y - 2, f"{score:.2f}", color="red", fontsize=7)
         ax.set_title(caption, fontsize=8)
     fig.suptitle("validation images: ground truth (green) and predictions above the threshold (red)")
     fig.tight_layout()

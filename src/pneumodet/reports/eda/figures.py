@@ -13,7 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from pneumodet.data.records import CLASS_NAMES
+from pneumodet.data.records import CLASS_NAMES, CLASS_SHORT_NAMES
 from pneumodet.reports.eda.tables import IMPOSSIBLE_AGE
 
 __all__ = [
@@ -140,7 +140,7 @@ def categorical_figure(meta: pd.DataFrame) -> Figure:
             bars = ax.bar(x + (j - (n - 1) / 2) * width, table[value], width, label=value,
                           color=_VIEW_COLORS.get(value))
             ax.bar_label(bars, fontsize=8, padding=1)
-        ax.set_xticks(x, ["Normal", "Lung Opacity", "No LO / Not Normal"])
+        ax.set_xticks(x, [CLASS_SHORT_NAMES[name] for name in table.index])
         ax.set_ylabel("patients (images read)")
         ax.set_title(title)
         ax.legend(frameon=False, fontsize=9)
