@@ -26,6 +26,7 @@ import pneumodet
 from pneumodet.boxes import kaggle_rows, xyxy_to_xywh
 from pneumodet.config import TrainConfig
 from pneumodet.data.dataset import RsnaDataModule
+from pneumodet.data.preprocess import to_unit_range
 from pneumodet.data.split import split_fingerprint
 from pneumodet.errors import CheckpointError, ConfigError, PneumodetError
 from pneumodet.hardware import TRAINING_PRECISIONS, bf16_is_native, lightning_precision
@@ -46,23 +47,26 @@ class NonFiniteLossError(PneumodetError):
 
 
 # ---------------------------------------------------------------------------------------------- hardware
+def _device_type(accelerator: str) -> str:
+    """The device type an accelerator choice trains on: a GPU when asked for or (``auto``) when present."""
+    return "cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
+
+
 def hardware_has_bf16(accelerator: str = "auto") -> bool:
     """Whether bf16 autocast is fast for this accelerator choice (a bf16 GPU, or an AMX/AVX512-BF16 CPU)."""
-    use_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return bf16_is_native("cuda" if use_gpu else "cpu")
+    return bf16_is_native(_device_type(accelerator))
 
 
 def resolve_precision(config: TrainConfig) -> str:
     """Lightning's name of the config's precision, resolved by :func:`pneumodet.hardware.resolve_precision`."""
-    use_gpu = config.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return lightning_precision(resolve_device_precision(config.precision, "cuda" if use_gpu else "cpu",
+    return lightning_precision(resolve_device_precision(config.precision, _device_type(config.accelerator),
                                                         choices=TRAINING_PRECISIONS))
 
 
 def resolve_accelerator(config: TrainConfig) -> str:
     if config.accelerator != "auto":
         return config.accelerator
-    return "gpu" if torch.cuda.is_available() else "cpu"
+    return "gpu" if _device_type("auto") == "cuda" else "cpu"
 
 
 # ---------------------------------------------------------------------------------------------- boxes
@@ -104,7 +108,7 @@ class DetectorModule(L.LightningModule):
 
     # -- shared
     def _images(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        images = batch["images"].to(self.device, non_blocking=True).float().div_(255.0)
+        images = to_unit_range(batch["images"].to(self.device, non_blocking=True))
         if self.train_config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
