@@ -501,14 +501,16 @@ def prepare_run(config: TrainConfig, *, resume: bool) -> tuple[TrainConfig, list
 
     run = RunDir(Path(config.out_dir))
     notes: list[str] = []
-    if resume:
+    if resume and _is_launched_rank():  # rank 0 checked the stored run and may have written it since
+        config = TrainConfig.from_yaml(run.config)
+    elif resume:
         if not run.is_run():
             raise ConfigError(f"{run.root}: no run to resume ({run.config.name} not found)")
         stored = TrainConfig.from_yaml(run.config)
         config, notes = stored.resumed_with(config.to_dict(), run.root)
         if run.is_finished() and not notes:
             raise ConfigError(f"{run.root}: the run has finished; pass more --epochs to train it further")
-    elif run.is_run() or run.last_ckpt.exists() or run.is_finished():
+    elif not _is_launched_rank() and (run.is_run() or run.last_ckpt.exists() or run.is_finished()):
         state = "a finished run" if run.is_finished() else "an unfinished run (pass --resume to continue it)"
         raise ConfigError(f"{run.root} holds {state}; choose another --out")
     config = config.with_absolute_paths()
@@ -532,7 +534,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
     resumed = resume and run.last_ckpt.exists()
     if resumed:
         _check_resumable(run, config)
-    config.to_yaml(run.config)
+    if not _is_launched_rank():
+        config.to_yaml(run.config)
 
     L.seed_everything(config.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
@@ -567,6 +570,12 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
             "encoder_weights": _encoder_start(config), "images_excluded": result.excluded,
             "versions": _versions()})
     return result
+
+
+def _is_launched_rank() -> bool:
+    """This process is a DDP rank other than the first, started for the same command by Lightning's launcher
+    (or a cluster's): the run folder is the first rank's to check and write."""
+    return any(int(os.environ.get(name) or 0) > 0 for name in ("LOCAL_RANK", "NODE_RANK", "RANK"))
 
 
 def _encoder_start(config: TrainConfig) -> str:
