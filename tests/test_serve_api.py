@@ -224,7 +224,10 @@ def test_probes_metrics_docs_and_page(client):
     assert {"/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
     body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/dicom"} <= set(body)
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "cdn" not in docs.text.lower()  # the OpenAPI page works offline
+    assets = re.findall(r'(?:src|href)="(/docs-static/[^"]+)"', docs.text)
+    assert len(assets) >= 2 and all(client.get(a).status_code == 200 for a in assets)
     page = client.get("/")
     assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
     assert '<script src="/static/app.js"' in page.text and not re.search(r"https?://", page.text)

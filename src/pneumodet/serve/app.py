@@ -33,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -58,6 +59,8 @@ LOG_IDS = ("plain", "hash", "none")
 _ROUTES = ("/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics", "/", "/docs", "/openapi.json")
 #: Routes whose requests hold images: limited in number, in body size and in time.
 _IMAGE_ROUTES = ("/v1/predict",)
+#: where the OpenAPI page's own Swagger UI files are served
+_DOCS_STATIC = "/docs-static"
 #: Shown with a 415 and in the API description.
 _HOW_TO_SEND = ("send DICOM files as multipart/form-data file parts (any field name, e.g. curl -F "
                 "file=@image.dcm), or one file as the body with Content-Type: application/dicom")
@@ -160,6 +163,8 @@ def route_of(path: str) -> str:
         return path
     if path.startswith("/static/"):
         return "/static"
+    if path.startswith(_DOCS_STATIC + "/"):
+        return _DOCS_STATIC
     return "other"
 
 
@@ -319,7 +324,9 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
             await batcher.stop()
             log.info("stopped: %d batch(es) run", batcher.batches)
 
-    app = FastAPI(
+    # FastAPIOffline: the OpenAPI page (/docs) served with its own Swagger UI files, no CDN (works offline)
+    app = FastAPIOffline(
+        redoc_url=None, static_url=_DOCS_STATIC,
         title="pneumodet", version=__version__, lifespan=lifespan,
         summary="Pneumonia (lung opacity) boxes on chest X-ray DICOMs: RetinaNet trained on the RSNA challenge data.",
         description=(f"Predictions are an algorithm's output, not a diagnosis. POST DICOMs to `/v1/predict` "
