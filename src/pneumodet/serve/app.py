@@ -41,7 +41,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from pneumodet import __version__
-from pneumodet.errors import PneumodetError
+from pneumodet.errors import ConfigError, PneumodetError
 from pneumodet.safeio import dumps_json
 from pneumodet.serve.batching import BatcherStopped, DynamicBatcher, QueueFull
 from pneumodet.serve.limits import Limits, UploadTooLarge, bounded, declared_length
@@ -83,8 +83,6 @@ class ServeSettings:
     log_ids: str = "plain"
 
     def check(self) -> ServeSettings:
-        from pneumodet.errors import ConfigError
-
         if self.max_batch < 1:
             raise ConfigError(f"--max-batch must be at least 1, got {self.max_batch}")
         if not (0 <= self.max_wait_ms <= 10_000):
@@ -411,7 +409,6 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
         415: {"description": "neither multipart/form-data nor application/dicom"},
         422: {"description": "a file is not a readable DICOM image (`files` names each, with its cause), "
                              "or a query parameter is invalid"},
-        501: {"description": "`format=sr` where the DICOM SR feature is not installed"},
         503: {"description": "queue full, too many requests in progress, or shutting down (Retry-After)"},
         504: {"description": "not answered within the request timeout"},
     }
@@ -491,11 +488,6 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
             await run_in_threadpool(shutil.rmtree, folder, True)
 
     def _sr_response(decoded: list[Any], predictions: list[Any], threshold: float) -> Response:
-        try:
-            import pneumodet.clinical.sr  # noqa: F401 - only to know whether the feature is here
-        except ImportError as exc:
-            return error_response(501, f"format=sr needs the DICOM SR feature (pneumodet.clinical.sr), which "
-                                       f"cannot be loaded here: {exc}")
         reports, bad = [], []
         for d, p in zip(decoded, predictions, strict=True):
             try:

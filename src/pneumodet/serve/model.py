@@ -30,8 +30,14 @@ import numpy as np
 import torch
 
 from pneumodet import __version__
+from pneumodet.clinical.identity import AlgorithmIdentity
+from pneumodet.clinical.sr import image_objects
+from pneumodet.config import TrainConfig
+from pneumodet.data.dicom import read_dicom
 from pneumodet.data.records import CLASS_NAMES
+from pneumodet.data.split import SPLIT_JSON
 from pneumodet.errors import CheckpointError, DicomReadError, PneumodetError
+from pneumodet.evaluation import METRICS_FILE
 from pneumodet.inference import (
     ImagePrediction,
     Predictor,
@@ -165,7 +171,6 @@ class ServedModel:
         Raises:
             UnreadableUpload: not a DICOM, broken, or not an image pneumodet can read; names ``name``.
         """
-        from pneumodet.data.dicom import read_dicom
 
         try:
             pixels, meta = read_dicom(path)
@@ -229,8 +234,6 @@ class ServedModel:
         Raises:
             PneumodetError: the image cannot be referenced by an SR (no UIDs, for one).
         """
-        from pneumodet.clinical.identity import AlgorithmIdentity
-        from pneumodet.clinical.sr import image_objects
 
         identity = AlgorithmIdentity.for_prediction(self.sha256, threshold=threshold, tta=None, gate=False,
                                                     precision=self.predictor.precision)
@@ -250,9 +253,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _read_run(run: RunDir, training: dict[str, Any], metrics: dict[str, Any], notes: list[str]) -> None:
     """Fill the card's ``training`` and ``metrics`` from the run folder (allow-listed fields only)."""
-    from pneumodet.config import TrainConfig
-    from pneumodet.data.split import SPLIT_JSON
-    from pneumodet.evaluation import METRICS_FILE
 
     try:
         config = TrainConfig.from_yaml(run.config)
