@@ -72,29 +72,30 @@ def sr_content(ds: Any) -> dict[str, Any]:
         if name != ("125007", "DCM"):  # Measurement Group
             continue
         group = list(item.ContentSequence)
-        finding = next((_code(g, "ConceptCodeSequence") for g in group if _code(g) == ("121071", "DCM")), None)
+        findings = [g for g in group if _code(g) == ("121071", "DCM")]  # Finding
         scoords = [g for g in group if g.ValueType == "SCOORD"]
-        nums = {_code(g): float(g.MeasuredValueSequence[0].NumericValue) for g in group if g.ValueType == "NUM"}
+        nums = {_code(g): float(g.MeasuredValueSequence[0].NumericValue)
+                for g in group if g.ValueType == "NUM"}
         if scoords:
             (scoord,) = scoords
             assert scoord.GraphicType == "POLYLINE"
             points = np.asarray(scoord.GraphicData, np.float64).reshape(-1, 2)
-            assert points.shape == (5, 2) and np.array_equal(points[0], points[-1]), points  # closed rectangle
+            assert points.shape == (5, 2) and np.array_equal(points[0], points[-1]), points  # closed
             x1, y1 = points[:4].min(0)
             x2, y2 = points[:4].max(0)
             boxes.append([nums[("111012", "DCM")], x1, y1, x2 - x1, y2 - y1])
             referenced |= {str(ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
                            for ref in scoord.ContentSequence}
-            assert finding == ("233604007", "SCT")
+            assert _code(findings[0], "ConceptCodeSequence") == ("233604007", "SCT")
         else:
-            meaning = next(str(g.ConceptCodeSequence[0].CodeMeaning) for g in group if _code(g) == ("121071", "DCM"))
-            probabilities[meaning] = nums[("122157", "DCM")]
+            probabilities[str(findings[0].ConceptCodeSequence[0].CodeMeaning)] = nums[("122157", "DCM")]
     return {"boxes": np.asarray(boxes, np.float64).reshape(-1, 5), "referenced": referenced,
             "probabilities": probabilities, "algorithm": algorithm, "observer": observer}
 
 
 def pr_content(ds: Any) -> dict[str, Any]:
-    """What a presentation state draws: the closed polylines as xywh ``[M, 4]``, its texts, the images it applies to."""
+    """What a presentation state draws: the closed polylines as xywh ``[M, 4]``, its texts, and the images it
+    applies to."""
     boxes, texts, referenced = [], [], set()
     for annotation in ds.GraphicAnnotationSequence:
         referenced |= {str(ref.ReferencedSOPInstanceUID) for ref in annotation.ReferencedImageSequence}
@@ -105,6 +106,16 @@ def pr_content(ds: Any) -> dict[str, Any]:
             boxes.append([x1, y1, x2 - x1, y2 - y1])
         texts += [str(text.UnformattedTextValue) for text in annotation.get("TextObjectSequence", [])]
     return {"boxes": np.asarray(boxes, np.float64).reshape(-1, 4), "texts": texts, "referenced": referenced}
+
+
+def referenced_image(ds: Any) -> str:
+    """The SOP Instance UID of the one image an SR or a presentation state is about."""
+    if ds.Modality == "PR":
+        (sop,) = pr_content(ds)["referenced"]
+    else:  # an SR without boxes references its image only in its evidence
+        evidence = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        (sop,) = sr_content(ds)["referenced"] or {evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID}
+    return str(sop)
 
 
 def all_values(ds: Any) -> list[tuple[str, str]]:

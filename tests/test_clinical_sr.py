@@ -20,6 +20,7 @@ from _dicom_results import (
     all_values,
     dciodvfy_errors,
     pr_content,
+    referenced_image,
     sr_content,
     tiny_checkpoint,
 )
@@ -40,14 +41,9 @@ def _results(folder: Path) -> dict[str, dict[str, pydicom.Dataset]]:
     out: dict[str, dict[str, pydicom.Dataset]] = {}
     for path in sorted(folder.glob("*.dcm")):
         ds = pydicom.dcmread(path)
-        if ds.Modality == "SR":
-            (sop,) = sr_content(ds)["referenced"] or {ds.CurrentRequestedProcedureEvidenceSequence[0]
-                                                      .ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
-                                                      .ReferencedSOPInstanceUID}
-        else:
-            (sop,) = pr_content(ds)["referenced"]
-        assert ds.Modality not in out.setdefault(str(sop), {}), f"two {ds.Modality} for {sop}"
-        out[str(sop)][ds.Modality] = ds
+        sop = referenced_image(ds)
+        assert ds.Modality not in out.setdefault(sop, {}), f"two {ds.Modality} for {sop}"
+        out[sop][ds.Modality] = ds
     return out
 
 
@@ -63,8 +59,8 @@ def test_predict_dicom_out_writes_a_valid_sr_and_pr_per_image_matching_the_submi
         tiny_model, real_sample, tmp_path, capsys):
     images = real_sample / "stage_2_train_images"
     out, sub, js = tmp_path / "dicom", tmp_path / "sub.csv", tmp_path / "pred.json"
-    code = main(["predict", str(tiny_model), str(images), "--out", str(sub), "--json", str(js), "--dicom-out", str(out),
-                 "--threshold", TINY_THRESHOLD, "--precision", "fp32"])
+    code = main(["predict", str(tiny_model), str(images), "--out", str(sub), "--json", str(js),
+                 "--dicom-out", str(out), "--threshold", TINY_THRESHOLD, "--precision", "fp32"])
     printed = capsys.readouterr().out
     assert code == 0
     assert f"wrote 16 DICOM SR and 16 presentation state(s) to {out}" in printed
@@ -97,7 +93,8 @@ def test_predict_dicom_out_writes_a_valid_sr_and_pr_per_image_matching_the_submi
         np.testing.assert_allclose(drawn["boxes"], content["boxes"][:, 1:], atol=1e-3)
         assert len(drawn["texts"]) == len(content["boxes"]) + 1 and "algorithm" in drawn["texts"][-1]
         boxes_seen += len(content["boxes"])
-        assert content["probabilities"] == pytest.approx(predictions[source.SOPInstanceUID]["class_probs"], abs=1e-5)
+        want_probs = predictions[source.SOPInstanceUID]["class_probs"]
+        assert content["probabilities"] == pytest.approx(want_probs, abs=1e-5)
         # made by an algorithm, not a person, and said so
         assert content["observer"] == ("121007", "DCM")  # Device
         assert content["algorithm"]["name"] == "pneumodet"
@@ -105,8 +102,10 @@ def test_predict_dicom_out_writes_a_valid_sr_and_pr_per_image_matching_the_submi
         assert f"threshold={float(TINY_THRESHOLD):.4f}" in content["algorithm"]["parameters"]
         assert (sr.VerificationFlag, sr.CompletionFlag, sr.PreliminaryFlag) == ("UNVERIFIED", "COMPLETE",
                                                                                   "PRELIMINARY")
-        assert "not verified by a physician" in sr.SeriesDescription and "not verified" in pr.SeriesDescription
-        assert pr.PresentationLUTShape == "IDENTITY" and pr.GraphicLayerSequence[0].GraphicLayer == "PNEUMODET"
+        assert "not verified by a physician" in sr.SeriesDescription
+        assert "not verified by a physician" in pr.SeriesDescription
+        assert pr.PresentationLUTShape == "IDENTITY"
+        assert pr.GraphicLayerSequence[0].GraphicLayer == "PNEUMODET"
     assert boxes_seen > 0  # some images have boxes, some none: both shapes of report are checked
 
 
@@ -124,7 +123,8 @@ def test_every_pixel_format_gets_a_valid_sr_and_a_fitting_presentation_state(tin
     assert code == 0
     grey = len(cases) - 2  # RGB and palette colour images get an SR but no (grayscale) presentation state
     assert f"wrote {len(cases)} DICOM SR and {grey} presentation state(s)" in printed
-    assert printed.count("no presentation state:") == 2 and "a RGB image" in printed and "a PALETTE COLOR image" in printed
+    assert printed.count("no presentation state:") == 2
+    assert "a RGB image" in printed and "a PALETTE COLOR image" in printed
     for path in sorted(out.glob("*.dcm")):
         assert dciodvfy_errors(path) == [], path.name
     results = _results(out)
@@ -146,23 +146,26 @@ def test_every_pixel_format_gets_a_valid_sr_and_a_fitting_presentation_state(tin
     # single-frame IOD) whose header declares 3 frames can only be referenced whole
     for name, frame in (("multi_frame_iod", 1), ("multi_frame", None)):
         pr_image = by_case[name]["PR"].GraphicAnnotationSequence[0].ReferencedImageSequence[0]
-        sr_images = [item for item in by_case[name]["SR"].ContentSequence[-1].ContentSequence[0].ContentSequence
-                     if item.ValueType == "SCOORD"][0].ContentSequence[0].ReferencedSOPSequence[0]
-        assert pr_image.get("ReferencedFrameNumber") == frame and sr_images.get("ReferencedFrameNumber") == frame
+        first_group = by_case[name]["SR"].ContentSequence[-1].ContentSequence[0].ContentSequence
+        scoord = next(item for item in first_group if item.ValueType == "SCOORD")
+        sr_image = scoord.ContentSequence[0].ReferencedSOPSequence[0]
+        assert pr_image.get("ReferencedFrameNumber") == sr_image.get("ReferencedFrameNumber") == frame
     assert by_case["missing_tags"]["SR"].PatientID == ""  # no PatientID in the source: none invented
-    assert by_case["non_square"]["SR"].StudyInstanceUID == pydicom.dcmread(cases["non_square"]).StudyInstanceUID
+    non_square = pydicom.dcmread(cases["non_square"], stop_before_pixels=True)
+    assert by_case["non_square"]["SR"].StudyInstanceUID == non_square.StudyInstanceUID
 
 
 def test_sr_and_pr_carry_nothing_identifying_beyond_the_linkage(tiny_model, tmp_path, capsys):
-    source = add_identifying_data(_with_uids(make_dicom(tmp_path / "in" / "p1.dcm", blob_image(96, 128, (20, 20, 60, 70)))))
+    source = make_dicom(tmp_path / "in" / "p1.dcm", blob_image(96, 128, (20, 20, 60, 70)))
+    source = add_identifying_data(_with_uids(source))
     original = pydicom.dcmread(source, stop_before_pixels=True)
     allowed_detail = {PHI["PatientName"], PHI["PatientBirthDate"], PHI["ReferringPhysicianName"],
                       PHI["AccessionNumber"], original.StudyDate, original.StudyTime, original.StudyID}
     allowed_detail |= {v.replace("^", " ") for v in allowed_detail}
     for flag, allowed in (([], set()), (["--dicom-patient-details"], allowed_detail)):
         out = tmp_path / f"dicom{len(flag)}"
-        assert main(["predict", str(tiny_model), str(source), "--out", str(tmp_path / "s.csv"), "--dicom-out", str(out),
-                     "--threshold", "0.0", *flag]) == 0
+        assert main(["predict", str(tiny_model), str(source), "--out", str(tmp_path / "s.csv"),
+                     "--dicom-out", str(out), "--threshold", "0.0", *flag]) == 0
         capsys.readouterr()
         written = sorted(out.glob("*.dcm"))
         assert len(written) == 2
@@ -177,17 +180,19 @@ def test_sr_and_pr_carry_nothing_identifying_beyond_the_linkage(tiny_model, tmp_
                             "PatientComments", "StationName"):
                 assert keyword not in values, (keyword, path.name)
             if not flag:  # the type 2 patient and study elements are there, empty
-                assert [str(ds.get(k)) for k in ("PatientName", "PatientBirthDate", "PatientSex", "StudyDate",
-                                                  "AccessionNumber", "StudyID", "ReferringPhysicianName")] == [""] * 7
+                empty = ("PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "AccessionNumber",
+                         "StudyID", "ReferringPhysicianName")
+                assert [str(ds.get(keyword)) for keyword in empty] == [""] * len(empty)
             else:
-                assert str(ds.PatientName) == PHI["PatientName"] and ds.AccessionNumber == PHI["AccessionNumber"]
+                assert str(ds.PatientName) == PHI["PatientName"]
+                assert ds.AccessionNumber == PHI["AccessionNumber"]
         if flag:
             assert find_identifying(written[0].read_bytes()), "the details asked for are copied"
 
 
 def test_an_image_no_sr_can_reference_is_named_and_the_others_written(tiny_model, tmp_path, capsys):
     good = _with_uids(make_dicom(tmp_path / "in" / "good.dcm", blob_image(64, 64, (10, 10, 40, 40))))
-    bare = make_dicom(tmp_path / "in" / "bare.dcm", blob_image(64, 64, (10, 10, 40, 40)))  # no Study/Series UID
+    bare = make_dicom(tmp_path / "in" / "bare.dcm", blob_image(64, 64, (10, 10, 40, 40)))  # no Study UID
     out = tmp_path / "dicom"
     code = main(["predict", str(tiny_model), str(tmp_path / "in"), "--out", str(tmp_path / "s.csv"),
                  "--dicom-out", str(out), "--threshold", "0.5"])
@@ -198,12 +203,12 @@ def test_an_image_no_sr_can_reference_is_named_and_the_others_written(tiny_model
     assert len(list(out.glob("*.dcm"))) == 2 and good.exists()
 
     sub = tmp_path / "s2.csv"
-    code = main(["predict", str(tiny_model), str(bare), "--out", str(sub), "--dicom-out", str(tmp_path / "none"),
-                 "--threshold", "0.5"])
+    code = main(["predict", str(tiny_model), str(bare), "--out", str(sub), "--dicom-out",
+                 str(tmp_path / "none"), "--threshold", "0.5"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert err.startswith("pneumodet predict: error: --dicom-out: no image could get a DICOM SR (1 of 1:")
-    assert sub.exists() and not list((tmp_path / "none").glob("*.dcm"))  # the submission was written, no DICOM
+    assert sub.exists() and not list((tmp_path / "none").glob("*.dcm"))  # the submission, no DICOM
 
 
 def test_uids_follow_the_result_and_the_chosen_root(tiny_model, tmp_path, capsys):

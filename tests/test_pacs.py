@@ -18,7 +18,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from _dicom_results import TINY_THRESHOLD, dciodvfy_errors, pr_content, sr_content, tiny_checkpoint
+from _dicom_results import TINY_THRESHOLD, dciodvfy_errors, referenced_image, sr_content, tiny_checkpoint
 from _helpers import assert_same_detections, kaggle_to_xyxy
 from _orthanc import MISSING, Orthanc, free_port, orthanc_binary
 from badinputs import blob_image, make_dicom
@@ -63,6 +63,10 @@ def _images(real_sample: Path) -> list[Path]:
     return sorted((real_sample / "stage_2_train_images").glob("*.dcm"))
 
 
+def _by_study(studies) -> list[str]:
+    return [arg for study in studies for arg in ("--study", study)]
+
+
 def _pacs(model: Path, url: str, *args: str) -> list[str]:
     return ["pacs", str(model), "--url", url, "--threshold", TINY_THRESHOLD, "--precision", "fp32", *args]
 
@@ -74,18 +78,19 @@ def test_round_trip_by_study_stores_one_sr_and_pr_per_image_matching_predict(
     files = _images(real_sample)
     studies = server.upload(files)
     report = tmp_path / "pacs.json"
-    code = main(_pacs(tiny_model, server.dicomweb, *[a for s in studies for a in ("--study", s)], "--json", str(report)))
+    code = main(_pacs(tiny_model, server.dicomweb, *_by_study(studies), "--json", str(report)))
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "instances found: 16; radiographs: 16; skipped: 0" in out.out
-    assert "stored: 16 SR and 16 presentation state(s); 16 of 16 predicted image(s) complete, in 16 study(ies)" in out.out
-    assert "pacs: fetch: 16 of 16" in out.err and "pacs: store: 16 of 16" in out.err  # plain progress off a terminal
+    assert ("stored: 16 SR and 16 presentation state(s); 16 of 16 predicted image(s) complete, in 16 "
+            "study(ies)") in out.out
+    assert "pacs: fetch: 16 of 16" in out.err and "pacs: store: 16 of 16" in out.err  # lines off a terminal
     assert waits == [] and server.count() == 48
 
     # what predict writes for the same files, for comparison
     sub = tmp_path / "sub.csv"
-    assert main(["predict", str(tiny_model), *map(str, files), "--out", str(sub), "--threshold", TINY_THRESHOLD,
-                 "--precision", "fp32"]) == 0
+    assert main(["predict", str(tiny_model), *map(str, files), "--out", str(sub), "--threshold",
+                 TINY_THRESHOLD, "--precision", "fp32"]) == 0
     capsys.readouterr()
     submission = read_submission(sub)
     sources = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID):
@@ -94,11 +99,7 @@ def test_round_trip_by_study_stores_one_sr_and_pr_per_image_matching_predict(
     assert len(reports) == len(states) == 16
     by_source = {}
     for ds in reports + states:
-        referenced = (sr_content(ds)["referenced"] if ds.Modality == "SR" else pr_content(ds)["referenced"]) or {
-            ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
-            .ReferencedSOPInstanceUID}
-        (sop,) = referenced
-        by_source.setdefault(str(sop), {})[ds.Modality] = ds
+        by_source.setdefault(referenced_image(ds), {})[ds.Modality] = ds
     assert set(by_source) == set(sources)
     boxes = 0
     for sop, pair in by_source.items():
@@ -106,8 +107,9 @@ def test_round_trip_by_study_stores_one_sr_and_pr_per_image_matching_predict(
         source = sources[sop]
         assert pair["SR"].StudyInstanceUID == pair["PR"].StudyInstanceUID == source.StudyInstanceUID
         content = sr_content(pair["SR"])
-        assert_same_detections(*kaggle_to_xyxy(content["boxes"]), *kaggle_to_xyxy(submission[source.PatientID]),
-                               box_atol=0.5, score_atol=1e-4, cut=False)
+        want = submission[source.PatientID]
+        assert_same_detections(*kaggle_to_xyxy(content["boxes"]), *kaggle_to_xyxy(want), box_atol=0.5,
+                               score_atol=1e-4, cut=False)
         boxes += len(content["boxes"])
     assert boxes > 0
     # the objects as the archive holds them are valid
@@ -129,13 +131,15 @@ def test_round_trip_by_study_stores_one_sr_and_pr_per_image_matching_predict(
     assert server.count() == 48  # the same UIDs: the archive already had every object
 
 
-def test_non_radiographs_and_other_modalities_are_skipped_and_listed(orthanc_factory, tiny_model, tmp_path, capsys):
+def test_non_radiographs_and_other_modalities_are_skipped_and_listed(orthanc_factory, tiny_model, tmp_path,
+                                                                      capsys):
     from pydicom.data import get_testdata_file
 
     server = orthanc_factory()
     (ct_study,) = server.upload([get_testdata_file("CT_small.dcm")])
     scan = make_dicom(tmp_path / "form.dcm", blob_image(64, 64, (8, 8, 40, 40)),
-                      tags={"Modality": "OT", "StudyInstanceUID": ct_study, "SeriesInstanceUID": "1.2.3.4.5.6"})
+                      tags={"Modality": "OT", "StudyInstanceUID": ct_study,
+                            "SeriesInstanceUID": "1.2.3.4.5.6"})
     server.upload([scan])
     code = main(_pacs(tiny_model, server.dicomweb, "--study", ct_study))
     out = capsys.readouterr()
@@ -143,8 +147,8 @@ def test_non_radiographs_and_other_modalities_are_skipped_and_listed(orthanc_fac
     assert "instances found: 2; radiographs: 0; skipped: 2" in out.out
     assert "not a radiograph (CT CT Image Storage)" in out.out
     assert "modality OT is not among CR, DX (--modality)" in out.out
-    assert out.err.strip() == (f"pneumodet pacs: error: {server.dicomweb}: none of the 2 instance(s) found is a "
-                               "radiograph to predict (modality CR, DX); nothing stored")
+    assert out.err.strip() == (f"pneumodet pacs: error: {server.dicomweb}: none of the 2 instance(s) found "
+                               "is a radiograph to predict (modality CR, DX); nothing stored")
     assert server.count() == 2
 
     assert main(_pacs(tiny_model, server.dicomweb, "--study", ct_study, "--modality", "OT")) == 0  # asked for
@@ -158,8 +162,8 @@ def test_a_wrong_study_uid_is_one_line_and_fetches_nothing(orthanc_factory, tiny
     code = main(_pacs(tiny_model, server.dicomweb, "--study", "1.2.3.4.5.6.7"))
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert err == (f"pneumodet pacs: error: {server.dicomweb}: study 1.2.3.4.5.6.7 not found (QIDO-RS lists no "
-                   "instance of it); nothing fetched")
+    assert err == (f"pneumodet pacs: error: {server.dicomweb}: study 1.2.3.4.5.6.7 not found (QIDO-RS lists "
+                   "no instance of it); nothing fetched")
     for bad in ("../../instances", "1.2.3?x=1", "1.02.3"):  # never put into a URL
         assert main(_pacs(tiny_model, server.dicomweb, "--study", bad)) == 2
         err = capsys.readouterr().err.strip()
@@ -168,10 +172,10 @@ def test_a_wrong_study_uid_is_one_line_and_fetches_nothing(orthanc_factory, tiny
 
 
 @pytest.mark.parametrize("when", ["fetch", "store"])
-def test_the_server_stopped_mid_run(orthanc_factory, tiny_model, real_sample, tmp_path, capsys, waits, monkeypatch,
-                                    when):
-    """Orthanc is stopped after the 3rd retrieval or after the first stored image: one line naming the server and
-    the status; what was stored is exactly what the summary says (checked on the restarted server)."""
+def test_the_server_stopped_mid_run(orthanc_factory, tiny_model, real_sample, tmp_path, capsys, waits,
+                                    monkeypatch, when):
+    """Orthanc is stopped after the 3rd retrieval or after the first stored image: one line naming the server
+    and the status; what was stored is exactly what the summary says (checked on the restarted server)."""
     from pneumodet.clinical.dicomweb import DicomWebServer
 
     server = orthanc_factory(tmp_path / "orthanc")
@@ -188,8 +192,8 @@ def test_the_server_stopped_mid_run(orthanc_factory, tiny_model, real_sample, tm
 
     monkeypatch.setattr(DicomWebServer, when, then_stop)
     report = tmp_path / "pacs.json"
-    code = main(_pacs(tiny_model, server.dicomweb, *[a for s in studies for a in ("--study", s)], "--stow-batch", "2",
-                      "--retries", "2", "--json", str(report)))
+    code = main(_pacs(tiny_model, server.dicomweb, *_by_study(studies), "--stow-batch", "2", "--retries", "2",
+                      "--json", str(report)))
     out = capsys.readouterr()
     assert code == 2
     (line,) = out.err.strip().splitlines()[-1:]
@@ -201,7 +205,8 @@ def test_the_server_stopped_mid_run(orthanc_factory, tiny_model, real_sample, tm
     stored = [i for i in data["images"] if i["sr_stored"] and i["pr_stored"]]
     if when == "fetch":
         assert stored == [] and len(data["not_attempted"]) == 16
-        assert "stored: 0 SR and 0 presentation state(s)" in out.out and "16 image(s) not attempted" in out.out
+        assert "stored: 0 SR and 0 presentation state(s)" in out.out
+        assert "16 image(s) not attempted" in out.out
     else:
         assert len(stored) == 1 and len(data["images"]) == 16
         assert "stored: 1 SR and 1 presentation state(s); 1 of 16 predicted image(s) complete" in out.out
@@ -212,7 +217,8 @@ def test_the_server_stopped_mid_run(orthanc_factory, tiny_model, real_sample, tm
 
 
 class _Fake(BaseHTTPRequestHandler):
-    """A configurable fake DICOMweb server: ``respond(handler) -> (status, headers, body)``; requests are logged."""
+    """A configurable fake DICOMweb server: ``respond(handler) -> (status, headers, body)``; requests are
+    logged."""
 
     respond = None
     log: list = []
@@ -274,16 +280,17 @@ def test_a_500_from_the_server_is_retried_then_one_line(fake_server, tiny_model,
 
 def test_a_failing_stow_is_retried_reported_and_nothing_is_half_stored(
         orthanc_factory, fake_server, tiny_model, real_sample, tmp_path, capsys, waits):
-    """A proxy passes searches and retrievals to Orthanc and answers every STOW-RS with 503 (Retry-After 3)."""
+    """A proxy passes searches and retrievals to Orthanc and answers every STOW-RS with 503, Retry-After 3."""
     server = orthanc_factory()
     studies = server.upload(_images(real_sample)[:4])
 
     def proxy(handler):
         if handler.command == "POST":
             return 503, {"Retry-After": "3"}, b""
-        with urllib.request.urlopen(urllib.request.Request(
-                server.rest + handler.path, headers={"Accept": handler.headers.get("Accept", "*/*")}), timeout=30) as a:
-            return a.status, {"Content-Type": a.headers["Content-Type"]}, a.read()
+        forwarded = urllib.request.Request(server.rest + handler.path,
+                                           headers={"Accept": handler.headers.get("Accept", "*/*")})
+        with urllib.request.urlopen(forwarded, timeout=30) as answer:
+            return answer.status, {"Content-Type": answer.headers["Content-Type"]}, answer.read()
 
     url, log = fake_server(proxy)
     report = tmp_path / "pacs.json"
@@ -340,14 +347,15 @@ def test_credentials_come_from_the_environment_or_a_file_never_the_command_line(
     assert main(_pacs(tiny_model, url, "--study", "1.2.3", "--auth-file", str(secret))) == 2
     out = capsys.readouterr()
     assert f"warning: --auth-file {secret} can be read by other users (mode 644)" in out.err
-    assert out.err.strip().splitlines()[-1] == (f"pneumodet pacs: error: {url}: QIDO-RS search for instances of "
-                                                f"study 1.2.3: HTTP 401 Unauthorized (credentials: --auth-file {secret})")
+    assert out.err.strip().splitlines()[-1] == (
+        f"pneumodet pacs: error: {url}: QIDO-RS search for instances of study 1.2.3: HTTP 401 Unauthorized "
+        f"(credentials: --auth-file {secret})")
     assert log[-1][2].startswith("Basic ") and "wonder" not in out.err
 
     requests_before = len(log)
     for argv, message in (
             (["--url", url.replace("http://", "http://alice:pw@")], "--url holds a user name or password"),
-            (["--auth-env", "NO_SUCH_VARIABLE_HERE"], "--auth-env NO_SUCH_VARIABLE_HERE: the environment variable"),
+            (["--auth-env", "NO_SUCH_VARIABLE"], "--auth-env NO_SUCH_VARIABLE: the environment variable"),
             (["--auth-env", "PACS_TOKEN", "--auth-file", str(secret)], "not both")):
         monkeypatch.setenv("PACS_TOKEN", f"Bearer {token}")
         code = main(["pacs", str(tiny_model), "--url", url, "--study", "1.2.3", *argv])
@@ -383,8 +391,9 @@ def test_bad_options_are_one_line_before_any_request(fake_server, tiny_model, ca
 
 
 def test_qido_paging_ends_when_the_server_ignores_offset(orthanc_factory, fake_server, real_sample):
-    """Orthanc 1.10 ignores ``offset`` when a filter is given (dicomweb-client's ``get_remaining`` then asks
-    forever): paging stops at a page with nothing new, and every match is there once."""
+    """Orthanc 1.10's paging fails with ``ModalitiesInStudy`` (``offset`` alone is ignored, so
+    dicomweb-client's ``get_remaining`` asks forever; ``limit`` with ``offset`` gives an empty second page);
+    a fake server repeats its page whatever the offset. Paging ends, and every match is there once."""
     from pneumodet.clinical.dicomweb import DicomWebServer
 
     server = orthanc_factory()
@@ -399,3 +408,53 @@ def test_qido_paging_ends_when_the_server_ignores_offset(orthanc_factory, fake_s
     assert [row["0020000D"]["Value"][0] for row in found] == ["1.2.3.0", "1.2.3.1", "1.2.3.2"]
     assert len(log) == 3  # the second page repeated the first: then once without paging
     assert "limit=" in log[0][1] and "limit=" not in log[2][1]
+
+
+def test_images_of_one_study_are_stored_in_batches_with_their_sr_and_pr_together(
+        orthanc_factory, tiny_model, tmp_path, capsys, monkeypatch):
+    from pydicom.uid import generate_uid
+
+    from pneumodet.clinical.dicomweb import DicomWebServer
+
+    server = orthanc_factory()
+    study, series = generate_uid(), generate_uid()
+    server.upload([make_dicom(tmp_path / f"p{i}.dcm", blob_image(64, 64, (8 + i, 8, 40, 40)), patient_id="p1",
+                              tags={"StudyInstanceUID": study, "SeriesInstanceUID": series}) for i in range(5)])
+    requests: list[list[str]] = []
+    original = DicomWebServer.store
+
+    def recorded(self, study_uid, datasets):
+        requests.append([ds.Modality for ds in datasets])
+        return original(self, study_uid, datasets)
+
+    monkeypatch.setattr(DicomWebServer, "store", recorded)
+    assert main(_pacs(tiny_model, server.dicomweb, "--study", study, "--stow-batch", "4", "--threshold", "0.0")) == 0
+    assert "stored: 5 SR and 5 presentation state(s); 5 of 5 predicted image(s) complete, in 1 study(ies)" in (
+        capsys.readouterr().out)
+    assert requests == [["SR", "PR", "SR", "PR"], ["SR", "PR", "SR", "PR"], ["SR", "PR"]]
+    assert server.count() == 15 and len(server.instances("SR")) == 5
+
+
+def test_ctrl_c_while_storing_still_says_what_was_stored(orthanc_factory, tiny_model, real_sample, capsys,
+                                                        monkeypatch):
+    from pneumodet.clinical.dicomweb import DicomWebServer
+
+    server = orthanc_factory()
+    studies = server.upload(_images(real_sample)[:4])
+    original, calls = DicomWebServer.store, []
+
+    def interrupted_on_the_second(self, study, datasets):
+        calls.append(study)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, study, datasets)
+
+    monkeypatch.setattr(DicomWebServer, "store", interrupted_on_the_second)
+    assert main(_pacs(tiny_model, server.dicomweb, *_by_study(studies))) == 130
+    out = capsys.readouterr()
+    assert out.err.strip().splitlines()[-1] == "pneumodet pacs: interrupted"
+    assert "stored: 1 SR and 1 presentation state(s); 1 of 4 predicted image(s) complete" in out.out
+    assert "interrupted during its STOW-RS request (the server may hold it)" in out.out
+    assert out.out.count("not attempted: the run stopped before") == 2
+    assert "the same command again stores what is missing, and nothing twice" in out.out
+    assert len(server.instances("SR")) == 1

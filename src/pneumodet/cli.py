@@ -140,9 +140,9 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--follow-symlinks", action="store_true",
                    help="follow symbolic links that lead out of an input folder")
     p.add_argument("--dicom-out", type=Path, metavar="DIR",
-                   help="folder for one DICOM SR (TID 1500 measurement report: boxes in the image's own pixels, scores, "
-                        "class probabilities) and one grayscale presentation state (boxes drawn) per image, linked to "
-                        "it by its UIDs: <overlay name>_sr.dcm / _pr.dcm")
+                   help="folder for one DICOM SR (TID 1500 measurement report: boxes in the image's own pixels, "
+                        "scores, class probabilities) and one grayscale presentation state (boxes drawn) per "
+                        "image, linked to it by its UIDs: <overlay name>_sr.dcm / _pr.dcm")
     _add_dicom_out_options(p)
 
 
@@ -164,8 +164,8 @@ def _run_predict(args: argparse.Namespace) -> None:
     if args.dicom_out:
         from pneumodet.clinical.sr import write_dicom_results
 
-        print(write_dicom_results(result, args.dicom_out, args.model, patient_details=args.dicom_patient_details,
-                                  uid_root=args.uid_root).summary())
+        print(write_dicom_results(result, args.dicom_out, args.model,
+                                  patient_details=args.dicom_patient_details, uid_root=args.uid_root).summary())
 
 
 # ---------------------------------------------------------------- pacs
@@ -204,47 +204,51 @@ def _prediction_options(args: argparse.Namespace) -> PredictOptions:
 def _add_dicom_out_options(p: argparse.ArgumentParser) -> None:
     """How the DICOM SR and presentation state of each image are made (``predict --dicom-out``, ``pacs``)."""
     p.add_argument("--dicom-patient-details", action="store_true",
-                   help="also copy the patient's name, birth date and sex and the study's date, time, accession "
-                        "number, ID and referring physician from each source image into its SR and PR (default: only "
-                        "what links a result to its image: PatientID and the Study/Series/SOP Instance UIDs)")
+                   help="also copy the patient's name, birth date and sex and the study's date, time, "
+                        "accession number, ID and referring physician from each source image into its SR and "
+                        "PR (default: only what links a result to its image: PatientID and the "
+                        "Study/Series/SOP Instance UIDs)")
     p.add_argument("--uid-root", metavar="ROOT",
-                   help="your organisation's registered UID root for the new SR/PR UIDs (default 2.25: UUID-derived "
-                        "UIDs, unique without registration)")
+                   help="your organisation's registered UID root for the new SR/PR UIDs (default 2.25: "
+                        "UUID-derived UIDs, unique without registration)")
 
 
 def _add_pacs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=Path, help=f"training run directory (uses its {rundir.BEST_MODEL}) or a checkpoint")
+    p.add_argument("model", type=Path,
+                   help=f"training run directory (uses its {rundir.BEST_MODEL}) or a checkpoint")
     p.add_argument("--url", required=True,
-                   help="DICOMweb base URL, e.g. http://pacs.example.org:8042/dicom-web (never with credentials in it)")
+                   help="DICOMweb base URL, e.g. http://pacs.example.org:8042/dicom-web (never with "
+                        "credentials in it)")
     p.add_argument("--study", action="append", default=[], metavar="UID",
                    help="a Study Instance UID to fetch (repeat for several)")
     p.add_argument("--series", action="append", default=[], metavar="UID",
                    help="a Series Instance UID to fetch (repeat for several)")
     p.add_argument("--modality", metavar="LIST",
-                   help="comma-separated modalities, e.g. CR,DX: without --study/--series, search the studies holding "
-                        "them (with --date-from/--date-to); always, predict only images of these modalities "
-                        "(default CR,DX); everything else is skipped and listed")
+                   help="comma-separated modalities, e.g. CR,DX: without --study/--series, search the "
+                        "studies holding them (with --date-from/--date-to); always, predict only images of "
+                        "these modalities (default CR,DX); everything else is skipped and listed")
     p.add_argument("--date-from", metavar="YYYY-MM-DD", help="search studies from this study date")
     p.add_argument("--date-to", metavar="YYYY-MM-DD", help="search studies up to this study date")
     p.add_argument("--auth-env", metavar="VAR",
                    help="environment variable holding 'Bearer <token>' or 'Basic <user>:<password>' "
-                        "(default: $PNEUMODET_DICOMWEB_AUTH when set; credentials are never taken from the command line)")
+                        "(default: $PNEUMODET_DICOMWEB_AUTH when set; credentials are never taken from the "
+                        "command line)")
     p.add_argument("--auth-file", type=Path, metavar="FILE",
                    help="file whose first line is 'Bearer <token>' or 'Basic <user>:<password>' (chmod 600)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to connect and to wait for each answer "
-                                                              "(default 30)")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds to connect and to wait for each answer (default 30)")
     p.add_argument("--retries", type=int, default=3,
-                   help="further attempts after a transient failure (no connection, timeout, 429/5xx), waiting 1, 2, "
-                        "4... s between them (default 3)")
+                   help="further attempts after a transient failure (no connection, timeout, 429/5xx), "
+                        "waiting 1, 2, 4... s between them (default 3)")
     _add_prediction_options(p)
     _add_dicom_out_options(p)
     p.add_argument("--chunk", type=int, default=256,
-                   help="images fetched, predicted and stored per round (default 256: bounds disk and memory)")
+                   help="images fetched, predicted and stored per round (default 256: bounded disk, memory)")
     p.add_argument("--stow-batch", type=int, default=16,
                    help="instances per STOW-RS request (default 16: 8 images' SR and PR)")
     p.add_argument("--json", type=Path,
-                   help="JSON file with every instance found and what became of it: skipped, fetched, predicted, "
-                        "the UIDs of its SR and PR and whether the server stored them")
+                   help="JSON file with every instance found and what became of it: skipped, fetched, "
+                        "predicted, the UIDs of its SR and PR and whether the server stored them")
     p.add_argument("--dicom-out", type=Path, metavar="DIR", help="also keep a copy of every SR and PR in DIR")
 
 
@@ -252,26 +256,26 @@ def _run_pacs(args: argparse.Namespace) -> None:
     from pneumodet.clinical.dicomweb import DicomWebServer, PacsError, read_credentials
     from pneumodet.clinical.identity import check_uid_root
     from pneumodet.clinical.pacs import PacsQuery, parse_date, run_pacs
-    from pneumodet.inference import PredictOptions
     from pneumodet.safeio import write_json
 
     query = PacsQuery(studies=tuple(args.study), series=tuple(args.series),
                       modalities=tuple(_csv(args.modality.upper())) if args.modality else (),
-                      date_from=parse_date(args.date_from, "--date-from"), date_to=parse_date(args.date_to, "--date-to"))
+                      date_from=parse_date(args.date_from, "--date-from"),
+                      date_to=parse_date(args.date_to, "--date-to"))
     check_uid_root(args.uid_root)
     credentials, warnings = read_credentials(env=args.auth_env, file=args.auth_file)
     for warning in warnings:
         print(f"pneumodet pacs: warning: {warning}", file=sys.stderr)
     server = DicomWebServer(args.url, credentials=credentials, timeout=args.timeout, retries=args.retries)
-    options = PredictOptions(threshold=args.threshold, tta=args.tta, tta_merge=args.tta_merge, gate=args.gate,
-                             batch_size=args.batch_size, device=args.device, precision=args.precision,
-                             workers=args.workers, compile=args.compile)
-    summary = run_pacs(args.model, server, query, options=options, chunk=args.chunk, stow_batch=args.stow_batch,
-                       patient_details=args.dicom_patient_details, uid_root=args.uid_root,
-                       dicom_out=args.dicom_out, progress="bar" if sys.stderr.isatty() else "lines")
+    summary = run_pacs(args.model, server, query, options=_prediction_options(args), chunk=args.chunk,
+                       stow_batch=args.stow_batch, patient_details=args.dicom_patient_details,
+                       uid_root=args.uid_root, dicom_out=args.dicom_out,
+                       progress="bar" if sys.stderr.isatty() else "lines")
     print(summary.render())
     if args.json:
         print(f"wrote {display_path(write_json(args.json, summary.to_json(), indent=1))}")
+    if summary.interrupted:
+        raise KeyboardInterrupt  # reported above; ends as any interrupted command (exit 130)
     if summary.error:
         raise PacsError(summary.error)
 

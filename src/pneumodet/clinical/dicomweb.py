@@ -13,11 +13,12 @@ What it adds to ``dicomweb-client``:
 * **one-line errors** (:class:`PacsError`) naming the server (without credentials), what was being done and
   the status: ``http://pacs:8042/dicom-web: STOW-RS of 2 instance(s) to study 1.2.3: HTTP 500 Internal
   Server Error (4 attempts)``, ``...: cannot connect (connection refused)``, ``...: no answer within 30 s``;
-* **paging that ends and misses nothing**: QIDO results are read ``page_size`` at a time until a short or
-  empty page; a server that ignores ``offset`` (as Orthanc 1.10 does with a filter) answers the second
-  page with the first again, and is then asked once for every match without paging (dicomweb-client's
-  own ``get_remaining`` would ask forever, or paging would stop at the first page); more than
-  :data:`MAX_RESULTS` matches is refused.
+* **paging that ends and misses nothing**: QIDO results are read ``page_size`` at a time until a short
+  page. A page with nothing new after a full one is either the end or a server whose paging fails for
+  this query (Orthanc 1.10 with ``ModalitiesInStudy``: ``offset`` alone is ignored, ``limit`` with
+  ``offset`` gives an empty page), so one request without paging then completes the results
+  (dicomweb-client's own ``get_remaining`` asks forever there); more than :data:`MAX_RESULTS` matches is
+  refused.
 """
 
 from __future__ import annotations
@@ -302,21 +303,22 @@ class DicomWebServer:
         kwargs: dict[str, Any] = {"search_filters": dict(filters or {}), "fields": list(fields) or None}
         if study is not None:
             kwargs["study_instance_uid"] = study
-        def key(item: dict[str, Any]) -> str:
-            return first_value(item, uid_tag) or f"#{id(item)}"  # one without a UID is kept, and reported later
+
+        def key(item: dict[str, Any]) -> str:  # one without a UID is kept (and reported by the caller)
+            return first_value(item, uid_tag) or f"#{id(item)}"
 
         results: dict[str, dict[str, Any]] = {}
         while True:
             offset = len(results)
-            page = self.call(what, lambda offset=offset: method(limit=self.page_size, offset=offset, **kwargs))
+            page = self.call(what, lambda offset=offset: method(limit=self.page_size, offset=offset,
+                                                                 **kwargs))
             fresh = {key(item): item for item in page if key(item) not in results}
-            if page and not fresh:  # the server ignored offset: ask once for every match, without paging
-                results = {key(item): item for item in self.call(what, lambda: method(**kwargs))}
-            else:
-                results.update(fresh)
+            results.update(fresh)
+            if not fresh and offset:  # an end at a page boundary, or paging broken for this query: ask once
+                results.update({key(item): item for item in self.call(what, lambda: method(**kwargs))})
             if len(results) > MAX_RESULTS:
                 raise PacsError(f"{self.label}: {what}: more than {MAX_RESULTS:,} matches; narrow the query")
-            if len(page) < self.page_size or not fresh:
+            if not fresh or len(page) < self.page_size:
                 return list(results.values())
 
     # -------------------------------------------------------------- WADO-RS

@@ -62,7 +62,7 @@ DEFAULT_MODALITIES = ("CR", "DX")
 #: Listed one by one in the printed summary, per kind of skip (all of them in ``--json``).
 _SHOWN = 10
 _QIDO_FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "Modality")
-_NOT_ATTEMPTED = "not attempted: the server failed before (see the error)"
+_NOT_ATTEMPTED = "not attempted: the run stopped before (see the error)"
 
 
 # ---------------------------------------------------------------- what to fetch
@@ -257,6 +257,7 @@ class PacsSummary:
     notes: list[str] = field(default_factory=list)
     retries: list[str] = field(default_factory=list)
     error: str | None = None  # what stopped the run, or why it is not a success
+    interrupted: bool = False  # stopped by Ctrl-C: the caller reports, then ends as interrupted
 
     def render(self) -> str:
         complete = [r for r in self.images if r.complete]
@@ -276,6 +277,9 @@ class PacsSummary:
         lines += _listing("NOT STORED", [(r.ref.sop, _not_stored(r)) for r in self.images if not r.complete],
                           shown=len(self.images))
         lines += _listing("not attempted (the run stopped)", [(ref.sop, "") for ref in self.not_attempted])
+        if self.not_attempted or any(not r.complete for r in self.images):
+            lines.append("  (an object counts as stored only when the server's answer says so; the same command "
+                         "again stores what is missing, and nothing twice)")
         lines += [f"  retried: {display_text(line)}" for line in self.retries]
         lines += [f"  note: {display_text(line)}" for line in self.notes]
         return "\n".join(lines)
@@ -351,6 +355,7 @@ def run_pacs(model_source: Path | str, server: DicomWebServer, query: PacsQuery,
 
     ``progress`` is one of :data:`PROGRESS_STYLES` (on stderr); ``dicom_out`` also keeps a copy of every SR
     and PR there; ``workdir`` holds the temporary folder of the fetched images (default: the system's).
+    Ctrl-C stops the run too, with ``summary.interrupted`` set: the caller can still say what was stored.
 
     Raises (before anything is fetched):
         ConfigError, CheckpointError: an option or a model no prediction can use.
@@ -382,8 +387,10 @@ def run_pacs(model_source: Path | str, server: DicomWebServer, query: PacsQuery,
                 _run_chunk(model_source, checkpoint_hash, server, refs, folder, summary, options=options,
                            stow_batch=stow_batch, patient_details=patient_details, uid_root=uid_root,
                            dicom_out=dicom_out, progress=progress)
-            except PacsError as exc:  # the server failed beyond its retries: send it nothing more
-                summary.error = str(exc)
+            except (PacsError, KeyboardInterrupt) as exc:  # the server failed beyond its retries, or Ctrl-C
+                summary.interrupted = isinstance(exc, KeyboardInterrupt)
+                summary.error = str(exc) if not summary.interrupted else (
+                    f"{server.label}: interrupted; what was stored before is listed above")
                 done = ({r.ref.sop for r in summary.images} | {ref.sop for ref, _ in summary.not_fetched}
                         | {ref.sop for ref, _ in summary.not_predicted})
                 summary.not_attempted = [ref for later in chunks[number:] for ref in later
@@ -542,10 +549,11 @@ def _store(server: DicomWebServer, by_study: dict[str, list[tuple[ImageRecord, I
             datasets = [ds for _, objects in batch for ds in objects.datasets]
             try:
                 outcome = server.store(study, datasets)
-            except PacsError as exc:
-                for record, _ in batch:
-                    record.problem = str(exc).split(": ", 1)[-1]
-                if exc.transient or exc.status in (401, 403, 407):
+            except (PacsError, KeyboardInterrupt) as exc:
+                for record, _ in batch:  # a request cut short may or may not have been stored: not counted
+                    record.problem = (str(exc).split(": ", 1)[-1] if isinstance(exc, PacsError)
+                                      else "interrupted during its STOW-RS request (the server may hold it)")
+                if isinstance(exc, KeyboardInterrupt) or exc.transient or exc.status in (401, 403, 407):
                     for _, later in batches[number + 1:]:
                         for record, _ in later:
                             record.problem = _NOT_ATTEMPTED

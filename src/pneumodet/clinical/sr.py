@@ -129,7 +129,8 @@ def source_reference(path: Path | str, *, patient_details: bool = False) -> Data
         if keyword in source and source[keyword].value is not None:
             ref.add(source[keyword])
     for keyword, allowed in LUT_SEQUENCES.items():
-        items = [_lut_item(item, allowed, voi=keyword == "VOILUTSequence") for item in (source.get(keyword) or [])]
+        items = [_lut_item(item, allowed, voi=keyword == "VOILUTSequence")
+                 for item in (source.get(keyword) or [])]
         if items and all(item is not None for item in items):
             setattr(ref, keyword, items)
     for keyword in PATIENT_DETAIL_ELEMENTS + ("PatientID", "Modality"):
