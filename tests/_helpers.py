@@ -9,6 +9,8 @@ pair within tolerances; only boxes at the lowest score of their list may be left
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
@@ -98,8 +100,6 @@ def make_run(root, patients, *, threshold: float, size: int = 64):
 
 def assert_one_line_error(code: int, err: str, command: str, *patterns: str) -> str:
     """Exit 2, a single ``pneumodet COMMAND: error: ...`` line, no traceback, every regex in it; the line."""
-    import re
-
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.startswith(f"pneumodet {command}: error:")]
     assert len(lines) == 1 and "Traceback" not in err, err

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _helpers import assert_one_line_error
 from badinputs import (
     ABSURD_BOXES,
     CLASSES_HEADER,
@@ -69,14 +70,6 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str
     return code, captured.out, captured.err
 
 
-def assert_one_line_error(code: int, err: str, command: str, *patterns: str) -> None:
-    """Exit 2, a single ``pneumodet COMMAND: error: ...`` line, no traceback, every pattern in it."""
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.startswith(f"pneumodet {command}: error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for pattern in patterns:
-        assert re.search(pattern, lines[0]), (pattern, lines[0])
 
 
 # ============================================================================================ DICOM

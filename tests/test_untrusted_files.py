@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from _helpers import assert_one_line_error
 from badinputs import small_patients, write_dataset
 from pneumodet.cli import main
 from pneumodet.config import TrainConfig
@@ -64,14 +65,6 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str
     return code, capsys.readouterr().err
 
 
-def assert_one_line_error(code: int, err: str, command: str, *patterns: str) -> str:
-    """Exit 2, a single ``pneumodet COMMAND: error: ...`` line, no traceback, every pattern in it."""
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.startswith(f"pneumodet {command}: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for pattern in patterns:
-        assert re.search(pattern, lines[0]), (pattern, lines[0])
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

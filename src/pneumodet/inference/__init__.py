@@ -19,8 +19,9 @@ never loads ONNX.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from pneumodet.lazy import lazy_exports
 
 _HOMES = {
     "PredictOptions": "options", "TtaMerge": "options", "TTA_CHOICES": "options", "TTA_MERGES": "options",
@@ -155,14 +156,7 @@ if TYPE_CHECKING:
     from pneumodet.inference.tta import merge_views, weighted_boxes_fusion
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    home = _HOMES[name]
-    module = importlib.import_module(home if home.startswith("pneumodet.") else f"{__name__}.{home}")
-    value = getattr(module, _RENAMED.get(name, name))
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _HOMES, _RENAMED)
 
 
 def __dir__() -> list[str]:

@@ -6,8 +6,9 @@ command line does to show its defaults — does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from pneumodet.lazy import lazy_exports
 
 _HOMES = {
     "AnchorGenerator": "anchors", "anchor_coverage": "anchors",
@@ -41,9 +42,4 @@ if TYPE_CHECKING:
     from pneumodet.model.retinanet import Detections, HeadOutputs, PneumoRetinaNet, build_model
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _HOMES)

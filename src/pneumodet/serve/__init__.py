@@ -13,7 +13,9 @@ The submodules import FastAPI and uvicorn; nothing else in pneumodet imports thi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from pneumodet.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from pneumodet.serve.app import ServeSettings, create_app
@@ -25,11 +27,4 @@ __all__ = ["Limits", "ServeSettings", "ServedModel", "create_app", "serve"]
 _HOMES = {"Limits": "limits", "ServeSettings": "app", "create_app": "app", "ServedModel": "model", "serve": "server"}
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _HOMES)
