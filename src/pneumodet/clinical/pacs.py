@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pneumodet.clinical.dicomweb import DicomWebServer, PacsError, first_value
 from pneumodet.clinical.identity import check_uid, checkpoint_sha256, is_valid_uid
@@ -44,10 +44,8 @@ from pneumodet.clinical.sr import (
     save_dataset,
 )
 from pneumodet.errors import ConfigError, PneumodetError
+from pneumodet.inference import PredictionResult, PredictOptions, check_options, predict, resolve_checkpoint
 from pneumodet.textsafe import display_text
-
-if TYPE_CHECKING:
-    from pneumodet.inference import PredictionResult, PredictOptions
 
 #: SOP classes pneumodet predicts on: radiographs, and secondary captures of them (the RSNA files are these).
 #: DX "for processing" (raw detector data) is left out: it is not an image meant to be looked at.
@@ -361,7 +359,6 @@ def run_pacs(model_source: Path | str, server: DicomWebServer, query: PacsQuery,
         ConfigError, CheckpointError: an option or a model no prediction can use.
         PacsError: the server cannot be searched, or a study or series named is not there.
     """
-    from pneumodet.inference import PredictOptions, check_options, resolve_checkpoint
 
     options = options or PredictOptions()
     if progress not in PROGRESS_STYLES:
@@ -505,7 +502,6 @@ def _fetched_problem(dataset: Any, ref: InstanceRef) -> str | None:
 
 def _predict(model_source: Path | str, folder: Path, files: dict[str, InstanceRef], summary: PacsSummary,
              options: PredictOptions, progress: str) -> PredictionResult | None:
-    from pneumodet.inference import predict
 
     try:
         result = predict(model_source, [folder], options, progress=progress == "bar")
