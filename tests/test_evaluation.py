@@ -65,10 +65,13 @@ def test_evaluate_takes_every_prediction_option_that_applies(tmp_path, capsys):
     patients = [(f"p{i:02d}", [(100 + 40 * i, 200, 300, 300)]) for i in range(8)]
     run = make_run(tmp_path, patients, threshold=0.0)
     code = main(["evaluate", str(run), "--batch-size", "2", "--tta", "hflip", "--tta-merge", "nms", "--device", "cpu",
-                 "--workers", "1", "--precision", "fp32", "--no-compile", "--out", str(tmp_path / "eval")])
+                 "--workers", "1", "--precision", "fp32", "--no-compile", "--nms-iou", "0.3", "--max-det", "5",
+                 "--out", str(tmp_path / "eval")])
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert (metrics["tta"], metrics["tta_merge"], metrics["precision"]) == ("hflip", "nms", "fp32")
+    # the post-processing used is recorded: given values, else the model's own (min score: score_thresh)
+    assert metrics["postprocess"] == {"nms_iou": 0.3, "max_detections": 5, "min_score": 0.05}
     with pytest.raises(SystemExit):  # not an option of the command
         main(["evaluate", str(run), "--threshold", "0.5"])
     with pytest.raises(ConfigError, match="threshold the run chose on validation"):

@@ -627,9 +627,21 @@ def _no_cuda_device() -> str:
      r"threshold must be a number from 0 to 1 \(box scores are probabilities\), got 2\.0"),
     (["predict", "{run}", "{dcm}", "--out", "{out}", "--threshold", "nan"], r"threshold must be .*, got nan"),
     (["predict", "{run}", "{dcm}", "--out", "{out}", "--threshold", "-0.1"], r"threshold must be .*, got -0\.1"),
+    (["predict", "{run}", "{dcm}", "--out", "{out}", "--nms-iou", "0"], r"NMS IoU must be above 0 and at most 1"),
+    (["predict", "{run}", "{dcm}", "--out", "{out}", "--nms-iou", "1.5"], r"NMS IoU must be .*, got 1\.5"),
+    (["predict", "{run}", "{dcm}", "--out", "{out}", "--nms-iou", "nan"], r"NMS IoU must be .*, got nan"),
+    (["predict", "{run}", "{dcm}", "--out", "{out}", "--max-det", "0"],
+     r"max detections must be a whole number from 1 to 10000, got 0"),
+    (["predict", "{run}", "{dcm}", "--out", "{out}", "--max-det", "10001"], r"max detections .*, got 10001"),
+    (["predict", "{run}", "{dcm}", "--out", "{out}", "--min-score", "1"],
+     r"min score must be a number from 0 up to \(not including\) 1, got 1\.0"),
+    (["predict", "{run}", "{dcm}", "--out", "{out}", "--min-score", "-0.5"], r"min score must be .*, got -0\.5"),
     # checked before the run is read: an empty folder is no run, yet the option is what is named
     (["evaluate", "{tmp}/empty", "--device", "foo"], r"unknown device 'foo'"),
     (["evaluate", "{tmp}/empty", "--batch-size", "0"], r"batch size must be at least 1, got 0"),
+    (["evaluate", "{tmp}/empty", "--nms-iou", "-1"], r"NMS IoU must be above 0 and at most 1"),
+    (["evaluate", "{tmp}/empty", "--max-det", "0"], r"max detections must be a whole number"),
+    (["evaluate", "{tmp}/empty", "--min-score", "inf"], r"min score must be .*, got inf"),
     # checked before the data is read: the data folder does not even exist
     (["augment-preview", "{tmp}/no_data", "--out", "{tmp}/x.xyz"],
      r"x\.xyz: unknown picture format '\.xyz'; name a \.png, \.jpg, \.jpeg, \.pdf, \.svg file"),
@@ -659,6 +671,63 @@ def test_device_auto_is_the_gpu_when_there_is_one_else_the_cpu(tiny_run, tmp_pat
                  "fp32", "--threshold", "0.3"]) == 0
     assert "images predicted: 1 of 1 patient(s)" in capsys.readouterr().out
     assert sub.read_text().startswith("patientId,PredictionString\np1,")
+
+
+def test_predict_with_labels_draws_the_ground_truth_on_the_overlays(tiny_run, tmp_path, controlled_model, capsys):
+    """``predict --labels`` draws each patient's ground-truth boxes (green) under the predicted (red) ones,
+    with each score on a dark box; a patient the labels lack gets none; labels without overlays are refused."""
+    from PIL import Image
+
+    from pneumodet.cli import main
+
+    folder = tmp_path / "in"
+    pixels = np.maximum(_blob_image(512, 512, (200, 300, 320, 450)), 100)  # grey lung, white blob
+    write_dicom(folder / "p1.dcm", pixels, patient_id="p1")
+    write_dicom(folder / "p2.dcm", pixels, patient_id="p2")
+    labels = tmp_path / "stage_2_train_labels.csv"
+    labels.write_text("patientId,x,y,width,height,Target\np1,350.0,250.0,100.0,150.0,1\n")
+    argv = ["predict", str(tiny_run), str(folder), "--out", str(tmp_path / "sub.csv"), "--precision", "fp32"]
+    with_truth, without = tmp_path / "with", tmp_path / "without"
+    assert main([*argv, "--overlays", str(with_truth), "--labels", str(labels)]) == 0, capsys.readouterr().err
+    assert main([*argv, "--overlays", str(without)]) == 0, capsys.readouterr().err
+    names = sorted(p.name for p in with_truth.iterdir())
+    p1, p2 = (Image.open(with_truth / n).convert("RGB") for n in names)
+    plain = Image.open(without / names[0]).convert("RGB")
+    green, red, grey = (40, 220, 40), (255, 40, 40), (100, 100, 100)
+    for x, y in [(350, 320), (450, 320), (400, 250), (400, 400)]:  # the four edges of p1's labelled box
+        assert p1.getpixel((x, y)) == green and plain.getpixel((x, y)) == grey
+    assert p1.getpixel((200, 370)) == red  # the predicted box is still drawn
+    assert p1.getpixel((400, 320 + 5)) == grey  # inside the labelled box: the image itself
+    assert not (np.asarray(p2) == green).all(-1).any()  # p2 is not in the labels: no ground truth drawn
+    # the score "0.90" above the predicted box: red text on a black box, where the image was grey
+    score_area = np.asarray(p1.crop((200, 280, 240, 298))).astype(int)
+    assert (score_area[..., 0] - score_area[..., 1] > 150).any()  # red text (anti-aliased)
+    assert (score_area == 0).all(-1).sum() > 100  # the image holds no black pixel: it is the text's box
+    code = main([*argv, "--labels", str(labels)])
+    assert_one_line_error(code, capsys.readouterr().err, "predict", r"labels are drawn on the overlays only")
+
+
+def test_nms_iou_max_det_and_min_score_reach_the_models_post_processing(tiny_run, tmp_path):
+    """``--nms-iou``, ``--max-det``, ``--min-score`` replace the model's ``nms_thresh``, ``max_detections`` and
+    ``score_thresh`` for every box predicted (the tiny run's scores spread around 0.5)."""
+    from torchvision.ops import box_iou
+
+    from pneumodet.inference import predict
+
+    dcm = write_dicom(tmp_path / "p1.dcm", _blob_image(128, 128, (8, 8, 40, 40)), patient_id="p1")
+
+    def boxes(**options) -> np.ndarray:
+        result = predict(tiny_run, [dcm], threshold=0.0, precision="fp32", progress=False, **options)
+        return next(iter(result.predictions.values())).boxes  # conf, x, y, w, h
+
+    default = boxes()
+    assert len(default) == 100  # the model's max_detections
+    assert len(boxes(max_detections=3)) == 3
+    assert (boxes(min_score=0.55)[:, 0] > 0.55).all() and default[:, 0].min() <= 0.55
+    sparse = boxes(nms_iou=0.1)
+    xyxy = torch.from_numpy(np.concatenate([sparse[:, 1:3], sparse[:, 1:3] + sparse[:, 3:5]], axis=1))
+    iou = box_iou(xyxy, xyxy).fill_diagonal_(0)
+    assert len(sparse) < len(default) and float(iou.max()) <= 0.1 + 1e-4
 
 
 @pytest.mark.filterwarnings("ignore:The value length:UserWarning")  # pydicom: PatientID is at most 64 long
@@ -740,9 +809,10 @@ def test_predict_and_evaluate_share_one_set_of_options_and_its_defaults():
     assert _prediction_options(parser.parse_args(predict_args)) == PredictOptions()
     assert _prediction_options(parser.parse_args(["evaluate", "run"])) == PredictOptions()
     given = ["--tta", "hflip", "--tta-merge", "nms", "--gate", "--batch-size", "3", "--precision", "fp32",
-             "--device", "auto", "--workers", "2", "--compile"]
+             "--device", "auto", "--workers", "2", "--compile", "--nms-iou", "0.3", "--max-det", "7",
+             "--min-score", "0.1"]
     expected = PredictOptions(tta="hflip", tta_merge="nms", gate=True, batch_size=3, precision="fp32",
-                              device="auto", workers=2, compile=True)
+                              device="auto", workers=2, compile=True, nms_iou=0.3, max_detections=7, min_score=0.1)
     assert _prediction_options(parser.parse_args([*predict_args, *given])) == expected
     assert _prediction_options(parser.parse_args(["evaluate", "run", *given])) == expected
     assert PredictOptions.of(expected, threshold=0.25) == PredictOptions(**{**vars(expected), "threshold": 0.25})

@@ -257,6 +257,25 @@ def test_detect_respects_max_detections_threshold_and_clips():
     assert len(above.scores) == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_detect_suppresses_near_identical_boxes_across_pyramid_levels(small_model, dtype):
+    """NMS runs per image over all levels together (not per level), on fp32 boxes whatever the head's
+    dtype, and drops a box whose IoU with a better one is above ``nms_thresh`` (not below)."""
+    # level 0: two anchors; level 1: two more; 0, 2 and 3 are near-identical (IoU >= 0.92), 1 is apart
+    anchors = torch.tensor([[20.0, 20.0, 80.0, 90.0], [90.0, 10.0, 120.0, 40.0],
+                            [21.0, 20.0, 81.0, 91.0], [20.0, 21.0, 79.0, 90.0]])
+    logits = torch.tensor([[3.0, 1.0, 2.5, 2.0], [-10.0, -10.0, 2.0, 3.0]])
+    outputs = HeadOutputs(logits.to(dtype), torch.zeros(2, 4, 4, dtype=dtype), torch.zeros(2, 3), anchors,
+                          (2, 2), (128, 128))
+    dets = small_model.detect(outputs, score_thresh=0.05, nms_thresh=0.5)
+    torch.testing.assert_close(dets[0].boxes, anchors[[0, 1]])
+    torch.testing.assert_close(dets[1].boxes, anchors[[3]])  # the best of the cluster, from level 1
+    # at 0.96 the member overlapping the best by 0.954 survives, the one by 0.969 not; at 1.0 every box does
+    torch.testing.assert_close(small_model.detect(outputs, score_thresh=0.05, nms_thresh=0.96)[0].boxes,
+                               anchors[[0, 2, 1]])
+    assert len(small_model.detect(outputs, score_thresh=0.05, nms_thresh=1.0)[0].boxes) == 4
+
+
 def test_bf16_channels_last_matches_fp32_boxes(small_model):
     small_model.eval()
     images = torch.rand(2, 1, 128, 128)

@@ -84,7 +84,8 @@ def test_round_trip_by_study_stores_one_sr_and_pr_per_image_matching_predict(
     assert "instances found: 16; radiographs: 16; skipped: 0" in out.out
     assert ("stored: 16 SR and 16 presentation state(s); 16 of 16 predicted image(s) complete, in 16 "
             "study(ies)") in out.out
-    assert "pacs: fetch: 16 of 16" in out.err and "pacs: store: 16 of 16" in out.err  # lines off a terminal
+    for step in ("pacs: fetch", "predict", "pacs: store"):  # plain progress lines off a terminal
+        assert f"{step}: 16/16 images (100 %) in " in out.err, out.err
     assert waits == [] and server.count() == 48
 
     # what predict writes for the same files, for comparison

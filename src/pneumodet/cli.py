@@ -54,7 +54,7 @@ def _run_synth(args: argparse.Namespace) -> None:
     from pneumodet.data.synth import make_synthetic_dataset
 
     summary = make_synthetic_dataset(args.out_dir, patients=args.patients, size=args.size, seed=args.seed,
-                                     overwrite=args.overwrite, progress=sys.stderr.isatty())
+                                     overwrite=args.overwrite, progress=True)
     print(summary)
 
 
@@ -94,7 +94,7 @@ def _run_cache(args: argparse.Namespace) -> None:
 
     data = _load_records(args)
     out = args.out or default_cache_dir(args.data_dir, args.size)
-    report = build_cache(data.records, out, size=args.size, workers=args.workers or None)
+    report = build_cache(data.records, out, size=args.size, workers=args.workers or None, progress=True)
     print(report.summary())
 
 
@@ -133,6 +133,9 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlays", type=Path,
                    help="folder for one PNG per image with boxes and probabilities, named <patient id, "
                         "sanitised, at most 40 characters>_<hash of the SOP Instance UID>.png")
+    p.add_argument("--labels", type=Path,
+                   help="labels CSV (e.g. stage_2_train_labels.csv): the overlays also draw each patient's "
+                        "ground-truth boxes, in green (needs --overlays)")
     p.add_argument("--json", type=Path,
                    help="JSON file with one entry per image: patient id, study/series/SOP instance UIDs, "
                         "file, boxes, scores, class probabilities, overlay name, whether it makes the "
@@ -152,7 +155,7 @@ def _run_predict(args: argparse.Namespace) -> None:
 
     check_uid_root(args.uid_root)  # before any work
     result = predict(args.model, args.inputs, _prediction_options(args), follow_symlinks=args.follow_symlinks,
-                     overlay_dir=args.overlays, progress=sys.stderr.isatty())
+                     overlay_dir=args.overlays, labels=args.labels, progress=True)
     print(result.summary())
     rows = len(result.submission_rows())
     submission = write_prediction_submission(result, args.out)
@@ -194,6 +197,14 @@ def _add_prediction_options(p: argparse.ArgumentParser, *, threshold: bool = Tru
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=default.compile,
                    help="torch.compile the network with frozen weights: seconds of compilation per batch shape, "
                         "then ~1.4x faster batches (default: on for CPU jobs from 500 images where a C++ compiler exists)")
+    p.add_argument("--nms-iou", type=float, metavar="IOU",
+                   help="non-maximum suppression: drop a box overlapping a better one of its image by more than "
+                        "this IoU, above 0 up to 1 (default: the model's, recorded in the checkpoint)")
+    p.add_argument("--max-det", dest="max_detections", type=int, metavar="N",
+                   help="boxes kept per image after NMS, 1 to 10000 (default: the model's)")
+    p.add_argument("--min-score", type=float, metavar="SCORE",
+                   help="candidate boxes must score above this before NMS, 0 up to 1 (default: the model's "
+                        "score_thresh; --threshold is the final cut)")
 
 
 def _prediction_options(args: argparse.Namespace) -> PredictOptions:
@@ -359,7 +370,7 @@ def _run_eda(args: argparse.Namespace) -> None:
                                images=args.images, strict=args.strict, seed=args.seed,
                                max_images=args.max_images or None,
                                samples_per_class=args.samples, workers=args.workers or None,
-                               progress=sys.stderr.isatty())
+                               progress=True)
     print(f"{summary['patients']:,} patients, {summary['label_rows']:,} label rows, {summary['boxes']:,} boxes; "
           f"images found {summary['images_found']:,}, missing {summary['images_missing']:,}; "
           f"{summary['label_problems']} label problem(s), {summary['images_unreadable']} unreadable image(s), "
@@ -402,6 +413,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                         f"(default {train.checkpoint_every_n_steps}; 0: at epoch ends only)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (default: no limit)")
     p.add_argument("--config", type=Path, help=f"a {rundir.CONFIG} to start from (a run's own reproduces it)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show the libraries' own messages (Lightning's hardware lines, tips, notes, warnings)")
 
 
 _OPTION_FIELDS = {"data": "data_dir", "aug": "aug", "epochs": "epochs", "batch_size": "batch_size",
@@ -457,7 +470,7 @@ def _run_train(args: argparse.Namespace) -> None:
         config = _train_config(args)
         if not config.data_dir or not config.split_dir:
             raise ConfigError("--data and --split are required (or --config with data_dir and split_dir)")
-    result = train(config, resume=args.resume)
+    result = train(config, resume=args.resume, verbose=args.verbose)
     print(result.summary())
     if run.has_model():
         print(f"report: {display_path(write_run_report(run.root))}")
@@ -486,7 +499,7 @@ def _run_grid(args: argparse.Namespace) -> None:
     except ValueError:
         raise ConfigError(f"--samples takes comma-separated whole numbers, got {args.samples!r}") from None
     result = run_grid(config, args.out, encoders=_csv(args.encoders), augs=_csv(args.augs), samples=samples,
-                      val=args.val, test=args.test)
+                      val=args.val, test=args.test, verbose=args.verbose)
     print(result.summary())
     print(f"summary: {display_path(args.out / 'summary.csv')}")
 

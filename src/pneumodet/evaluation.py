@@ -142,6 +142,8 @@ def evaluate(run_dir: Path, *, split: str = "test", out_dir: Path | None = None,
         "run": str(run_dir), "split": split, "images": len(gt), "precision": predictor.precision,
         "compiled": predictor.compiled,
         "tta": options.tta, "tta_merge": options.tta_merge if options.tta else None, "gate": options.gate,
+        # the resolved NMS IoU, boxes per image and candidate score (given, else the model's own)
+        "postprocess": dict(predictor.postprocess),
         "threshold": threshold, "threshold_source": "chosen on the validation set during training",
         "rsna_map": result.score, "rsna_map_per_iou_threshold": result.to_dict()["per_threshold"],
         "images_scored": result.n_images, "images_excluded": result.n_excluded,

@@ -9,6 +9,8 @@ failing run is recorded in the summary while the others go on. Ctrl-C stops the 
 from __future__ import annotations
 
 import itertools
+import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from pneumodet.config import TrainConfig
 from pneumodet.data.rsna import load_rsna
 from pneumodet.data.split import split_patients, write_split
 from pneumodet.errors import ConfigError, RunError
+from pneumodet.progress import format_duration
 from pneumodet.reports.runs import write_run_report
 from pneumodet.rundir import RunDir
 from pneumodet.safeio import atomic_open, write_text
@@ -74,14 +77,20 @@ def make_sample_split(data_dir: Path, split_dir: Path, samples: int | None, *, v
 
 def run_grid(base: TrainConfig, grid_dir: Path, *, encoders: Sequence[str], augs: Sequence[str],
              samples: Sequence[int | None], val: float = 0.1, test: float = 0.1,
-             progress: bool = True, train_fn: Callable[..., Any] | None = None) -> GridResult:
-    """Train every combination into ``grid_dir`` and write the summary table."""
+             progress: bool | str = True, verbose: bool = False,
+             train_fn: Callable[..., Any] | None = None) -> GridResult:
+    """Train every combination into ``grid_dir`` and write the summary table.
+
+    Says ``grid: run i of N: NAME`` on stderr before each run, with an ETA once a run has trained (the mean
+    time of the runs trained so far, times those left); ``progress`` and ``verbose`` go to each training.
+    """
 
     train_fn = train_fn or train
     if not encoders or not augs or not samples:
         raise ConfigError("a grid needs at least one encoder, one augmentation and one sample size")
     grid_dir = Path(grid_dir)
     result = GridResult(grid_dir)
+    total, trained_seconds, trained = len(samples) * len(encoders) * len(augs), 0.0, 0
     for n in samples:
         split_dir = make_sample_split(Path(base.data_dir), grid_dir / "splits" / f"n{n or 'all'}", n,
                                       val=val, test=test, seed=base.seed)
@@ -89,6 +98,9 @@ def run_grid(base: TrainConfig, grid_dir: Path, *, encoders: Sequence[str], augs
             run = GridRun(run_name(encoder, aug, n), encoder, aug, n)
             result.runs.append(run)
             run_dir = RunDir(grid_dir / run.name)
+            left = total - len(result.runs) + 1  # this run and those after it
+            eta = f" (ETA {format_duration(trained_seconds / trained * left)})" if trained else ""
+            print(f"grid: run {len(result.runs)} of {total}: {run.name}{eta}", file=sys.stderr, flush=True)
             if run_dir.is_finished():
                 try:
                     _read_done(run, run_dir.read_done())
@@ -98,8 +110,9 @@ def run_grid(base: TrainConfig, grid_dir: Path, *, encoders: Sequence[str], augs
                 continue
             config = TrainConfig.from_dict({**base.to_dict(), "encoder": encoder, "aug": aug,
                                             "split_dir": str(split_dir), "out_dir": str(run_dir.root)})
+            started = time.monotonic()
             try:
-                outcome = train_fn(config, resume=run_dir.last_ckpt.exists(), progress=progress)
+                outcome = train_fn(config, resume=run_dir.last_ckpt.exists(), progress=progress, verbose=verbose)
                 run.status, run.best_val_map, run.threshold = "done", outcome.best_map, outcome.threshold
                 run.steps, run.seconds = outcome.steps, outcome.seconds
                 if run_dir.has_model():
@@ -111,6 +124,7 @@ def run_grid(base: TrainConfig, grid_dir: Path, *, encoders: Sequence[str], augs
                 run.status = "failed"
                 run.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                 write_text(run_dir.root / "error.txt", traceback.format_exc())
+            trained, trained_seconds = trained + 1, trained_seconds + time.monotonic() - started
             _write_summary(result)
     _write_summary(result)
     return result

@@ -6,13 +6,19 @@ The run folder's layout is owned by :mod:`pneumodet.rundir`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import os
 import pickle
 import random
+import re
 import signal
+import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +40,8 @@ from pneumodet.hardware import resolve_precision as resolve_device_precision
 from pneumodet.metrics import rsna_map, sweep_thresholds
 from pneumodet.model import ModelConfig, build_model
 from pneumodet.model.checkpoint import load_checkpoint, save_checkpoint
-from pneumodet.rundir import RunDir
+from pneumodet.progress import Progress, format_duration, progress_style
+from pneumodet.rundir import DONE, RunDir
 from pneumodet.safeio import atomic_open
 
 LOSS_NAMES = ("total", "classification", "regression", "global")
@@ -128,7 +135,7 @@ class DetectorModule(L.LightningModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         _, losses = self._losses(batch)
         if not torch.isfinite(losses["total"]):
-            values = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
             raise NonFiniteLossError(
                 f"non-finite loss at epoch {self.current_epoch}, step {self.global_step} ({values}); "
                 f"the last good checkpoint is kept in {Path(self.train_config.out_dir) / 'checkpoints'}")
@@ -425,6 +432,144 @@ def _epoch_row(trainer: L.Trainer, result: dict[str, Any], epoch: int) -> dict[s
     return row
 
 
+# ---------------------------------------------------------------------------------------------- what is shown
+#: Lightning's loggers: below WARNING they announce hardware, tips and settings, never a result.
+LIBRARY_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
+#: Library warnings a pneumodet user can do nothing about (matched at the start of the message).
+LIBRARY_WARNINGS = (
+    # Lightning's own pytree helper on a newer torch: a deprecation inside Lightning
+    re.escape("`isinstance(treespec, LeafSpec)` is deprecated"),
+    # log_every_n_steps is set to at most the epoch's batches; a last short epoch (max_steps) may still warn
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+    # the number of loading processes is --num-workers, documented; Lightning's advice names its own API
+    r"The '\w+_dataloader' does not have many workers which may be a bottleneck",
+)
+
+
+@contextlib.contextmanager
+def library_output(verbose: bool = False) -> Iterator[None]:
+    """While training: Lightning's info lines (GPU/TPU availability, tips, settings notes, distributed
+    set-up) and the known library warnings of :data:`LIBRARY_WARNINGS` silenced, unless ``verbose``.
+    Logger levels and warning filters are restored afterwards. Warnings and errors of any other kind
+    still show: they may be the user's business."""
+    if verbose:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        for pattern in LIBRARY_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        for logger in loggers:
+            logger.setLevel(max(logger.level, logging.WARNING))
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _start_lines(config: TrainConfig, run: RunDir, resumed: bool) -> list[str]:
+    """What a run is about to do, before the first image is decoded: run, data, device, model, length."""
+    processes = config.devices * config.num_nodes
+    length = f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}" + (f", at most {config.max_steps} steps" if config.max_steps > 0 else "")
+    return [
+        f"train: run {run.root}" + (" (resumed from its last checkpoint)" if resumed else ""),
+        f"  data {config.data_dir}, split {config.split_dir}",
+        f"  device {resolve_accelerator(config)}" + (f" x {processes} processes (DDP)" if processes > 1 else "")
+        + f", precision {resolve_precision(config)}",
+        f"  encoder {config.model.encoder}, from {_encoder_start(config)}; images {config.image_size} px, "
+        f"augmentation {config.aug}",
+        f"  {length}, batch size {config.batch_size}",
+    ]
+
+
+class RunReport(L.Callback):
+    """Says what a run does on stderr, in pneumodet's words (first rank only): the sets and steps per epoch
+    once the data is ready, warnings that are the user's business (a set without a patient with boxes,
+    patients left out), one line per epoch (train loss, validation mAP and threshold) and, off a terminal
+    (``lines``), a plain progress line every 30 s within an epoch. Also sets Lightning's logging interval to
+    at most an epoch's batches."""
+
+    def __init__(self, config: TrainConfig, style: str) -> None:
+        self.config = config
+        self.style = style
+        self._steps: Progress | None = None
+        self._validated: int | None = None
+        self._epoch_started = 0.0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        datasets = getattr(datamodule, "datasets", {})
+        if "train" not in datasets:
+            return
+        batches = max(1, math.ceil(len(datasets["train"]) / (self.config.batch_size * trainer.world_size)))
+        trainer.log_every_n_steps = max(1, min(trainer.log_every_n_steps, batches))
+        if not trainer.is_global_zero:
+            return
+        sets = ", ".join(f"{name} {len(ds)}" for name, ds in datasets.items())
+        _say(f"train: images {sets}; {batches} optimiser steps per epoch")
+        for line in _data_warnings(datasets):
+            _say(f"train: warning: {line}")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_started = time.monotonic()
+        if trainer.is_global_zero and self.style == "lines":
+            total = trainer.num_training_batches if math.isfinite(trainer.num_training_batches) else 0
+            self._steps = Progress(int(total), f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", "steps",
+                                   progress="lines", final_line=False)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._steps is not None:
+            self._steps.update()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated = trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._steps is not None:
+            self._steps.close()
+            self._steps = None
+        if self._validated == trainer.current_epoch:
+            self.epoch_line(trainer, pl_module, trainer.current_epoch)
+
+    def epoch_line(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+        """The line of epoch ``epoch`` (from 0) from its validation result."""
+        if not trainer.is_global_zero:
+            return
+        loss = trainer.callback_metrics.get("train/total_epoch")
+        result = getattr(pl_module, "validation_result", {}) or {}
+        text = f"epoch {epoch + 1}/{trainer.max_epochs}: train loss "
+        text += f"{float(loss):.4f}" if loss is not None else "n/a"
+        if result:
+            text += f", val mAP {result['map']:.4f} at threshold {result['threshold']:.2f}"
+        else:
+            text += ", val mAP n/a (no box to score in the validation set, none predicted)"
+        _say(text + f", step {trainer.global_step}, {format_duration(time.monotonic() - self._epoch_started)}")
+
+
+def _data_warnings(datasets: Mapping[str, Any]) -> list[str]:
+    """What the user should know about the sets before training: a set without any patient with boxes,
+    patients left out for want of a readable image."""
+    consequence = {"train": "the model has no box to learn from",
+                   "val": "validation mAP cannot reward a right box, so the chosen threshold means little",
+                   "test": "evaluate can only count false positives"}
+    lines = [f"the {name} set has no patient with boxes ({len(ds)} patients): {consequence.get(name, '')}; "
+             "split more patients, or use --val/--test fractions that leave positives in every set"
+             for name, ds in datasets.items() if len(ds) and not any(r.boxes for r in ds.records)]
+    excluded = {name: len(ds.excluded) for name, ds in datasets.items() if ds.excluded}
+    if excluded:
+        counts = ", ".join(f"{name} {n}" for name, n in excluded.items())
+        lines.append(f"patients left out for an unreadable or missing image: {counts} "
+                     f"(listed in {DONE} at the end)")
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------- door
 @dataclass
 class TrainResult:
@@ -449,7 +594,7 @@ class TrainResult:
         return text
 
 
-def build_datamodule(config: TrainConfig, *, progress: bool = True) -> L.LightningDataModule:
+def build_datamodule(config: TrainConfig, *, progress: bool | str = True) -> L.LightningDataModule:
 
     return RsnaDataModule(
         config.data_dir, config.split_dir, cache_dir=config.cache_dir, cache_size=config.image_size,
@@ -521,14 +666,25 @@ def prepare_run(config: TrainConfig, *, resume: bool) -> tuple[TrainConfig, list
     return TrainConfig.from_dict({**config.to_dict(), "split_fingerprint": fingerprint}), notes
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
+def train(config: TrainConfig, *, resume: bool = False, progress: bool | str = True, verbose: bool = False,
           callbacks: Sequence[L.Callback] = ()) -> TrainResult:
     """Train one run into ``config.out_dir``; with ``resume``, continue from ``checkpoints/last.ckpt``.
 
     ``callbacks`` are added to the Lightning trainer (timing, extra logging). Ctrl-C or SIGTERM end in
     :class:`TrainingInterrupted` after ``last.ckpt`` is written. Writes ``config.yaml``, the checkpoints,
     ``metrics.csv`` and ``done.json``; the run report is the caller's (``reports.runs.write_run_report``).
+
+    On stderr (:class:`RunReport`): what the run is (run folder, data, device, precision, encoder start,
+    sets, steps, epochs), warnings that are the user's business, one line per epoch. ``progress``: ``True``
+    is Lightning's bar on a terminal and plain lines otherwise (:func:`pneumodet.progress.progress_style`),
+    also for the image cache built first. Lightning's own chatter is silenced unless ``verbose``
+    (:func:`library_output`).
     """
+    with library_output(verbose):
+        return _train(config, resume=resume, style=progress_style(progress), callbacks=callbacks)
+
+
+def _train(config: TrainConfig, *, resume: bool, style: str, callbacks: Sequence[L.Callback]) -> TrainResult:
     config, _ = prepare_run(config, resume=resume)
     run = RunDir(Path(config.out_dir))
     resumed = resume and run.last_ckpt.exists()
@@ -536,13 +692,15 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
         _check_resumable(run, config)
     if not _is_launched_rank():
         config.to_yaml(run.config)
+        for line in _start_lines(config, run, resumed):
+            _say(line)
 
     L.seed_everything(config.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     module = DetectorModule(config.model.to_dict(), config.to_dict())
-    datamodule = build_datamodule(config, progress=progress)
-    stopper = GracefulStop(run)
-    trainer = build_trainer(config, run, progress=progress, callbacks=[stopper, *callbacks])
+    datamodule = build_datamodule(config, progress=style)
+    stopper, report = GracefulStop(run), RunReport(config, style)
+    trainer = build_trainer(config, run, progress=style == "bar", callbacks=[stopper, report, *callbacks])
     started = time.perf_counter()
     stopper.install()
     try:
@@ -551,6 +709,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
         keeper = next(cb for cb in trainer.callbacks if isinstance(cb, RunKeeper))
         if keeper.pending_epoch is not None:  # stopped part-way through an epoch: validate what was learned
             trainer.validate(module, datamodule=datamodule, verbose=False)
+            report.epoch_line(trainer, module, keeper.pending_epoch)
             keeper.record_epoch(trainer, module, keeper.pending_epoch)
     finally:
         stopper.uninstall()

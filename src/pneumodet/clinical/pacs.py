@@ -26,7 +26,6 @@ missing and adds no duplicates.
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from pneumodet.clinical.sr import (
 )
 from pneumodet.errors import ConfigError, PneumodetError
 from pneumodet.inference import PredictionResult, PredictOptions, check_options, predict, resolve_checkpoint
+from pneumodet.progress import PROGRESS_STYLES, Progress
 from pneumodet.textsafe import display_text
 
 #: SOP classes pneumodet predicts on: radiographs, and secondary captures of them (the RSNA files are these).
@@ -314,33 +314,9 @@ def _listing(label: str, items: list[tuple[str, str]], shown: int = _SHOWN) -> l
     return lines
 
 
-#: How :func:`run_pacs` shows its progress: a bar (a terminal), plain lines (a log), or not at all.
-PROGRESS_STYLES = ("bar", "lines", "off")
-
-
-class _Progress:
-    """A bar, or a plain line about every tenth of the way and at the end, or nothing (``style``)."""
-
-    def __init__(self, total: int, what: str, style: str) -> None:
-        self.total, self.what, self.done, self.style = total, what, 0, style
-        self._step = max(1, -(-total // 10))
-        self._bar = None
-        if style == "bar":
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=total, desc=what, unit="image", file=sys.stderr)
-
-    def advance(self, n: int = 1) -> None:
-        self.done += n
-        if self._bar is not None:
-            self._bar.update(n)
-        elif self.style == "lines" and (self.done == self.total
-                                        or self.done // self._step > (self.done - n) // self._step):
-            print(f"pacs: {self.what}: {self.done} of {self.total}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+def _progress(total: int, what: str, style: str) -> Progress:
+    """The shared progress display (:class:`pneumodet.progress.Progress`) of one pacs step."""
+    return Progress(total, f"pacs: {what}", "images", progress=style)
 
 
 # ---------------------------------------------------------------- the run
@@ -461,7 +437,7 @@ def _fetch(server: DicomWebServer, refs: list[InstanceRef], folder: Path, summar
     """
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[str, InstanceRef] = {}
-    bar = _Progress(len(refs), "fetch", progress)
+    bar = _progress(len(refs), "fetch", progress)
     try:
         for n, ref in enumerate(refs):
             try:
@@ -472,7 +448,7 @@ def _fetch(server: DicomWebServer, refs: list[InstanceRef], folder: Path, summar
                 summary.not_fetched.append((ref, str(exc).split(": ", 1)[-1]))
                 continue
             finally:
-                bar.advance()
+                bar.update()
             problem = _fetched_problem(dataset, ref)
             if problem is None:
                 name = f"{n:06d}.dcm"
@@ -504,9 +480,7 @@ def _predict(model_source: Path | str, folder: Path, files: dict[str, InstanceRe
              options: PredictOptions, progress: str) -> PredictionResult | None:
 
     try:
-        result = predict(model_source, [folder], options, progress=progress == "bar")
-        if progress == "lines":
-            print(f"pacs: predict: {len(result.predictions)} of {len(files)}", file=sys.stderr, flush=True)
+        result = predict(model_source, [folder], options, progress=progress)
     except PneumodetError as exc:
         if "no image could be predicted" not in str(exc):  # the model or an option: every chunk would fail
             raise
@@ -539,7 +513,7 @@ def _store(server: DicomWebServer, by_study: dict[str, list[tuple[ImageRecord, I
     per_request = max(1, stow_batch // 2)  # images per request: an image's SR and PR travel together
     batches = [(study, items[i:i + per_request]) for study, items in by_study.items()
                for i in range(0, len(items), per_request)]
-    bar = _Progress(sum(len(items) for items in by_study.values()), "store", progress)
+    bar = _progress(sum(len(items) for items in by_study.values()), "store", progress)
     try:
         for number, (study, batch) in enumerate(batches):
             datasets = [ds for _, objects in batch for ds in objects.datasets]
@@ -554,7 +528,7 @@ def _store(server: DicomWebServer, by_study: dict[str, list[tuple[ImageRecord, I
                         for record, _ in later:
                             record.problem = _NOT_ATTEMPTED
                     raise
-                bar.advance(len(batch))
+                bar.update(len(batch))
                 continue
             for record, _ in batch:
                 record.sr_stored = record.sr_uid in outcome.stored
@@ -562,6 +536,6 @@ def _store(server: DicomWebServer, by_study: dict[str, list[tuple[ImageRecord, I
                 failed = [outcome.failed[uid] for uid in (record.sr_uid, record.pr_uid)
                           if uid in outcome.failed]
                 record.problem = "; ".join(failed) or None
-            bar.advance(len(batch))
+            bar.update(len(batch))
     finally:
         bar.close()

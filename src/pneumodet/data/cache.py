@@ -28,12 +28,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from pneumodet.data.dicom import read_dicom
 from pneumodet.data.preprocess import resize_area
 from pneumodet.data.records import PatientRecord
 from pneumodet.errors import CacheError
+from pneumodet.progress import Progress
 from pneumodet.safeio import write_json
 
 ARRAY_NAME = "images.npy"
@@ -283,7 +283,7 @@ def build_cache(
     *,
     size: int = 512,
     workers: int | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
     verify: bool = True,
     flush_every: int = 1024,
     flush_seconds: float = 10.0,
@@ -296,7 +296,8 @@ def build_cache(
     with their cause (and not retried while the file is unchanged); records without an image file
     are counted as missing. ``workers`` decoding processes (default: all cores) write straight into
     the memory-mapped rows. The index is saved every ``flush_every`` images or ``flush_seconds``
-    seconds, and when the build ends or is interrupted.
+    seconds, and when the build ends or is interrupted. ``progress``: ``True`` is a bar on a terminal and a
+    plain line every 30 s otherwise (see :func:`pneumodet.progress.progress_style`).
     """
     if size < 1:
         raise CacheError(f"cache size must be positive, got {size}")
@@ -331,7 +332,7 @@ def _exclusive(out_dir: Path) -> Iterator[None]:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
-def _build(records: Sequence[PatientRecord], out_dir: Path, size: int, workers: int | None, progress: bool,
+def _build(records: Sequence[PatientRecord], out_dir: Path, size: int, workers: int | None, progress: bool | str,
            verify: bool, flush_every: int, flush_seconds: float, start: float) -> CacheReport:
     report = CacheReport(out_dir, size)
     array_path = out_dir / ARRAY_NAME
@@ -345,7 +346,7 @@ def _build(records: Sequence[PatientRecord], out_dir: Path, size: int, workers: 
     was_good = {entry.row for entry, rebuild in jobs if rebuild}
     flushed = time.monotonic()
     try:
-        with tqdm(total=len(tasks), disable=not progress, unit="img", desc="cache") as bar:
+        with Progress(len(tasks), "cache", progress=progress) as bar:
             for done, result in enumerate(_run_tasks(tasks, workers or _usable_cores()), start=1):
                 _record(entries[result.row], result, result.row in was_good, report)
                 bar.update()

@@ -32,10 +32,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
 from scipy import ndimage
-from tqdm import tqdm
 
 from pneumodet.data.records import CLASS_NAMES
 from pneumodet.errors import ConfigError
+from pneumodet.progress import track
 from pneumodet.safeio import atomic_open, atomic_path
 
 __all__ = ["SynthSummary", "SyntheticChest", "PatientSpec", "make_synthetic_dataset", "sample_patients",
@@ -143,7 +143,7 @@ class SynthSummary:
 
 # ---------------------------------------------------------------------------------------------- dataset
 def make_synthetic_dataset(out_dir: Path, *, patients: int, size: int = 1024, seed: int = 0,
-                           progress: bool = False, overwrite: bool = False) -> SynthSummary:
+                           progress: bool | str = False, overwrite: bool = False) -> SynthSummary:
     """Write a synthetic dataset in the Kaggle layout; returns what was written.
 
     Args:
@@ -153,7 +153,8 @@ def make_synthetic_dataset(out_dir: Path, *, patients: int, size: int = 1024, se
         patients: number of patients (one image each).
         size: image side in pixels; boxes are in this image's pixels.
         seed: same seed, same CSVs byte for byte and the same pixels.
-        progress: show a progress bar.
+        progress: ``True``: a bar on a terminal, a plain line every 30 s otherwise; ``False``: nothing
+            (see :func:`pneumodet.progress.progress_style`).
         overwrite: replace an existing dataset in ``out_dir`` (its CSVs and all its DICOMs).
 
     Raises:
@@ -172,7 +173,7 @@ def make_synthetic_dataset(out_dir: Path, *, patients: int, size: int = 1024, se
     label_rows: list[tuple] = []
     class_rows: list[tuple[str, str]] = []
     n_boxes = 0
-    for spec in tqdm(specs, desc="synth", unit="img", disable=not progress):
+    for spec in track(specs, len(specs), "synth", progress=progress):
         chest = render_chest(spec, size)
         write_dicom(images_dir / f"{spec.patient_id}.dcm", chest.image, spec)
         rows = _label_rows(spec.patient_id, chest.boxes)

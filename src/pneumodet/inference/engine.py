@@ -22,7 +22,13 @@ from torch import nn
 from pneumodet.boxes import boxes_to_original, hflip
 from pneumodet.errors import CheckpointError, ConfigError
 from pneumodet.hardware import resolve_precision
-from pneumodet.inference.options import DEVICE_CHOICES, PredictOptions, TtaMerge, check_tta
+from pneumodet.inference.options import (
+    DEVICE_CHOICES,
+    PredictOptions,
+    TtaMerge,
+    check_postprocess_options,
+    check_tta,
+)
 from pneumodet.inference.results import OPACITY_INDEX, xyxy_to_kaggle
 from pneumodet.inference.tta import merge_views
 from pneumodet.model import Detections, HeadOutputs, fusion
@@ -125,10 +131,16 @@ class Predictor:
         precision: str | None = None,
         compile: bool = False,
         fold_batchnorm: bool = True,
+        nms_iou: float | None = None,
+        max_detections: int | None = None,
+        min_score: float | None = None,
     ) -> None:
         """Takes over ``model``: it is put in eval mode on ``device``, channels_last, and (unless
-        ``fold_batchnorm`` is false) its encoder's batch norms are folded into the convolutions."""
+        ``fold_batchnorm`` is false) its encoder's batch norms are folded into the convolutions.
+        ``nms_iou``, ``max_detections``, ``min_score`` replace the model configuration's post-processing
+        values (``nms_thresh``, ``max_detections``, ``score_thresh``); ``None`` keeps the model's."""
         check_tta(tta, tta_merge)
+        check_postprocess_options(nms_iou=nms_iou, max_detections=max_detections, min_score=min_score)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         if fold_batchnorm:
@@ -140,6 +152,15 @@ class Predictor:
         self._compiled_batch: int | None = None  # the batch shape compiled first; smaller ones are padded
         self.image_size = image_size
         self.tta, self.tta_merge, self.tta_iou, self.gate = tta, tta_merge, tta_iou, gate
+        config = getattr(model, "config", None)
+        # Resolved once, so what is recorded (evaluate's metrics.json) is what every batch used; a model
+        # without a configuration leaves ``None``: its detect() then uses its own values.
+        self.postprocess: dict[str, float | int | None] = {
+            "nms_iou": nms_iou if nms_iou is not None else getattr(config, "nms_thresh", None),
+            "max_detections": max_detections if max_detections is not None else getattr(config, "max_detections",
+                                                                                         None),
+            "min_score": min_score if min_score is not None else getattr(config, "score_thresh", None),
+        }
 
     @classmethod
     def from_options(cls, model: nn.Module, image_size: int, options: PredictOptions, *,
@@ -149,7 +170,8 @@ class Predictor:
         device = resolve_device(options.device)
         compile = options.compile if options.compile is not None else fusion.compile_pays_off(num_images, device)
         return cls(model, image_size, tta=options.tta, tta_merge=options.tta_merge, gate=options.gate,
-                   device=device, precision=options.precision, compile=compile)
+                   device=device, precision=options.precision, compile=compile, nms_iou=options.nms_iou,
+                   max_detections=options.max_detections, min_score=options.min_score)
 
     @property
     def compiled(self) -> bool:
@@ -166,7 +188,9 @@ class Predictor:
         images = images.to(self.device, memory_format=torch.channels_last)
         with self._autocast():
             outputs = self._forward(images)
-        return self.model.detect(outputs)  # decodes in fp32 whatever the head's dtype
+        post = self.postprocess  # decodes in fp32 whatever the head's dtype
+        return self.model.detect(outputs, score_thresh=post["min_score"], nms_thresh=post["nms_iou"],
+                                 max_detections=post["max_detections"])
 
     def _forward(self, images: torch.Tensor) -> HeadOutputs:
         if self.network is self.model:

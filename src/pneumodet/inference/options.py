@@ -43,6 +43,12 @@ class PredictOptions:
         compile: run the network through ``torch.compile`` with frozen weights (seconds of compilation,
             then faster batches); ``None`` compiles for CPU jobs of ``COMPILE_MIN_IMAGES`` images or more
             where a C++ compiler is available (never automatically on a GPU).
+        nms_iou: non-maximum suppression drops a box overlapping a higher-scoring one of its image (any
+            pyramid level) by more than this IoU, ``0 < nms_iou <= 1``; ``None``: the model's ``nms_thresh``
+            (recorded in the checkpoint).
+        max_detections: boxes kept per image after NMS, 1 to 10000; ``None``: the model's ``max_detections``.
+        min_score: candidate boxes must score above this before NMS, ``0 <= min_score < 1`` (the final
+            cut is ``threshold``); ``None``: the model's ``score_thresh``.
     """
 
     threshold: float | None = None
@@ -54,6 +60,9 @@ class PredictOptions:
     device: str = "cpu"
     workers: int = 0
     compile: bool | None = None
+    nms_iou: float | None = None
+    max_detections: int | None = None
+    min_score: float | None = None
 
     @classmethod
     def of(cls, options: PredictOptions | None = None, **overrides: Any) -> PredictOptions:
@@ -68,6 +77,8 @@ class PredictOptions:
         """:class:`ConfigError` for a value no prediction can use, checked before anything is loaded (the
         device against the machine: :func:`pneumodet.inference.engine.resolve_device`)."""
         check_predict_options(batch_size=self.batch_size, workers=self.workers, threshold=self.threshold)
+        check_postprocess_options(nms_iou=self.nms_iou, max_detections=self.max_detections,
+                                  min_score=self.min_score)
         check_tta(self.tta, self.tta_merge)
         parse_precision(self.precision, PREDICTION_PRECISIONS)
 
@@ -81,6 +92,23 @@ def check_predict_options(*, batch_size: int = 1, workers: int = 0, threshold: f
     if threshold is not None and not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
         raise ConfigError(f"threshold must be a number from 0 to 1 (box scores are probabilities), "
                           f"got {threshold}")
+
+
+#: The most boxes one image may keep (as the model configuration's ``max_detections``).
+MAX_DETECTIONS_LIMIT = 10_000
+
+
+def check_postprocess_options(*, nms_iou: float | None = None, max_detections: int | None = None,
+                              min_score: float | None = None) -> None:
+    """:class:`ConfigError` for a post-processing value no prediction can use (``None``: the model's own)."""
+    if nms_iou is not None and not (math.isfinite(nms_iou) and 0.0 < nms_iou <= 1.0):
+        raise ConfigError(f"NMS IoU must be above 0 and at most 1 (1 keeps every box), got {nms_iou}")
+    if max_detections is not None and not (isinstance(max_detections, int)
+                                           and 1 <= max_detections <= MAX_DETECTIONS_LIMIT):
+        raise ConfigError(f"max detections must be a whole number from 1 to {MAX_DETECTIONS_LIMIT}, "
+                          f"got {max_detections}")
+    if min_score is not None and not (math.isfinite(min_score) and 0.0 <= min_score < 1.0):
+        raise ConfigError(f"min score must be a number from 0 up to (not including) 1, got {min_score}")
 
 
 def check_tta(tta: str | None, tta_merge: str) -> None:

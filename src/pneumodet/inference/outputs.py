@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +39,39 @@ def overlay_filename(prediction: ImagePrediction) -> str:
     return f"{prefix}_{digest}.png"
 
 
-def draw_overlay(pixels: np.ndarray, prediction: ImagePrediction) -> Image.Image:
+#: Colours of an overlay: predicted boxes and their scores, ground-truth boxes, text backgrounds.
+PREDICTED_COLOUR = (255, 40, 40)
+TRUTH_COLOUR = (40, 220, 40)
+_TEXT_BACKGROUND = (0, 0, 0)
+
+
+def draw_overlay(pixels: np.ndarray, prediction: ImagePrediction, truth: np.ndarray | None = None) -> Image.Image:
     """The grey image (uint8 ``[H, W]``) as RGB with the boxes, their scores and the class probabilities.
 
-    Only the patient id is written; nothing else from the DICOM header reaches the picture.
+    ``truth``: the patient's ground-truth boxes (float ``[M, 4]`` x, y, w, h in the image's pixels, as
+    :func:`pneumodet.submission.read_ground_truth` gives them), drawn in green under the predicted (red)
+    ones; ``None``: no labels were given. Text is sized to the image (1/48 of its longer side) on a dark
+    box, so it stays readable over bright lungs. Only the patient id is written; nothing else from the
+    DICOM header reaches the picture.
     """
     image = Image.fromarray(np.asarray(pixels, dtype=np.uint8), mode="L").convert("RGB")
     draw = ImageDraw.Draw(image)
     side = max(image.size)
     font = ImageFont.load_default(size=max(10, side // 48))
     line = max(1, side // 256)
+    for x, y, w, h in ([] if truth is None else np.asarray(truth, dtype=np.float64).reshape(-1, 4).tolist()):
+        draw.rectangle((x, y, x + w, y + h), outline=TRUTH_COLOUR, width=line)
     for conf, x, y, w, h in prediction.boxes.tolist():
-        draw.rectangle((x, y, x + w, y + h), outline=(255, 40, 40), width=line)
-        draw.text((x + line, max(0.0, y - font.size - 2 * line)), f"{conf:.2f}", fill=(255, 40, 40), font=font)
+        draw.rectangle((x, y, x + w, y + h), outline=PREDICTED_COLOUR, width=line)
+        origin = (x + line, max(0.0, y - font.size - 3 * line))
+        label = f"{conf:.2f}"
+        left, top, right, bottom = draw.textbbox(origin, label, font=font)
+        draw.rectangle((left - line, top - line, right + line, bottom + line), fill=_TEXT_BACKGROUND)
+        draw.text(origin, label, fill=PREDICTED_COLOUR, font=font)
     legend = [prediction.patient_id] + [f"{name}: {p:.2f}" for name, p in
                                         zip(CLASS_NAMES, prediction.class_probs.tolist(), strict=True)]
+    if truth is not None:
+        legend.append(f"ground truth (green): {len(np.asarray(truth).reshape(-1, 4))} box(es)")
     origin = (line * 4, line * 4)
     text = "\n".join(legend)
     draw.rectangle(draw.multiline_textbbox(origin, text, font=font), fill=(0, 0, 0))  # legible over boxes
@@ -59,12 +79,30 @@ def draw_overlay(pixels: np.ndarray, prediction: ImagePrediction) -> Image.Image
     return image
 
 
-def write_overlay(folder: Path, pixels: np.ndarray, prediction: ImagePrediction) -> Path:
+def write_overlay(folder: Path, pixels: np.ndarray, prediction: ImagePrediction,
+                  truth: np.ndarray | None = None) -> Path:
     """:func:`draw_overlay` written atomically as ``folder/``:func:`overlay_filename`; returns its path."""
     path = folder / overlay_filename(prediction)
     with atomic_path(path) as tmp:  # the temporary name has no .png: say the format
-        draw_overlay(pixels, prediction).save(tmp, format="PNG")
+        draw_overlay(pixels, prediction, truth).save(tmp, format="PNG")
     return path
+
+
+@dataclass(frozen=True)
+class OverlayWriter:
+    """Where ``predict`` writes its overlays, and the ground truth drawn on them.
+
+    ``truth``: patient id -> boxes (:func:`pneumodet.submission.read_ground_truth`), or ``None`` when no
+    labels were given; a patient the labels do not hold gets no ground truth drawn.
+    """
+
+    folder: Path
+    truth: Mapping[str, np.ndarray] | None = None
+
+    def write(self, pixels: np.ndarray, prediction: ImagePrediction) -> Path:
+        """:func:`write_overlay` of ``prediction`` with its patient's ground truth, if known."""
+        truth = None if self.truth is None else self.truth.get(prediction.patient_id)
+        return write_overlay(self.folder, pixels, prediction, truth)
 
 
 def prediction_json(result: PredictionResult) -> dict[str, Any]:

@@ -8,16 +8,15 @@ memory; per image only its few boxes and class probabilities are kept.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from pneumodet.errors import CheckpointError, PneumodetError
+from pneumodet.errors import CheckpointError, ConfigError, PneumodetError
 from pneumodet.hardware import release_free_heap
 from pneumodet.inference.engine import Predictor, check_options, load_for_inference, model_image_size
 from pneumodet.inference.inputs import (
@@ -28,7 +27,7 @@ from pneumodet.inference.inputs import (
     find_dicom_files,
 )
 from pneumodet.inference.options import PredictOptions, check_predict_options
-from pneumodet.inference.outputs import write_overlay
+from pneumodet.inference.outputs import OverlayWriter
 from pneumodet.inference.results import (
     DuplicateInput,
     ImagePrediction,
@@ -36,6 +35,8 @@ from pneumodet.inference.results import (
     UnreadableInput,
     image_key,
 )
+from pneumodet.progress import track
+from pneumodet.submission import read_ground_truth
 from pneumodet.textsafe import display_path, display_text
 
 #: How often a streaming prediction returns freed heap pages to the system (see release_free_heap).
@@ -49,7 +50,8 @@ def predict(
     *,
     follow_symlinks: bool = False,
     overlay_dir: Path | str | None = None,
-    progress: bool = True,
+    labels: Path | str | None = None,
+    progress: bool | str = True,
     **overrides: Any,
 ) -> PredictionResult:
     """Predict boxes and class probabilities for every DICOM under ``inputs``.
@@ -63,7 +65,10 @@ def predict(
         follow_symlinks: also follow symbolic links that lead out of an input folder.
         overlay_dir: when given, one PNG per predicted image with boxes, scores and class probabilities,
             named by :func:`~pneumodet.inference.outputs.overlay_filename`.
-        progress: show a progress bar.
+        labels: a labels CSV (``stage_2_train_labels.csv``): each overlay also shows its patient's
+            ground-truth boxes (green); read and checked before the model is loaded; needs ``overlay_dir``.
+        progress: ``True``: a bar on a terminal, a plain line every 30 s otherwise (in images); ``False``:
+            nothing; or a style of :func:`pneumodet.progress.progress_style`.
         overrides: single fields of ``options`` replaced, e.g. ``predict(run, files, threshold=0.3)``.
 
     Returns:
@@ -77,6 +82,9 @@ def predict(
     """
     options = PredictOptions.of(options, **overrides)
     check_options(options)
+    if labels is not None and overlay_dir is None:
+        raise ConfigError("labels are drawn on the overlays only: give an overlay folder (--overlays) too")
+    truth = read_ground_truth(labels) if labels is not None else None  # a bad CSV fails before any work
     model, extra = load_for_inference(model_source)
     threshold = options.threshold
     if threshold is None:
@@ -97,15 +105,16 @@ def predict(
     if options.gate and options.threshold is None:
         result.warnings.append(f"the run's threshold {threshold:.3f} was chosen on ungated scores; gating "
                                "lowers every score, so a threshold chosen with --gate may suit better")
-    overlays = Path(overlay_dir) if overlay_dir is not None else None
+    overlays = OverlayWriter(Path(overlay_dir), truth) if overlay_dir is not None else None
     if overlays is not None:
-        overlays.mkdir(parents=True, exist_ok=True)
-        result.overlay_dir = overlays
+        overlays.folder.mkdir(parents=True, exist_ok=True)
+        result.overlay_dir = overlays.folder
 
     stream = DicomImageStream(search.files, image_size, keep_pixels=overlays is not None)
     loader = DataLoader(stream, batch_size=options.batch_size, shuffle=False, num_workers=options.workers,
                         collate_fn=collate_items)
-    for number, items in enumerate(_progress(loader, progress, total=len(loader)), 1):
+    batches = track(loader, len(search.files), "predict", progress=progress, sizes=len)
+    for number, items in enumerate(batches, 1):
         _predict_batch(items, predictor, result, overlays)
         if number % _TRIM_EVERY_BATCHES == 0:
             release_free_heap()
@@ -135,12 +144,6 @@ def _nothing_predicted(result: PredictionResult) -> str:
             f"unreadable: {_listing(causes)}); nothing written")
 
 
-def _progress(iterable: Any, enabled: bool, total: int) -> Iterator[Any]:
-    if not enabled:
-        return iter(iterable)
-    return iter(tqdm(iterable, total=total, desc="predict", unit="batch"))
-
-
 #: Characters a printable patient id still cannot hold: it must stay one field of the submission CSV.
 _CSV_BREAKING = frozenset(',"')
 
@@ -166,7 +169,7 @@ def _patient_id(item: StreamItem, result: PredictionResult) -> str | None:
 
 
 def _predict_batch(items: list[StreamItem], predictor: Predictor, result: PredictionResult,
-                   overlays: Path | None) -> None:
+                   overlays: OverlayWriter | None) -> None:
     good: dict[str, tuple[str, StreamItem]] = {}  # image key -> (patient id, item), in file order
     for item in items:
         if item.error is not None:
@@ -193,4 +196,4 @@ def _predict_batch(items: list[StreamItem], predictor: Predictor, result: Predic
                                *item.uids)
         result.predictions[key] = pred
         if overlays is not None and item.pixels is not None:
-            write_overlay(overlays, item.pixels, pred)
+            overlays.write(item.pixels, pred)

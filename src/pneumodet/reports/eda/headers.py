@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from pneumodet.data.dicom import read_dicom
 from pneumodet.data.records import PatientRecord
 from pneumodet.errors import DicomReadError
+from pneumodet.progress import track
 
 __all__ = ["MetadataScan", "has_image", "scan_metadata"]
 
@@ -68,7 +68,7 @@ def _header_or_error(item: tuple[str, str]) -> tuple[str, dict[str, Any] | None,
 
 
 def scan_metadata(records: Sequence[PatientRecord], *, max_images: int | None = None, seed: int = 0,
-                  workers: int | None = None, progress: bool = False) -> MetadataScan:
+                  workers: int | None = None, progress: bool | str = False) -> MetadataScan:
     """Read the DICOM headers (no pixels) of the records whose image exists.
 
     At most ``max_images`` headers are read, a seeded random subset when there are more images.
@@ -80,12 +80,12 @@ def scan_metadata(records: Sequence[PatientRecord], *, max_images: int | None = 
         pick = np.random.default_rng(seed).choice(len(present), size=max_images, replace=False)
         todo = [present[i] for i in sorted(pick)]
     workers = workers or os.cpu_count() or 1
-    bar = dict(total=len(todo), desc="DICOM headers", unit="file", disable=not progress)
+    bar = dict(total=len(todo), what="DICOM headers", unit="files", progress=progress)
     if workers > 1 and len(todo) >= _POOL_MIN_FILES:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(tqdm(pool.map(_header_or_error, todo, chunksize=64), **bar))
+            results = list(track(pool.map(_header_or_error, todo, chunksize=64), **bar))
     else:
-        results = [_header_or_error(item) for item in tqdm(todo, **bar)]
+        results = [_header_or_error(item) for item in track(todo, **bar)]
     rows = [row for _, row, _ in results if row is not None]
     failed = tuple((path, reason) for path, row, reason in results if row is None)
     frame = pd.DataFrame(rows, columns=list(_META_COLUMNS))
