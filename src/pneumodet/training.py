@@ -584,7 +584,8 @@ class TrainResult:
     excluded: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> str:
-        text = (f"trained {self.epochs} epochs, {self.steps} optimiser steps in {self.seconds:.0f} s"
+        text = (f"trained {self.epochs} epoch{'s' if self.epochs != 1 else ''}, {self.steps} optimiser steps in "
+                f"{self.seconds:.0f} s"
                 f"{' (resumed)' if self.resumed else ''}; best validation RSNA mAP {self.best_map:.4f} "
                 f"at confidence threshold {self.threshold:.2f}; run in {self.run_dir}")
         if any(self.excluded.values()):

@@ -171,7 +171,7 @@ class RsnaDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         cache_workers: int | None = None,
-        progress: bool = True,
+        progress: bool | str = True,
     ) -> None:
         super().__init__()
         if batch_size < 1:
