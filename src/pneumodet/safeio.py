@@ -81,23 +81,22 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` with NaN/inf floats replaced by ``None``, numpy scalars made plain, paths made strings."""
-    if isinstance(value, float) or type(value).__name__ in ("float32", "float64", "float16"):
-        value = float(value)
-        return value if math.isfinite(value) else None
+    """``value`` as plain JSON data: NaN/inf floats become ``None``, numpy/torch scalars and arrays plain
+    numbers and lists, paths strings. Anything else is a :class:`TypeError` (a writer bug, never silently
+    written as its ``str()``)."""
     if isinstance(value, bool | int | str) or value is None:
         return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [json_safe(v) for v in value]
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalars
-        return json_safe(value.item())
-    if hasattr(value, "tolist"):
-        return json_safe(value.tolist())
     if isinstance(value, os.PathLike):
         return os.fspath(value)
-    return str(value)
+    if hasattr(value, "tolist"):  # numpy / torch scalars (-> a number) and arrays (-> lists)
+        return json_safe(value.tolist())
+    raise TypeError(f"cannot write a {type(value).__name__} as JSON")
 
 
 def dumps_json(payload: Any, indent: int | None = 2) -> str:
