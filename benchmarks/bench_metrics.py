@@ -13,8 +13,10 @@ Prints images/s for
     loops over boxes with a scalar IoU, run per image and averaged), measured in the same run;
   * ``sweep_thresholds`` (one matching pass, every cut-off from cumulative sums) and, as the peer,
     ``rsna_map`` re-run on the predictions filtered at each of the same cut-offs;
-and the ratios. The peer's scores are printed too, so the figures compare equal work. Every figure
-is the median over ``--repeats`` after one warm-up.
+and the ratios. The peer's scores are printed too, so the figures compare equal work. Then the cost of
+``evaluate``'s other metrics on the same set (``clinical_metrics``): the FROC alone, and all of them
+(FROC, COCO AP, ROC, calibration, and every subgroup with its 500-resample bootstrap; made-up view, sex
+and age, uniform class probabilities). Every figure is the median over ``--repeats`` after one warm-up.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import cpu_model
+from pneumodet.clinical_metrics import BOOTSTRAP_RESAMPLES, SUBGROUPS, froc, reader_metrics
 from pneumodet.metrics import RSNA_IOU_THRESHOLDS, rsna_map, sweep_thresholds
 from pneumodet.submission import read_ground_truth
 
@@ -132,6 +135,22 @@ def main() -> None:
           f"at {sweep.best_threshold:.3f})")
     print(f"peer rsna_map x{len(cutoffs):<3d}{t_rerun * 1e3:10.1f} ms  (best {best:.6f})")
     print(f"ratio             {t_rerun / t_sweep:10.1f} x")
+
+    rng = np.random.default_rng(1)
+    fields = [{"view_position": str(rng.choice(["AP", "PA"])), "sex": str(rng.choice(["F", "M"])),
+               "age_years": int(rng.integers(1, 90))} for _ in truth]
+    positive = np.array([len(b) > 0 for b in truth.values()], dtype=np.int64)
+
+    def everything() -> dict:
+        return reader_metrics(truth, preds, threshold=0.5, true_class=positive, positive=1,
+                              class_probs=np.full((len(truth), 3), 1 / 3), fields=fields)
+
+    t_froc, found = seconds(lambda: froc(truth, preds), args.repeats)
+    t_all, _ = seconds(everything, max(1, args.repeats // 2))
+    print(f"froc              {t_froc * 1e3:10.1f} ms  (mean sensitivity {found.mean:.4f})")
+    groups = 1 + sum(len(names) for names in SUBGROUPS.values())  # "all" and every group
+    print(f"reader_metrics    {t_all * 1e3:10.1f} ms  (FROC, COCO AP, ROC, calibration, {groups} groups x "
+          f"{BOOTSTRAP_RESAMPLES} bootstrap resamples)")
 
 
 if __name__ == "__main__":

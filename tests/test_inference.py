@@ -720,11 +720,14 @@ def test_nms_iou_max_det_and_min_score_reach_the_models_post_processing(tiny_run
         result = predict(tiny_run, [dcm], threshold=0.0, precision="fp32", progress=False, **options)
         return next(iter(result.predictions.values())).boxes  # conf, x, y, w, h
 
-    default = boxes()
-    assert len(default) == 100  # the model's max_detections
+    from pneumodet.model import ModelConfig
+
+    assert len(boxes()) == ModelConfig().max_detections  # the model's own (the tiny run has the defaults)
+    default = boxes(nms_iou=0.5, max_detections=100)
+    assert len(default) == 100
     assert len(boxes(max_detections=3)) == 3
-    assert (boxes(min_score=0.55)[:, 0] > 0.55).all() and default[:, 0].min() <= 0.55
-    sparse = boxes(nms_iou=0.1)
+    assert (boxes(min_score=0.55, max_detections=100)[:, 0] > 0.55).all() and default[:, 0].min() <= 0.55
+    sparse = boxes(nms_iou=0.1, max_detections=100)
     xyxy = torch.from_numpy(np.concatenate([sparse[:, 1:3], sparse[:, 1:3] + sparse[:, 3:5]], axis=1))
     iou = box_iou(xyxy, xyxy).fill_diagonal_(0)
     assert len(sparse) < len(default) and float(iou.max()) <= 0.1 + 1e-4

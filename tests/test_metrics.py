@@ -413,3 +413,279 @@ def test_agrees_with_plain_prediction_centric_loop_on_any_crowded_images(images)
         expected = plain_prediction_centric_ap([list(b) for b in g], [list(b) for _, b in p], [c for c, _ in p])
         got = result.per_image[f"p{i}"]
         assert got == (None if expected is None else pytest.approx(expected, abs=1e-12))
+
+
+# ------------------------------------------------------------------ metrics a radiologist reads (clinical_metrics)
+def _lesion_case():
+    """Three images: A has two lesions, B one, C none. Boxes, most confident first: 0.9 on A1 (found), 0.8 in
+    B away from its lesion (FP), 0.7 in C (FP), 0.6 on A1 again (a second box on a found lesion: FP), 0.5 on
+    B1 (found), 0.4 in C (FP), 0.3 on A2 (found)."""
+    a1, a2, b1 = [0.0, 0.0, 100.0, 100.0], [300.0, 300.0, 100.0, 100.0], [500.0, 0.0, 100.0, 100.0]
+    elsewhere = [800.0, 800.0, 50.0, 50.0]
+    truth = {"A": gt(a1, a2), "B": gt(b1), "C": NO_BOX}
+    preds = {"A": pred((0.9, *a1), (0.6, *a1), (0.3, *a2)), "B": pred((0.8, *elsewhere), (0.5, *b1)),
+             "C": pred((0.7, *elsewhere), (0.4, *elsewhere))}
+    return truth, preds
+
+
+def test_froc_on_a_case_worked_by_hand():
+    """Operating points (found, FP): (1,0) (1,1) (1,2) (1,3) (2,3) (2,4) (3,4) over 3 images and 3 lesions. At
+    f FP/image the budget is 3f FPs: 1/8 (0.375), 1/4 (0.75) and 1/2 (1.5) allow 0 or 1 FP -> 1/3; 1 (3 FPs)
+    -> 2/3; 2, 4 and 8 reach the last point -> 1 (the curve stays there). Mean (3/3 + 2/3 + 3) / 7 = 2/3."""
+    from pneumodet.clinical_metrics import froc
+
+    truth, preds = _lesion_case()
+    result = froc(truth, preds)
+    assert result.sensitivity == pytest.approx({0.125: 1 / 3, 0.25: 1 / 3, 0.5: 1 / 3, 1.0: 2 / 3, 2.0: 1.0,
+                                                4.0: 1.0, 8.0: 1.0})
+    assert result.mean == pytest.approx(2 / 3)
+    assert (result.n_images, result.n_lesions) == (3, 3)
+    d = result.to_dict()
+    assert list(d["sensitivity_at_fp_per_image"]) == ["1/8", "1/4", "1/2", "1", "2", "4", "8"]
+    assert "IoU >= 0.5" in d["criterion"]
+
+
+def test_froc_tied_boxes_enter_together_and_no_lesion_is_undefined():
+    """Two boxes of equal confidence, one finding the lesion, one a false positive in the other image: one
+    operating point (1 found, 1 FP over 2 images), whatever their order. 1/4 FP/image allows 0.5 FP: not
+    reached -> 0; 1/2 allows 1 -> 1. Without any lesion the sensitivity is undefined (NaN, null in JSON)."""
+    from pneumodet.clinical_metrics import froc
+
+    truth = {"a": gt(BOX), "b": NO_BOX}
+    for preds in ({"a": pred((0.5, *BOX)), "b": pred((0.5, 500, 500, 10, 10))},
+                  {"b": pred((0.5, 500, 500, 10, 10)), "a": pred((0.5, *BOX))}):
+        sens = froc(truth, preds).sensitivity
+        assert (sens[0.25], sens[0.5], sens[8.0]) == (0.0, 1.0, 1.0)
+    empty = froc({"a": NO_BOX}, {"a": pred((0.9, *BOX))})
+    assert math.isnan(empty.mean) and all(math.isnan(v) for v in empty.sensitivity.values())
+
+
+def test_froc_agrees_with_a_plain_loop_on_random_images():
+    """The vectorised FROC against a plain loop: sort all boxes, walk the distinct confidences, read the last
+    point within each budget."""
+    from pneumodet.clinical_metrics import FROC_FP_RATES, froc
+
+    rng = np.random.default_rng(3)
+    truth, preds = {}, {}
+    for i in range(25):
+        k = int(rng.integers(0, 3))
+        boxes = np.c_[rng.integers(0, 8, (k, 2)) * 60.0, rng.integers(1, 4, (k, 2)) * 20.0]
+        rows = []
+        for _ in range(int(rng.integers(0, 5))):
+            b = boxes[rng.integers(k)] + rng.integers(-10, 11, 4) if k and rng.random() < 0.6 else \
+                np.r_[rng.integers(0, 8, 2) * 60.0, rng.integers(1, 4, 2) * 20.0]
+            rows.append((round(float(rng.random()), 1), *np.abs(b)))  # one decimal: many ties
+        truth[f"p{i:02d}"], preds[f"p{i:02d}"] = gt(*boxes.tolist()), pred(*rows)
+    # plain: each box TP/FP by the greedy matching at 0.5 (the same as rsna_map's at that threshold)
+    flags = []
+    for pid, rows in preds.items():
+        order = sorted(range(len(rows)), key=lambda j: -rows[j][0])
+        free = list(range(len(truth[pid])))
+        for j in order:
+            ious = [(plain_iou(rows[j][1:], truth[pid][g]), -g) for g in free]
+            best = max(ious, default=(0.0, 0))
+            hit = bool(ious) and best[0] >= 0.5
+            if hit:
+                free.remove(-best[1])
+            flags.append((rows[j][0], hit))
+    lesions, images = sum(len(t) for t in truth.values()), len(truth)
+    points = [(0, 0)]
+    for c in sorted({c for c, _ in flags}, reverse=True):
+        points.append((sum(h for s, h in flags if s >= c), sum(not h for s, h in flags if s >= c)))
+    expected = {r: max(f for f, fp in points if fp <= r * images) / lesions for r in FROC_FP_RATES}
+    assert froc(truth, preds).sensitivity == pytest.approx(expected, abs=1e-12)
+
+
+def test_roc_auc_and_operating_point_on_a_tiny_case():
+    """Labels 1 1 0 0, scores .9 .4 .4 .1: of the 4 (positive, negative) pairs 3 are ordered and one tied
+    (counts 1/2) -> AUC 3.5/4. Calling >= 0.4 positive: TP 2, FP 1, TN 1, FN 0 -> sensitivity 1,
+    specificity 1/2. The ROC points step through (0, 1/2), (1/2, 1), (1, 1). One class: undefined."""
+    from pneumodet.clinical_metrics import binary_auc, operating_point, roc_points
+
+    labels, scores = np.array([1, 1, 0, 0], bool), np.array([0.9, 0.4, 0.4, 0.1])
+    assert binary_auc(labels, scores) == pytest.approx(0.875)
+    point = operating_point(labels, scores >= 0.4)
+    assert point == {"sensitivity": 1.0, "specificity": 0.5, "true_positives": 2, "false_positives": 1,
+                     "true_negatives": 1, "false_negatives": 0}
+    fpr, tpr = roc_points(labels, scores)
+    assert fpr.tolist() == [0.0, 0.0, 0.5, 1.0] and tpr.tolist() == [0.0, 0.5, 1.0, 1.0]
+    assert math.isnan(binary_auc(np.ones(3, bool), [0.1, 0.2, 0.3]))
+    assert math.isnan(operating_point(np.ones(2, bool), np.ones(2, bool))["specificity"])
+
+
+def test_auc_matches_the_pair_count_on_random_scores_with_ties():
+    from pneumodet.clinical_metrics import binary_auc
+
+    rng = np.random.default_rng(0)
+    labels, scores = rng.random(60) < 0.4, rng.integers(0, 6, 60) / 5
+    pos, neg = scores[labels], scores[~labels]
+    pairs = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    assert binary_auc(labels, scores) == pytest.approx(pairs / (len(pos) * len(neg)))
+
+
+def test_ece_on_a_tiny_case():
+    """Four images, three classes. Top label: bin 8 holds confidences .85 (right) and .8 (wrong): |1/2 - .825|
+    x 2/4; bin 4 holds .4 (right): .6 x 1/4; bin 3 holds .35 (argmax class 0, right): .65 x 1/4 -> ECE .475.
+    Pneumonia (class 1) probabilities .85 .8 .3 .3, only the first positive: bin 8 |1/2 - .825| x 2/4, bin 3
+    |0 - .3| x 2/4 -> ECE .3125."""
+    from pneumodet.clinical_metrics import calibration
+
+    probs = np.array([[0.1, 0.85, 0.05], [0.05, 0.8, 0.15], [0.3, 0.3, 0.4], [0.35, 0.3, 0.35]])
+    result = calibration(probs, np.array([1, 0, 2, 0]), positive=1)
+    assert result["top_label"]["ece"] == pytest.approx(0.475)
+    assert result["pneumonia"]["ece"] == pytest.approx(0.3125)
+    bins = result["top_label"]["reliability"]
+    assert [b["count"] for b in bins] == [0, 0, 0, 1, 1, 0, 0, 0, 2, 0]
+    assert bins[8]["mean_confidence"] == pytest.approx(0.825) and bins[8]["observed"] == 0.5
+    assert math.isnan(bins[0]["observed"])  # an empty bin is undefined, not 0
+    perfect = calibration(np.array([[0.0, 1.0, 0.0]] * 3), np.array([1, 1, 1]), positive=1)
+    assert perfect["top_label"]["ece"] == 0.0 and perfect["top_label"]["reliability"][9]["count"] == 3
+
+
+def _coco_by_pycocotools(truth, preds):
+    """AP@[.5:.95], AP50, AP75 of pycocotools on the same boxes (image ids in ground-truth order)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    ids = {pid: i + 1 for i, pid in enumerate(truth)}
+    anns = [{"id": n, "image_id": ids[pid], "category_id": 1, "bbox": list(map(float, b)),
+             "area": float(b[2] * b[3]), "iscrowd": 0}
+            for n, (pid, b) in enumerate(((pid, b) for pid, boxes in truth.items() for b in boxes), start=1)]
+    dets = [{"image_id": ids[pid], "category_id": 1, "bbox": list(map(float, r[1:])), "score": float(r[0])}
+            for pid, rows in preds.items() for r in rows]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = {"images": [{"id": i, "width": 1024, "height": 1024} for i in ids.values()],
+                           "annotations": anns, "categories": [{"id": 1, "name": "opacity"}]}
+        coco_gt.createIndex()
+        ev = COCOeval(coco_gt, coco_gt.loadRes(dets), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev.stats[0], ev.stats[1], ev.stats[2]
+
+
+def test_coco_ap_on_a_case_worked_by_hand_and_by_pycocotools():
+    """Two lesions; boxes .9 on the first (IoU 1), .8 a false positive, .7 on the second with IoU .64. At IoU
+    .50-.60 the order TP FP TP gives precision envelope 1, 2/3, 2/3 at recall 1/2, 1/2, 1: 51 recall points
+    at 1 and 50 at 2/3 -> 253/303. At .65-.95 the second is missed: 51 points at 1, 50 at 0 -> 51/101.
+    AP@[.5:.95] = (3 x 253/303 + 7 x 51/101) / 10 = 610/1010."""
+    from pneumodet.clinical_metrics import coco_ap
+
+    truth = {"a": gt([0, 0, 100, 100], [300, 300, 100, 100])}
+    preds = {"a": pred((0.9, 0, 0, 100, 100), (0.8, 700, 700, 50, 50), (0.7, 300, 300, 100, 64))}
+    result = coco_ap(truth, preds).to_dict()
+    assert result["ap"] == pytest.approx(610 / 1010, abs=1e-12)
+    assert result["ap50"] == pytest.approx(253 / 303, abs=1e-12)
+    assert result["ap75"] == pytest.approx(51 / 101, abs=1e-12)
+    assert (result["ap"], result["ap50"], result["ap75"]) == pytest.approx(_coco_by_pycocotools(truth, preds),
+                                                                             abs=1e-12)
+    assert math.isnan(coco_ap({"a": NO_BOX}, {"a": pred((0.5, *BOX))}).ap)  # no lesion: undefined
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_coco_ap_agrees_with_pycocotools_on_random_images(seed):
+    """Crowded images (up to 3 lesions, up to 120 boxes: pycocotools keeps 100 per image), boxes jittered
+    around the lesions and elsewhere, images without lesions, without boxes, and confidences tied across
+    images."""
+    from pneumodet.clinical_metrics import coco_ap
+
+    rng = np.random.default_rng(seed)
+    truth, preds = {}, {}
+    for i in range(30):
+        k = int(rng.integers(0, 4))
+        boxes = np.c_[rng.uniform(0, 600, (k, 2)), rng.uniform(30, 300, (k, 2))].round(1)
+        rows = []
+        for _ in range(int(rng.choice([0, 3, 8, 120]))):
+            if k and rng.random() < 0.5:
+                b = boxes[rng.integers(k)] + rng.normal(0, 20, 4)
+                b[2:] = np.abs(b[2:]) + 1
+            else:
+                b = np.r_[rng.uniform(0, 600, 2), rng.uniform(30, 300, 2)]
+            rows.append((round(float(rng.random()), 2 if seed % 2 else 6), *b.round(1)))
+        truth[f"{i:03d}"], preds[f"{i:03d}"] = gt(*boxes.tolist()), pred(*rows)
+    result = coco_ap(truth, preds).to_dict()
+    assert (result["ap"], result["ap50"], result["ap75"]) == pytest.approx(_coco_by_pycocotools(truth, preds),
+                                                                             abs=1e-12)
+
+
+def _found_or_missed(n: int, rate: float, rng: np.random.Generator):
+    """``n`` images of one lesion each, found (an exact box) with probability ``rate``: every image AP is 1 or 0."""
+    found = rng.random(n) < rate
+    truth = {f"i{k:03d}": gt(BOX) for k in range(n)}
+    preds = {f"i{k:03d}": pred((0.9, *BOX)) if hit else pred() for k, hit in enumerate(found)}
+    return truth, preds, found
+
+
+def test_bootstrap_intervals_repeat_contain_the_estimate_and_cover_the_truth():
+    """The intervals are the same on every call (fixed seed), bracket the estimate, and over 60 data sets drawn
+    with a true found-rate of 0.6 the RSNA mAP interval holds 0.6 about 95 % of the time (at least 85 %
+    here: a percentile bootstrap over 40 patients undercovers a little, and 60 draws wobble)."""
+    from pneumodet.clinical_metrics import reader_metrics
+    from pneumodet.safeio import json_safe
+
+    rng = np.random.default_rng(11)
+
+    def run(truth, preds):
+        n = len(truth)
+        return reader_metrics(truth, preds, threshold=0.5, true_class=np.ones(n, int),
+                              class_probs=np.full((n, 3), 1 / 3), positive=1, resamples=300)["subgroups"]["all"]
+
+    truth, preds, found = _found_or_missed(40, 0.6, rng)
+    first, again = json_safe(run(truth, preds)), json_safe(run(truth, preds))
+    assert first == again
+    value, (lo, hi) = first["rsna_map"]["value"], first["rsna_map"]["ci95"]
+    assert value == pytest.approx(found.mean()) and lo <= value <= hi and hi - lo > 0.1
+    assert first["image_auc"] == {"value": None, "ci95": None}  # every patient positive: undefined
+    covered = 0
+    for _ in range(60):
+        lo, hi = run(*_found_or_missed(40, 0.6, rng)[:2])["rsna_map"]["ci95"]
+        covered += lo <= 0.6 <= hi
+    assert covered >= 51
+
+
+def test_bootstrap_weights_draw_each_resample_of_n_patients():
+    from pneumodet.clinical_metrics import _bootstrap_weights
+
+    weights = _bootstrap_weights(7, 50, np.random.default_rng(0))
+    assert weights.shape == (50, 7) and (weights.sum(axis=1) == 7).all() and (weights >= 0).all()
+    assert not (weights == 1).all()  # resamples, not the sample itself
+    assert (weights == _bootstrap_weights(7, 50, np.random.default_rng(0))).all()
+
+
+def test_subgroup_fields_allow_list_and_age_parsing():
+    """Header values reduced to groups: '058Y' and '58' are 58 years, months and days count, an absurd age
+    (RSNA has '148') or a missing or unparsable one is unknown; views other than AP/PA are 'other'; sex
+    outside M/F/O is unknown. Never free text."""
+    from pneumodet.clinical_metrics import age_band, subgroup_labels
+    from pneumodet.data.dicom import parse_age, subgroup_fields
+
+    def fields(age=None, sex=None, view=None):
+        return subgroup_fields({"age": parse_age(age), "sex": sex, "view_position": view})
+
+    assert fields("058Y", "F", "PA") == {"view_position": "PA", "sex": "F", "age_years": 58}
+    assert fields("58", " m ", "ap") == {"view_position": "AP", "sex": "M", "age_years": 58}
+    assert fields("6M")["age_years"] == 0 and fields("014D")["age_years"] == 0
+    for bad in ("148", "300Y", "abc", "", None, "-5", "5X"):
+        assert fields(bad)["age_years"] is None, bad
+    assert fields(view="LL")["view_position"] == "other" and fields(view=None)["view_position"] is None
+    assert fields(sex="Female")["sex"] is None and fields(sex="O")["sex"] == "O"
+    assert [age_band(a) for a in (0, 17, 18, 39, 40, 59, 60, 120, None)] == [
+        "<18", "<18", "18-39", "18-39", "40-59", "40-59", "60+", "60+", "unknown"]
+    assert subgroup_labels({}) == {"view_position": "unknown", "sex": "unknown", "age_band": "unknown"}
+    # whatever an index holds (an edited file), only known groups come out
+    assert subgroup_labels({"view_position": "Dr Who", "sex": 3, "age_years": "old"}) == {
+        "view_position": "unknown", "sex": "unknown", "age_band": "unknown"}
+
+
+def test_subgroup_fields_of_the_real_sample_headers(real_sample):
+    """RSNA writes ages as '51' and views AP/PA: every real header gives a group, none unknown."""
+    from pneumodet.data.dicom import read_dicom, subgroup_fields
+
+    for path in sorted((real_sample / "stage_2_train_images").glob("*.dcm")):
+        found = subgroup_fields(read_dicom(path, metadata_only=True)[1])
+        assert found["view_position"] in ("AP", "PA") and found["sex"] in ("M", "F"), path.name
+        assert isinstance(found["age_years"], int) and 0 < found["age_years"] < 100, path.name

@@ -18,8 +18,8 @@ from pneumodet.config import TrainConfig
 from pneumodet.data.rsna import load_rsna
 from pneumodet.data.split import split_patients, write_split
 from pneumodet.experiments import run_grid
+from pneumodet.launch import library_output
 from pneumodet.progress import Progress, format_duration, progress_style
-from pneumodet.training import library_output
 
 TINY = ["--encoder", "resnet18", "--image-size", "64", "--batch-size", "4", "--num-workers", "0",
         "--aug", "light", "--precision", "32-true", "--checkpoint-every", "0"]

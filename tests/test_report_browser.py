@@ -1,7 +1,9 @@
-"""The exploration report as a user sees it: opened offline in headless Chromium.
+"""The reports as a user sees them: opened offline in headless Chromium.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``scripts/install-system-deps.sh``, run by
 ``make test``). The driver is passed explicitly so that selenium never tries to download one.
+
+Screenshots go to the test's temporary folder, or to ``$PNEUMODET_SCREENSHOTS`` when set (to look at them).
 """
 
 from __future__ import annotations
@@ -101,3 +103,93 @@ def test_report_opens_with_every_section_and_image(driver, real_report, tmp_path
         shot = _screenshot(driver, driver.find_element(By.ID, section_id))
         (tmp_path / f"eda_{section_id}.png").write_bytes(shot)
         assert Image.open(io.BytesIO(shot)).height > 100
+
+
+# ---------------------------------------------------------------- every report's pictures at their displayed size
+#: The smallest text, in CSS pixels on screen, a chart may show (the pictures' ``data-min-text-px`` scaled by
+#: how much the page shrinks them).
+MIN_TEXT_PX = 11.0
+#: Window widths checked: a common desktop and a common laptop.
+WINDOW_WIDTHS = (1400, 1280)
+
+
+@pytest.fixture(scope="module")
+def trained_run(synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real run (2 epochs, 64 px, resnet18) with its best model: the run report shows predictions."""
+    from pneumodet.config import TrainConfig
+    from pneumodet.data.rsna import load_rsna
+    from pneumodet.data.split import split_patients, write_split
+    from pneumodet.training import train
+
+    root = tmp_path_factory.mktemp("report_runs")
+    split = root / "split"
+    write_split(split_patients(load_rsna(synth_dataset).records, val=0.2, test=0.2, seed=1), split,
+                source=str(synth_dataset))
+    config = TrainConfig.with_recipe("default", data_dir=str(synth_dataset), split_dir=str(split),
+                                     out_dir=str(root / "resnet18_light"), cache_dir=str(root / "cache"),
+                                     encoder="resnet18", image_size=64, batch_size=8, epochs=2, num_workers=0,
+                                     aug="light", checkpoint_every_n_steps=0, precision="32-true", lr=1e-3)
+    train(config, progress=False)
+    return root / "resnet18_light"
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = Path(os.environ.get("PNEUMODET_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _run_report(trained_run: Path) -> Path:
+    from pneumodet.reports.runs import write_run_report
+
+    return write_run_report(trained_run, samples=8)
+
+
+def _comparison_report(trained_run: Path) -> Path:
+    """The real run and three made-up ones differing in encoder and augmentation (the case that drew four
+    one-point panels), one sharing the real run's augmentation so that a per-factor view has two lines."""
+    from _runs_helpers import fake_run
+    from pneumodet.reports.runs import compare_runs
+
+    root = trained_run.parent / "fakes"
+    runs = [trained_run] + [fake_run(root, encoder, aug, epochs=6, seed=i, template=trained_run)
+                            for i, (encoder, aug) in enumerate([("resnet50", "heavy"), ("se_resnext50", "light"),
+                                                                ("pnasnet5", "heavy_with_rotations")])]
+    return compare_runs(runs, trained_run.parent / "comparison").report
+
+
+@pytest.mark.parametrize("which", ["run", "comparison", "eda"])
+def test_every_picture_is_readable_at_the_size_the_page_shows_it(driver, which, trained_run, real_eda_report,
+                                                                 shots) -> None:
+    """Each ``<img>`` loaded, never shown larger than drawn (a blurred, upscaled picture), and every chart's
+    smallest text at least ``MIN_TEXT_PX`` tall on screen; the page never scrolls sideways. Screenshots of
+    the whole page and of each picture are saved."""
+    from selenium.webdriver.common.by import By
+
+    report = {"run": lambda: _run_report(trained_run), "comparison": lambda: _comparison_report(trained_run),
+              "eda": lambda: real_eda_report[0] / "report.html"}[which]()
+    for width in WINDOW_WIDTHS:
+        driver.set_window_size(width, 1000)
+        driver.get(report.as_uri())
+        pictures = driver.execute_script(
+            "return Array.from(document.images).map(i => ({alt: i.alt, complete: i.complete, "
+            "natural: i.naturalWidth, shown: i.getBoundingClientRect().width - 2, "  # less the 1 px border
+            "text: i.dataset.minTextPx ? parseFloat(i.dataset.minTextPx) : null}))")
+        assert pictures and all(p["complete"] and p["natural"] > 0 for p in pictures), pictures
+        charts = [p for p in pictures if p["text"] is not None]  # the others are photos, without text
+        assert charts, f"the {which} report holds no chart"
+        upscaled = [p["alt"] for p in pictures if p["shown"] > p["natural"] + 0.5]
+        assert not upscaled, f"{which} report at {width}px: pictures shown larger than drawn: {upscaled}"
+        small = {p["alt"]: round(p["text"] * p["shown"] / p["natural"], 1) for p in charts
+                 if p["text"] * p["shown"] / p["natural"] < MIN_TEXT_PX}
+        assert not small, f"{which} report at {width}px: smallest text on screen (px) under {MIN_TEXT_PX}: {small}"
+        overflow = driver.execute_script(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 1, f"{which} report wider than a {width}px window by {overflow}px"
+        page = _screenshot(driver)
+        (shots / f"{which}_{width}.png").write_bytes(page)
+        assert np.asarray(Image.open(io.BytesIO(page)).convert("L")).std() > 20  # drawn, not blank
+        if width == WINDOW_WIDTHS[0]:
+            for i, element in enumerate(driver.find_elements(By.CSS_SELECTOR, "img[data-min-text-px]")):
+                (shots / f"{which}_chart{i:02d}.png").write_bytes(_screenshot(driver, element))

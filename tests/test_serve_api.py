@@ -114,7 +114,8 @@ def test_model_card_describes_the_run_and_no_patient(client, served_run):
     from pneumodet.rundir import RunDir
 
     assert card["checkpoint_sha256"] == hashlib.sha256(RunDir(served_run).best_model.read_bytes()).hexdigest()
-    assert card["metrics"]["validation"] == {"rsna_map": VAL_MAP, "threshold": THRESHOLD, "epoch": 3,
+    # epoch 3 from 0 in the checkpoint: the fourth, as train and the reports count
+    assert card["metrics"]["validation"] == {"rsna_map": VAL_MAP, "threshold": THRESHOLD, "epoch": 4,
                                              "best_rsna_map": VAL_MAP}
     assert card["metrics"]["test"] == {"rsna_map": 0.125, "images": 3, "images_scored": 2, "threshold": THRESHOLD,
                                        "accuracy": 0.5, "pneumonia_auc": 0.75}

@@ -221,3 +221,35 @@ def test_cli_split_missing_column_exits_2_with_one_line(tmp_path, capsys):
     assert err.count("\n") == 0
     assert err.startswith("pneumodet split: error:") and "stage_2_train_labels.csv: missing column(s) height" in err
     assert not (tmp_path / "s").exists()
+
+
+def _labels(folder: Path, positives: int, patients: int = 20) -> Path:
+    """A labels-only Kaggle folder: ``positives`` Lung Opacity patients (one box each), the others Normal."""
+    rows, classes = ["patientId,x,y,width,height,Target"], ["patientId,class"]
+    for i in range(patients):
+        pid, positive = f"p{i:03d}", i < positives
+        rows.append(f"{pid},100,100,50,80,1" if positive else f"{pid},,,,,0")
+        classes.append(f"{pid},{'Lung Opacity' if positive else 'Normal'}")
+    (folder / "stage_2_train_labels.csv").write_text("\n".join(rows) + "\n")
+    (folder / "stage_2_detailed_class_info.csv").write_text("\n".join(classes) + "\n")
+    return folder
+
+
+def test_cli_split_warns_in_one_line_when_a_set_has_no_positive(tmp_path, capsys):
+    data = _labels(tmp_path, positives=1)
+    assert main(["split", str(data), "--labels-only", "--out", str(tmp_path / "s")]) == 0  # written all the same
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert warnings == ["pneumodet split: warning: the val and test sets have no patient with boxes (val 2, test 2 "
+                        "patients): validation mAP cannot reward a right box, so the threshold it chooses means "
+                        "little; the test score can only count false positives; split more patients, or use "
+                        "--val/--test fractions that leave positives in every set"]
+    assert json.loads((tmp_path / "s" / "split.json").read_text())["boxes"] == {"train": 1, "val": 0, "test": 0}
+
+
+def test_cli_split_with_positives_in_every_set_says_nothing_more(tmp_path, capsys):
+    data = _labels(tmp_path, positives=10)
+    assert main(["split", str(data), "--labels-only", "--out", str(tmp_path / "s")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    split = split_patients(load_rsna(data).records, labels_only=True)
+    assert split.sets_without_positives() == [] and split.positives_warning() is None

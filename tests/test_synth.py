@@ -24,6 +24,8 @@ from pneumodet.data.synth import (
     CLASSES_FILE,
     IMAGES_DIR,
     LABELS_FILE,
+    SUBMISSION_FILE,
+    TEST_IMAGES_DIR,
     make_synthetic_dataset,
     render_chest,
     sample_patients,
@@ -56,7 +58,60 @@ def test_layout_and_headers_match_the_real_files(synth_dataset: Path, real_sampl
     ids = {r["patientId"] for r in labels}
     files = {p.stem for p in (synth_dataset / IMAGES_DIR).glob("*.dcm")}
     assert ids == files and len(files) == 40
-    assert {p.name for p in synth_dataset.iterdir()} == {LABELS_FILE, CLASSES_FILE, IMAGES_DIR}
+    assert {p.name for p in synth_dataset.iterdir()} == {LABELS_FILE, CLASSES_FILE, IMAGES_DIR, TEST_IMAGES_DIR,
+                                                         SUBMISSION_FILE}
+
+
+def test_test_images_and_sample_submission_as_kaggle_has_them(synth_dataset: Path, real_sample: Path) -> None:
+    """Kaggle's download also holds the test images (no labels) and a sample submission listing them."""
+    real, synth = (real_sample / SUBMISSION_FILE).read_bytes(), (synth_dataset / SUBMISSION_FILE).read_bytes()
+    assert synth.split(b"\n", 1)[0] == real.split(b"\n", 1)[0] == b"patientId,PredictionString\r"  # CRLF too
+    rows = read_rows(synth_dataset / SUBMISSION_FILE)
+    real_rows = read_rows(real_sample / SUBMISSION_FILE)
+    assert {r["PredictionString"] for r in rows} == {r["PredictionString"] for r in real_rows} == {"0.5 0 0 100 100"}
+    ids = [r["patientId"] for r in rows]
+    assert ids == sorted(ids) and len(ids) == 4  # 11 % of 40 patients, as Kaggle's 3000 of 26684
+    assert {p.stem for p in (synth_dataset / TEST_IMAGES_DIR).glob("*.dcm")} == set(ids)
+    train_ids = {r["patientId"] for r in read_rows(synth_dataset / LABELS_FILE)}
+    assert not train_ids & set(ids)  # test patients are nobody's training patients
+    assert {pydicom.dcmread(synth_dataset / TEST_IMAGES_DIR / f"{i}.dcm").PatientID for i in ids} == set(ids)
+
+
+def test_loading_and_eda_see_the_training_set_only(synth_dataset: Path, tmp_path: Path) -> None:
+    """The records (what split, cache and train use) and the data report hold the training patients only."""
+    from pneumodet.data.rsna import load_rsna
+    from pneumodet.reports.eda import build_eda_report
+
+    data = load_rsna(synth_dataset)
+    train_ids = {r["patientId"] for r in read_rows(synth_dataset / LABELS_FILE)}
+    assert {r.patient_id for r in data.records} == train_ids
+    assert {r.image_path.parent.name for r in data.records} == {IMAGES_DIR}
+    assert data.report.images_found == 40 and data.report.counts_by_kind().get("image_unlabelled", 0) == 0
+    summary = build_eda_report(synth_dataset, tmp_path / "eda", seed=0, max_images=8, samples_per_class=1)
+    assert (summary["patients"], summary["images_found"], summary["images_missing"]) == (40, 40, 0)
+
+
+def test_test_patients_leave_the_training_files_unchanged(tmp_path: Path) -> None:
+    none, some = tmp_path / "none", tmp_path / "some"
+    make_synthetic_dataset(none, patients=6, size=96, seed=5, test_patients=0)
+    summary = make_synthetic_dataset(some, patients=6, size=96, seed=5, test_patients=3)
+    assert {p.name for p in none.iterdir()} == {LABELS_FILE, CLASSES_FILE, IMAGES_DIR}
+    assert summary.test_files == 3 and len(list((some / TEST_IMAGES_DIR).glob("*.dcm"))) == 3
+    assert f"3 unlabelled test DICOMs in {TEST_IMAGES_DIR}/" in str(summary)
+    for name in (LABELS_FILE, CLASSES_FILE):
+        assert (none / name).read_bytes() == (some / name).read_bytes()
+    # overwriting with another seed replaces the test set too, and with none removes it
+    make_synthetic_dataset(some, patients=6, size=96, seed=6, test_patients=2, overwrite=True)
+    assert len(read_rows(some / SUBMISSION_FILE)) == 2 == len(list((some / TEST_IMAGES_DIR).glob("*.dcm")))
+    make_synthetic_dataset(some, patients=6, size=96, seed=6, test_patients=0, overwrite=True)
+    assert not (some / SUBMISSION_FILE).exists() and not list((some / TEST_IMAGES_DIR).glob("*.dcm"))
+    # another dataset's test images alone are refused as its training images are
+    other = tmp_path / "other"
+    (other / TEST_IMAGES_DIR).mkdir(parents=True)
+    (other / TEST_IMAGES_DIR / "someone.dcm").write_bytes(b"DICM")
+    with pytest.raises(ConfigError, match=r"already holds a dataset \(1 test DICOMs of other patients\)"):
+        make_synthetic_dataset(other, patients=2, size=96, seed=1)
+    assert not (other / LABELS_FILE).exists()
 
 
 def test_rows_follow_the_kaggle_conventions(synth_dataset: Path, real_sample: Path) -> None:

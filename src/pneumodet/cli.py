@@ -48,13 +48,16 @@ def _add_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024, as RSNA)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT_DIR")
+    p.add_argument("--test-patients", type=int, metavar="N",
+                   help="unlabelled patients in stage_2_test_images/, listed in stage_2_sample_submission.csv as "
+                        "Kaggle's test set (default: 11%% of --patients, Kaggle's 3000 per 26684; 0: none)")
 
 
 def _run_synth(args: argparse.Namespace) -> None:
     from pneumodet.data.synth import make_synthetic_dataset
 
     summary = make_synthetic_dataset(args.out_dir, patients=args.patients, size=args.size, seed=args.seed,
-                                     overwrite=args.overwrite, progress=True)
+                                     overwrite=args.overwrite, progress=True, test_patients=args.test_patients)
     print(summary)
 
 
@@ -79,6 +82,9 @@ def _run_split(args: argparse.Namespace) -> None:
     write_split(split, args.out, source=str(args.data_dir))
     print(split.summary())
     print(f"wrote {display_path(args.out)}")
+    warning = split.positives_warning()
+    if warning:  # written all the same: a labels-only study may want it; train says it again
+        print(f"pneumodet split: warning: {warning}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- cache
@@ -130,6 +136,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
                         "(ties: the higher Lung Opacity probability, then the first file), as the RSNA metric "
                         "scores one image per patient; --json and --overlays keep every image")
     _add_prediction_options(p)
+    _add_ensemble_option(p)
     p.add_argument("--overlays", type=Path,
                    help="folder for one PNG per image with boxes and probabilities, named <patient id, "
                         "sanitised, at most 40 characters>_<hash of the SOP Instance UID>.png")
@@ -147,6 +154,13 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
                         "scores, class probabilities) and one grayscale presentation state (boxes drawn) per "
                         "image, linked to it by its UIDs: <overlay name>_sr.dcm / _pr.dcm")
     _add_dicom_out_options(p)
+    p.add_argument("--devices", type=int, default=1,
+                   help="processes per node (default 1); > 1 shares the files out by batch, started as "
+                        "`train --devices` starts them (gloo on the CPU; one GPU each with --device cuda): "
+                        "the outputs are the same as with one process, written by the first")
+    p.add_argument("--num-nodes", type=int, default=1,
+                   help="nodes (default 1): run the command on each, with NODE_RANK, MASTER_ADDR and "
+                        "MASTER_PORT set, or under SLURM or torchrun")
 
 
 def _run_predict(args: argparse.Namespace) -> None:
@@ -154,8 +168,29 @@ def _run_predict(args: argparse.Namespace) -> None:
     from pneumodet.inference import predict, write_prediction_json, write_prediction_submission
 
     check_uid_root(args.uid_root)  # before any work
-    result = predict(args.model, args.inputs, _prediction_options(args), follow_symlinks=args.follow_symlinks,
-                     overlay_dir=args.overlays, labels=args.labels, progress=True)
+    models, options = _ensemble_models(args), _prediction_options(args)
+    if args.dicom_out and (len(models) > 1 or rundir.CvDir(args.model).is_cv()):
+        from pneumodet.errors import ConfigError
+
+        raise ConfigError("--dicom-out names one algorithm (its checkpoint's SHA-256) in each SR; it is not "
+                          "available for an ensemble")
+    if len(models) > 1 and options.threshold is None:  # separate runs: their threshold is chosen here
+        from dataclasses import replace
+
+        from pneumodet.evaluation import ensemble_threshold
+
+        threshold, source = ensemble_threshold(models, options)
+        print(f"ensemble of {len(models)} sources: threshold {threshold:.3f}, {display_text(source)}",
+              file=sys.stderr)
+        options = replace(options, threshold=threshold)
+    result = predict(models if len(models) > 1 else args.model, args.inputs, options,
+                     follow_symlinks=args.follow_symlinks, overlay_dir=args.overlays, labels=args.labels,
+                     progress=True, devices=args.devices, num_nodes=args.num_nodes)
+    if args.devices * args.num_nodes > 1:
+        from pneumodet.launch import is_first_process
+
+        if not is_first_process():  # the first process merged every share: it reports and writes
+            return
     print(result.summary())
     rows = len(result.submission_rows())
     submission = write_prediction_submission(result, args.out)
@@ -210,6 +245,20 @@ def _add_prediction_options(p: argparse.ArgumentParser, *, threshold: bool = Tru
 def _prediction_options(args: argparse.Namespace) -> PredictOptions:
     """The :class:`~pneumodet.inference.options.PredictOptions` given by :func:`_add_prediction_options`' options."""
     return PredictOptions(**{f.name: getattr(args, f.name) for f in fields(PredictOptions) if hasattr(args, f.name)})
+
+
+def _add_ensemble_option(p: argparse.ArgumentParser) -> None:
+    """``--ensemble``: further models fused with the first (``predict``, ``evaluate``)."""
+    p.add_argument("--ensemble", type=Path, action="append", default=[], metavar="RUN",
+                   help="also fuse this run's model with the first one's (repeat for more): boxes by weighted box "
+                        "fusion, class probabilities averaged; a cross-validation folder (`pneumodet cv`) given as "
+                        "the model is the ensemble of its folds; the threshold, unless given, is chosen for the "
+                        "ensemble on validation (a CV folder's: its out-of-fold one)")
+
+
+def _ensemble_models(args: argparse.Namespace) -> list[Path]:
+    """The first model (``model`` or ``run_dir``) and those of ``--ensemble``."""
+    return [getattr(args, "model", None) or args.run_dir, *args.ensemble]
 
 
 def _add_dicom_out_options(p: argparse.ArgumentParser) -> None:
@@ -296,13 +345,27 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help=f"training run directory (uses its {rundir.BEST_MODEL}) or a checkpoint")
     p.add_argument("--onnx", type=Path, required=True, help="ONNX file to write (a .json side file goes next to it)")
     p.add_argument("--image-size", type=int, help="input side in pixels (default: the training size)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 11 to 20 with torch 2.x (default 17)")
+    p.add_argument("--opset", type=int, default=18,
+                   help="ONNX opset: 18 and newer through the dynamo exporter, 11 to 17 (older runtimes) through "
+                        "the TorchScript exporter; the newest is onnxscript's (default 18)")
+    p.add_argument("--with-postprocess", action="store_true",
+                   help="put decoding and NMS into the graph: outputs boxes, scores, num_detections, class_probs "
+                        "(opset 18 or newer; docs/ONNX.md)")
+    p.add_argument("--nms-iou", type=float, metavar="IOU",
+                   help="NMS IoU recorded in the side file, fixed in the graph with --with-postprocess "
+                        "(default: the model's)")
+    p.add_argument("--max-det", dest="max_detections", type=int, metavar="N",
+                   help="boxes kept per image, as --nms-iou (default: the model's)")
+    p.add_argument("--min-score", type=float, metavar="SCORE",
+                   help="candidate boxes must score above this before NMS, as --nms-iou (default: the model's)")
 
 
 def _run_export(args: argparse.Namespace) -> None:
     from pneumodet.inference import export_onnx
 
-    print(export_onnx(args.model, args.onnx, image_size=args.image_size, opset=args.opset).summary())
+    print(export_onnx(args.model, args.onnx, image_size=args.image_size, opset=args.opset,
+                      postprocess=args.with_postprocess, min_score=args.min_score, nms_iou=args.nms_iou,
+                      max_detections=args.max_detections).summary())
 
 
 # ---------------------------------------------------------------- serve
@@ -383,17 +446,20 @@ ENCODER_HELP = ("encoder: resnet50, se_resnext50 (timm seresnext50_32x4d), legac
                 "compatible), pnasnet5 (timm pnasnet5large), or any other timm model name with feature support")
 
 
-def _add_training_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``train`` and ``grid``; unset options keep the recipe's or config's value. The
-    defaults shown are the config's own (:class:`~pneumodet.config.TrainConfig`, its ``model``)."""
+def _add_training_options(p: argparse.ArgumentParser, *, level: bool = True) -> None:
+    """Options shared by ``train``, ``cv`` and ``grid``; unset options keep the recipe's or config's value. The
+    defaults shown are the config's own (:class:`~pneumodet.config.TrainConfig`, its ``model``). ``level``:
+    offer ``--aug`` (``grid`` has its own list, ``--augs``, which sets every run's level)."""
     train, model = TrainConfig(), ModelConfig()
     p.add_argument("--data", type=Path, help="Kaggle-layout data folder")
-    p.add_argument("--aug", help=f"augmentation level: {', '.join(AUGMENTATION_LEVELS)} (default {train.aug})")
+    if level:
+        p.add_argument("--aug", help=f"augmentation level: {', '.join(AUGMENTATION_LEVELS)} (default {train.aug})")
     p.add_argument("--epochs", type=int, help=f"epochs (default {train.epochs})")
     p.add_argument("--batch-size", type=int, help=f"batch size (default {train.batch_size})")
     p.add_argument("--image-size", type=int, help=f"training image side in pixels (default {model.image_size})")
     p.add_argument("--cache-dir", type=Path, help="image cache folder (default DATA/cache_<size>)")
-    recipes = "; ".join(f"{name}: {r['optimizer']} {r['lr']:g}, {r['scheduler']} schedule, clip {r['grad_clip']:g}"
+    recipes = "; ".join(f"{name}: {r['optimizer']} {r['lr']:g}, {r['scheduler']} schedule, clip {r['grad_clip']:g}, "
+                        f"warm-up >= {r['warmup_steps']} steps, loss / {r['loss_normalizer']} positives"
                         for name, r in RECIPES.items())
     p.add_argument("--recipe", help=f"optimisation recipe (default {train.recipe}) — {recipes}")
     p.add_argument("--lr", type=float, help="learning rate (overrides the recipe)")
@@ -462,7 +528,7 @@ def _run_train(args: argparse.Namespace) -> None:
             raise ConfigError("--config and --recipe start a new run; --resume continues the one in --out")
         if not run.is_run():
             raise ConfigError(f"{args.out}: no run to resume ({run.config.name} not found)")
-        config = TrainConfig.from_dict({**TrainConfig.from_yaml(run.config).to_dict(), **_given_options(args)})
+        config = TrainConfig.from_dict({**TrainConfig.from_yaml(run.config, stored_run=True).to_dict(), **_given_options(args)})
         _, notes = prepare_run(config, resume=True)
         for note in notes:
             print(f"resuming with {display_text(note)}", file=sys.stderr)
@@ -479,12 +545,13 @@ def _run_train(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- grid / compare / evaluate
 def _add_grid(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoders", default="resnet50", help="comma-separated encoders; " + ENCODER_HELP)
-    p.add_argument("--augs", default="heavy", help="comma-separated augmentation levels")
-    p.add_argument("--samples", default="", help="comma-separated patient sample sizes (empty: all patients)")
+    p.add_argument("--augs", default="heavy",
+                   help=f"comma-separated augmentation levels: {', '.join(AUGMENTATION_LEVELS)} (default heavy)")
+    p.add_argument("--samples", default="", help="comma-separated patient sample sizes (default: all patients)")
     p.add_argument("--out", type=Path, required=True, help="grid folder")
     p.add_argument("--val", type=float, default=0.1, help="validation fraction per split (default 0.1)")
     p.add_argument("--test", type=float, default=0.1, help="test fraction per split (default 0.1)")
-    _add_training_options(p)
+    _add_training_options(p, level=False)  # each run's level comes from --augs: one option, not two
 
 
 def _run_grid(args: argparse.Namespace) -> None:
@@ -502,6 +569,30 @@ def _run_grid(args: argparse.Namespace) -> None:
                       val=args.val, test=args.test, verbose=args.verbose)
     print(result.summary())
     print(f"summary: {display_path(args.out / 'summary.csv')}")
+
+
+def _add_cv(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--folds", type=int, default=5, help="number of folds, at least 2 (default 5)")
+    p.add_argument("--split", type=Path,
+                   help="split folder (`pneumodet split`): its test patients stay held out, its train+val patients "
+                        "are divided into the folds (stratified as split stratifies)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="cross-validation folder: fold<k>/ runs, splits/, cv.json and summary.csv; run again to "
+                        "resume (finished folds are skipped)")
+    p.add_argument("--encoder", help=f"{ENCODER_HELP} (default {ModelConfig().encoder})")
+    _add_training_options(p)
+
+
+def _run_cv(args: argparse.Namespace) -> None:
+    from pneumodet.crossval import run_cv
+    from pneumodet.errors import ConfigError
+
+    config = _train_config(args)
+    if not config.data_dir or not config.split_dir:
+        raise ConfigError("--data and --split are required (or --config with data_dir and split_dir)")
+    result = run_cv(config, args.out, folds=args.folds, verbose=args.verbose)
+    print(result.summary())
+    print(f"summary: {display_path(rundir.CvDir(args.out).summary)}, {display_path(rundir.CvDir(args.out).table)}")
 
 
 def _csv(text: str) -> list[str]:
@@ -533,34 +624,54 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", choices=["val", "test"], help="set to evaluate (default test)")
     p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval_<split>)")
     _add_prediction_options(p, threshold=False)
+    _add_ensemble_option(p)
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
     from pneumodet.evaluation import METRICS_FILE, evaluate, format_metric
 
-    metrics = evaluate(args.run_dir, split=args.split, out_dir=args.out, options=_prediction_options(args))
+    models = _ensemble_models(args)
+    metrics = evaluate(models if len(models) > 1 else args.run_dir, split=args.split, out_dir=args.out,
+                       options=_prediction_options(args))
     gc = metrics["global_class"]
     print(f"{args.split}: RSNA mAP {format_metric(metrics['rsna_map'], 4)} over {metrics['images_scored']} "
           f"images ({metrics['images_excluded']} without boxes either way, not scored) at confidence "
-          f"threshold {metrics['threshold']:.2f} (chosen on validation)")
+          f"threshold {metrics['threshold']:.2f} ({display_text(metrics['threshold_source'])})")
     print("  per IoU threshold: " + ", ".join(f"{t}: {format_metric(v)}"
                                               for t, v in metrics["rsna_map_per_iou_threshold"].items()))
     print(f"  global class accuracy {format_metric(gc['accuracy'])}, pneumonia-vs-not AUC "
           f"{format_metric(gc['pneumonia_auc'])}")
+    froc, coco, roc = metrics["froc"], metrics["coco"], metrics["image_roc"]["best_box_score"]
+    print(f"  FROC mean sensitivity {format_metric(froc['mean_sensitivity'])} (1/8-8 FP/image, {froc['lesions']} "
+          f"lesions); COCO AP@[.5:.95] {format_metric(coco['ap'])}, AP50 {format_metric(coco['ap50'])}")
+    print(f"  pneumonia per image (best box): AUC {format_metric(roc['auc'])}, sensitivity "
+          f"{format_metric(roc['operating_point']['sensitivity'])} / specificity "
+          f"{format_metric(roc['operating_point']['specificity'])} at the threshold; class ECE "
+          f"{format_metric(metrics['calibration']['top_label']['ece'])}")
+    if "note" in metrics["subgroups"]:
+        print(f"note: subgroups: {metrics['subgroups']['note']}", file=sys.stderr)
     print(f"wrote {display_path(Path(metrics['out_dir']) / METRICS_FILE)}")
 
 
 # ---------------------------------------------------------------- demo
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo folder (default runs/demo)")
-    p.add_argument("--patients", type=int, default=400, help="synthetic patients (default 400)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--budget-minutes", type=float, default=10.0, metavar="MIN",
+                   help="time budget of the whole demo: the demo times a few training steps and sizes itself "
+                        "(encoder, image size, epochs, patients) to fit it (default 10)")
+    p.add_argument("--patients", type=int, help="synthetic patients (default: the plan's, 400 on a fast CPU)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the plan's, 8 on a fast CPU)")
+    p.add_argument("--precision", default="auto",
+                   help="auto (bf16 where the hardware has it, else fp32; the default), bf16, fp16 or fp32: "
+                        "fp32 shows the demo of a CPU without bf16")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
 def _run_demo(args: argparse.Namespace) -> None:
     from pneumodet.demo import run_demo
 
-    run_demo(args.out, patients=args.patients, seed=args.seed)
+    run_demo(args.out, patients=args.patients, seed=args.seed, epochs=args.epochs,
+             budget_minutes=args.budget_minutes, precision=args.precision)
 
 
 # ---------------------------------------------------------------- augment-preview
@@ -619,6 +730,8 @@ COMMANDS: list[_Command] = [
     ("train", f"train RetinaNet on a split (Lightning; checkpoints, {rundir.METRICS}, {rundir.REPORT})", _add_train,
      _run_train),
     ("grid", "train every encoder x augmentation x sample size; summary table", _add_grid, _run_grid),
+    ("cv", "cross-validation: K runs on patient-level folds (test held out), mean ± sd, out-of-fold threshold",
+     _add_cv, _run_cv),
     ("compare", "compare runs: validation curves per encoder/augmentation/sample size", _add_compare,
      _run_compare),
     ("evaluate", "score a run's best model on the held-out test set (threshold from validation)",
@@ -627,7 +740,7 @@ COMMANDS: list[_Command] = [
     ("pacs", "fetch radiographs from a DICOMweb PACS, predict, store DICOM SR and presentation states back",
      _add_pacs, _run_pacs),
     ("score", "score a Kaggle submission CSV against the labels (RSNA mAP)", _add_score, _run_score),
-    ("export", "export the network to ONNX (decoding documented and provided in Python)", _add_export,
+    ("export", "export the network, or with --with-postprocess the whole detector, to ONNX (docs/ONNX.md)", _add_export,
      _run_export),
     ("serve", "HTTP detection service with a review page: batched, bounded, JSON or DICOM SR answers",
      _add_serve, _run_serve),
@@ -636,16 +749,31 @@ COMMANDS: list[_Command] = [
 ]
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help shows its default: an option whose help does not say it already gets
+    ``(default: VALUE)``. Options without a value of their own (``None``, ``False``, an empty list) are
+    "not set" by default; their help says what happens then where it matters."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        unset = (default is None or default is False or default is argparse.SUPPRESS
+                 or (isinstance(default, list | tuple | str) and not default))
+        if not action.option_strings or unset or "default" in text.lower():
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pneumodet",
+        prog="pneumodet", formatter_class=_HelpFormatter,
         description="Find pneumonia (lung opacity) regions on chest X-rays: RSNA data, RetinaNet, "
                     "the competition metric.",
     )
     parser.add_argument("--version", action="version", version=f"pneumodet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text, add_args, run in COMMANDS:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
         add_args(p)
         p.set_defaults(_run=run)
     return parser

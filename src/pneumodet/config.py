@@ -16,17 +16,25 @@ import yaml
 from pneumodet.data.levels import LEVELS
 from pneumodet.errors import ConfigError
 from pneumodet.fieldtypes import check_field_types, check_range, show_key
-from pneumodet.model.config import MAX_IMAGE_SIZE, ModelConfig
+from pneumodet.model.config import LOSS_NORMALIZERS, MAX_IMAGE_SIZE, ModelConfig
 from pneumodet.safeio import load_yaml, write_text
 
 #: Named optimisation recipes. ``default`` trains well from random init and from ImageNet weights
-#: (AdamW, linear warm-up, cosine decay); ``reference`` is the RSNA paper's (Adam 1e-5, plateau x0.2
-#: after 4 epochs, gradient-norm clipping 0.05, global-loss weight 0.1).
+#: (AdamW, linear warm-up over 10 % of the steps but at least 200 (at most half the run), cosine decay, the
+#: focal loss divided by a running mean of positive anchors); ``reference`` is the RSNA paper's (Adam 1e-5,
+#: plateau x0.2 after 4 epochs, gradient-norm clipping 0.05, global-loss weight 0.1); ``baseline-v1`` is
+#: ``default`` as it was before the first-steps fix (warm-up 10 % of the steps only, each batch's loss divided
+#: by its own positive count), kept so that benchmarks can compare the two.
 RECIPES: dict[str, dict[str, Any]] = {
     "default": dict(optimizer="adamw", lr=3e-4, weight_decay=1e-4, scheduler="cosine", warmup_fraction=0.1,
-                    grad_clip=1.0, plateau_patience=4, plateau_factor=0.2),
+                    warmup_steps=200, grad_clip=1.0, plateau_patience=4, plateau_factor=0.2,
+                    loss_normalizer="ema"),
     "reference": dict(optimizer="adam", lr=1e-5, weight_decay=0.0, scheduler="plateau", warmup_fraction=0.0,
-                      grad_clip=0.05, plateau_patience=4, plateau_factor=0.2),
+                      warmup_steps=0, grad_clip=0.05, plateau_patience=4, plateau_factor=0.2,
+                      loss_normalizer="ema"),
+    "baseline-v1": dict(optimizer="adamw", lr=3e-4, weight_decay=1e-4, scheduler="cosine", warmup_fraction=0.1,
+                        warmup_steps=0, grad_clip=1.0, plateau_patience=4, plateau_factor=0.2,
+                        loss_normalizer="batch"),
 }
 
 #: Largest step/batch count a config may name (a bound, so that a typo cannot mean "forever").
@@ -34,7 +42,11 @@ _MAX_COUNT = 10**9
 #: (field, lowest, highest) of the whole-number fields; the seed range is what Lightning accepts.
 _INT_RANGES = (("epochs", 1, 100_000), ("batch_size", 1, 4096), ("devices", 1, 1024), ("num_nodes", 1, 1024),
                ("num_workers", 0, 256), ("seed", 0, 2**32 - 1), ("plateau_patience", 0, 100_000),
-               ("checkpoint_every_n_steps", 0, _MAX_COUNT))
+               ("checkpoint_every_n_steps", 0, _MAX_COUNT), ("warmup_steps", 0, _MAX_COUNT))
+
+#: Fields added after runs were first written, with the value every run written before them trained with: a
+#: run's stored config without such a field resumes (and is reported) as it started, not with today's default.
+BEFORE_FIELD_EXISTED: dict[str, Any] = {"warmup_steps": 0, "loss_normalizer": "batch"}
 
 #: What ``train --resume`` may change: how long to go on and how to feed it, not what is learned.
 RESUME_CHANGEABLE = frozenset({"epochs", "max_steps", "num_workers", "checkpoint_every_n_steps"})
@@ -100,9 +112,14 @@ class TrainConfig:
     weight_decay: float = 1e-4
     scheduler: str = "cosine"
     warmup_fraction: float = 0.1
+    #: the shortest warm-up in optimiser steps (capped at half the run); the longer of it and
+    #: ``warmup_fraction`` of the steps applies (cosine schedule only)
+    warmup_steps: int = 200
     grad_clip: float = 1.0
     plateau_patience: int = 4
     plateau_factor: float = 0.2
+    #: how the summed focal and box losses are divided (:data:`pneumodet.model.config.LOSS_NORMALIZERS`)
+    loss_normalizer: str = "ema"
     precision: str = "auto"
     channels_last: bool = True
     compile: bool = False
@@ -233,7 +250,7 @@ class TrainConfig:
         else:
             check_range("limit_val_batches", self.limit_val_batches, 1, _MAX_COUNT)
         choices = {"aug": LEVELS, "recipe": tuple(RECIPES), "optimizer": ("adam", "adamw", "sgd"),
-                   "scheduler": ("cosine", "plateau", "none"),
+                   "scheduler": ("cosine", "plateau", "none"), "loss_normalizer": LOSS_NORMALIZERS,
                    "precision": ("auto", "bf16-mixed", "16-mixed", "32-true", "32"),
                    "accelerator": ("auto", "cpu", "gpu", "cuda", "mps")}
         for name, allowed in choices.items():
@@ -244,17 +261,21 @@ class TrainConfig:
         write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def from_yaml(cls, path: Path) -> TrainConfig:
+    def from_yaml(cls, path: Path, *, stored_run: bool = False) -> TrainConfig:
         """The config in YAML file ``path``; every problem is one :class:`ConfigError` naming the file.
 
         Read with :func:`pneumodet.safeio.load_yaml` (bounded size, UTF-8, safe types, no aliases: a
         "billion laughs" file is refused, not expanded), then checked field by field (:meth:`validate`).
+        ``stored_run``: ``path`` is a run's own ``config.yaml``, so a field it lacks because it was written
+        before the field existed takes the value the run trained with (:data:`BEFORE_FIELD_EXISTED`).
         """
         values = load_yaml(path)
         if values is None:  # an empty file: every default
             values = {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: config must be a mapping of keys to values, not {type(values).__name__}")
+        if stored_run:
+            values = {**BEFORE_FIELD_EXISTED, **values}
         try:
             return cls.from_dict(values)
         except ConfigError as err:

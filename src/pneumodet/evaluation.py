@@ -2,13 +2,16 @@
 
 The confidence threshold is the one chosen on validation during training (stored in
 ``best_model.pt``); the test set is never used to choose anything. The metric-vs-threshold curve on
-the evaluated split is drawn for information only, with the chosen threshold marked.
+the evaluated split is drawn for information only, with the chosen threshold marked. Beside the RSNA
+score, ``metrics.json`` and the figures hold what a radiologist reads (FROC, COCO AP, image-level ROC,
+calibration, subgroups with bootstrap intervals: :mod:`pneumodet.clinical_metrics`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,16 +21,27 @@ import torch
 from torch.utils.data import DataLoader
 
 from pneumodet.boxes import kaggle_rows, xyxy_to_xywh
+from pneumodet.clinical_metrics import binary_auc, reader_metrics
 from pneumodet.config import TrainConfig
+from pneumodet.data.cache import ImageCache
 from pneumodet.data.preprocess import to_unit_range
 from pneumodet.data.records import CLASS_INDEX, CLASS_NAMES, CLASS_SHORT_NAMES
-from pneumodet.data.split import split_fingerprint
+from pneumodet.data.split import read_split, split_fingerprint
 from pneumodet.errors import CheckpointError, ConfigError, PneumodetError, RunError
-from pneumodet.inference.engine import Predictor, RawPrediction, check_options
+from pneumodet.inference.engine import (
+    EnsemblePredictor,
+    LoadedModels,
+    Predictor,
+    RawPrediction,
+    check_options,
+    expand_cv_folders,
+    load_models,
+    make_predictor,
+)
 from pneumodet.inference.options import PredictOptions
 from pneumodet.metrics import rsna_map, sweep_thresholds
 from pneumodet.model.checkpoint import load_checkpoint
-from pneumodet.rundir import RunDir
+from pneumodet.rundir import CvDir, RunDir
 from pneumodet.safeio import atomic_path, json_safe, write_json
 from pneumodet.training import build_datamodule
 
@@ -54,23 +68,6 @@ def run_batches(predictor: Predictor, loader: Iterable[dict[str, Any]]) -> Itera
         predictions = predictor(to_unit_range(batch["images"]))
         probs = np.stack([p.class_probs.numpy() for p in predictions])
         yield BatchOutput(batch=batch, predictions=predictions, class_probs=probs)
-
-
-def binary_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with tie correction); NaN with a single class."""
-    labels = np.asarray(labels, dtype=bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = first + (counts + 1) / 2.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def confusion_matrix(true: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -106,28 +103,17 @@ def evaluate(run_dir: Path, *, split: str = "test", out_dir: Path | None = None,
         raise ConfigError(f"evaluate scores at the threshold the run chose on validation, not at a given one "
                           f"({options.threshold})")
     check_options(options)
-    run_dir = Path(run_dir)
-    model, extra, config = load_run(run_dir)
-    threshold = float(extra.get("threshold", math.nan))
-    if not 0.0 <= threshold <= 1.0:  # also NaN, as when the checkpoint records none
-        raise CheckpointError(f"{RunDir(run_dir).best_model}: records no usable validation threshold "
-                              f"({extra.get('threshold')!r})")
-    loader = split_loader(config, split, batch_size=options.batch_size, num_workers=options.workers)
-    # config.image_size: the frame of the loader's images, in which the predictor mirrors for TTA
-    predictor = Predictor.from_options(model, config.image_size, options, num_images=len(loader.dataset))
-
-    gt: dict[str, np.ndarray] = {}
-    preds: dict[str, np.ndarray] = {}
-    true_class: list[int] = []
-    probs: list[np.ndarray] = []
-    for out in run_batches(predictor, loader):
-        batch = out.batch
-        boxes = batch["boxes"].float().numpy()
-        for i, pid in enumerate(batch["patient_ids"]):
-            gt[pid] = xyxy_to_xywh(boxes[i, : int(batch["num_boxes"][i])])
-            preds[pid] = kaggle_rows(out.predictions[i].boxes, out.predictions[i].scores)
-        true_class.extend(batch["classes"].tolist())
-        probs.append(out.class_probs)
+    runs = load_runs(run_dir, split=split)  # one run, or an ensemble (several runs, or a CV folder's folds)
+    if runs.is_ensemble and out_dir is None and runs.cv_dir is None:
+        raise ConfigError("an ensemble of separate runs has no folder of its own: say where its evaluation "
+                          "goes (--out)")
+    threshold, threshold_source = runs.threshold, runs.threshold_source
+    if threshold is None:  # an ensemble of separate runs: chosen on their shared validation set
+        threshold, threshold_source = ensemble_threshold(runs, options)
+    run_dir = runs.label
+    predicted = predict_split(runs, split, options)
+    gt, preds, predictor = predicted.gt, predicted.preds, predicted.predictor
+    true_class, probs = predicted.true_class, predicted.probs
 
     kept = {pid: p[p[:, 0] >= threshold] for pid, p in preds.items()}
     result = rsna_map(gt, kept)
@@ -139,12 +125,13 @@ def evaluate(run_dir: Path, *, split: str = "test", out_dir: Path | None = None,
     opacity = CLASS_INDEX["Lung Opacity"]
     curve = _threshold_curve(gt, preds)
     metrics = {
-        "run": str(run_dir), "split": split, "images": len(gt), "precision": predictor.precision,
+        "run": str(run_dir), **({"members": [str(p) for p in runs.sources]} if runs.is_ensemble else {}),
+        "split": split, "images": len(gt), "precision": predictor.precision,
         "compiled": predictor.compiled,
         "tta": options.tta, "tta_merge": options.tta_merge if options.tta else None, "gate": options.gate,
         # the resolved NMS IoU, boxes per image and candidate score (given, else the model's own)
         "postprocess": dict(predictor.postprocess),
-        "threshold": threshold, "threshold_source": "chosen on the validation set during training",
+        "threshold": threshold, "threshold_source": threshold_source,
         "rsna_map": result.score, "rsna_map_per_iou_threshold": result.to_dict()["per_threshold"],
         "images_scored": result.n_images, "images_excluded": result.n_excluded,
         "global_class": {
@@ -156,11 +143,22 @@ def evaluate(run_dir: Path, *, split: str = "test", out_dir: Path | None = None,
         },
         "metric_vs_threshold_for_information": curve,
     }
-    out = Path(out_dir) if out_dir else RunDir(run_dir).eval_dir(split)
+    # FROC, image-level ROC, COCO AP, calibration, subgroups: every box proposed, not only the kept ones
+    metrics.update(reader_metrics(gt, preds, threshold=threshold, true_class=true, class_probs=class_probs,
+                                  positive=opacity, fields=split_subgroup_fields(runs.configs[0], gt)))
+    out = Path(out_dir) if out_dir else runs.eval_dir(split)
     metrics = json_safe({**metrics, "out_dir": str(out)})  # NaN -> None: what is returned is what is written
     write_json(out / METRICS_FILE, metrics)
     _plot_evaluation(metrics, out)
     return metrics
+
+
+def split_subgroup_fields(config: TrainConfig, patient_ids: Iterable[str]) -> list[dict[str, Any]]:
+    """Per patient, the header fields of the subgroups (view position, sex, age in years) as the run's
+    image cache keeps them (:meth:`~pneumodet.data.cache.ImageCache.subgroup_fields`). They go to
+    :func:`~pneumodet.clinical_metrics.reader_metrics`, which writes only group counts and metrics."""
+    cache = ImageCache.open(build_datamodule(config, progress=False).cache_dir)
+    return [cache.subgroup_fields(pid) for pid in patient_ids]
 
 
 def _nothing_scored(split: str, images: int, threshold: float) -> str:
@@ -192,13 +190,154 @@ def load_run(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any], TrainConfi
     fingerprint, recorded by ``train``). The config is checked before the model is built.
     """
     run = RunDir(Path(run_dir))
+    config = load_run_config(run)
+    model, extra = load_checkpoint(run.best_model)
+    return model, extra, config
+
+
+def load_run_config(run: RunDir) -> TrainConfig:
+    """A finished run's training config, its data and split checked (:func:`check_run_sources`)."""
     for needed in (run.config, run.best_model):
         if not needed.exists():
             raise RunError(f"{run.root} is not a finished training run: {needed.name} is missing")
-    config = TrainConfig.from_yaml(run.config)
+    config = TrainConfig.from_yaml(run.config, stored_run=True)
     check_run_sources(config, run)
-    model, extra = load_checkpoint(run.best_model)
-    return model, extra, config
+    return config
+
+
+@dataclass(frozen=True)
+class EvaluatedRuns:
+    """The run(s) ``evaluate`` scores: one, or an ensemble (several runs, or a CV folder's fold runs).
+
+    ``threshold`` is ``None`` for an ensemble of separate runs (:func:`ensemble_threshold` chooses it).
+    """
+
+    loaded: LoadedModels
+    configs: list[TrainConfig]
+    cv_dir: Path | None
+    label: str
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.loaded.is_ensemble
+
+    @property
+    def sources(self) -> list[Path]:
+        return self.loaded.sources
+
+    @property
+    def threshold(self) -> float | None:
+        return self.loaded.threshold
+
+    @property
+    def threshold_source(self) -> str:
+        return self.loaded.threshold_source
+
+    def eval_dir(self, split: str) -> Path:
+        """Where an evaluation goes by default: the run's, the CV folder's ``eval_<split>``."""
+        if self.cv_dir is not None:
+            return CvDir(self.cv_dir).eval_dir(split)
+        return RunDir(self.sources[0]).eval_dir(split)
+
+
+def load_runs(sources: Path | str | Sequence[Path | str], *, split: str | None) -> EvaluatedRuns:
+    """Load the run(s) to score on ``split``, every config checked before any model is built.
+
+    An ensemble's members must hold out the same ``split`` patients (each member's split folder says which):
+    then none of its models trained on the patients scored. A CV folder's folds share the test set but
+    each validates on its own fold, so its validation result is the out-of-fold one in ``cv.json``.
+
+    Raises:
+        RunError: a source that is not a finished run (or CV folder), its data or split moved or changed.
+        ConfigError: as :func:`~pneumodet.inference.engine.load_models`; members holding out different
+            ``split`` patients.
+        CheckpointError: a single run records no usable validation threshold.
+    """
+    given = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    paths, cv_summary = expand_cv_folders(given)
+    configs = [load_run_config(RunDir(p)) for p in paths]
+    cv_dir = Path(given[0]) if cv_summary is not None else None
+    if len(paths) > 1 and split is not None:
+        _check_shared_patients(paths, configs, split, cv_dir)
+    loaded = load_models(paths if cv_dir is None else given)
+    if not loaded.is_ensemble and not 0.0 <= (loaded.threshold if loaded.threshold is not None else -1) <= 1.0:
+        raise CheckpointError(f"{RunDir(paths[0]).best_model}: records no usable validation threshold "
+                              f"({loaded.extras[0].get('threshold')!r})")
+    label = str(paths[0]) if len(paths) == 1 else str(cv_dir) if cv_dir is not None else " + ".join(map(str, paths))
+    return EvaluatedRuns(loaded, configs, cv_dir, label)
+
+
+def _check_shared_patients(paths: Sequence[Path], configs: Sequence[TrainConfig], split: str,
+                           cv_dir: Path | None) -> None:
+    """:class:`ConfigError` unless every member holds out the same ``split`` patients."""
+    first = None
+    for path, config in zip(paths, configs, strict=True):
+        patients = frozenset(r.patient_id for r in read_split(Path(config.split_dir))[split])
+        if first is None:
+            first = (path, patients)
+        elif patients != first[1]:
+            hint = (" (a CV folder's folds each validate on their own fold: its validation result is the "
+                    f"out-of-fold one in {CvDir(cv_dir).summary})" if cv_dir is not None and split == "val" else
+                    "; an ensemble is scored only on patients none of its models trained on")
+            raise ConfigError(f"the ensemble's runs hold out different {split} patients: {path} "
+                              f"({len(patients)}) and {first[0]} ({len(first[1])}){hint}")
+
+
+@dataclass
+class SplitPredictions:
+    """A split predicted: ground truth (xywh) and every predicted box (Kaggle rows, before the threshold)
+    per patient, true classes, class probabilities per batch, and the predictor that ran."""
+
+    gt: dict[str, np.ndarray]
+    preds: dict[str, np.ndarray]
+    true_class: list[int]
+    probs: list[np.ndarray]
+    predictor: Predictor | EnsemblePredictor
+
+
+def predict_split(runs: EvaluatedRuns, split: str, options: PredictOptions) -> SplitPredictions:
+    """Every image of ``split`` (of the first member's split folder: the members share its patients)
+    through the run's predictor, or the ensemble's."""
+    config = runs.configs[0]
+    loader = split_loader(config, split, batch_size=options.batch_size, num_workers=options.workers)
+    # config.image_size: the frame of the loader's images, in which the predictor mirrors for TTA
+    predictor = make_predictor(runs.loaded.models, config.image_size, options, num_images=len(loader.dataset))
+    out = SplitPredictions({}, {}, [], [], predictor)
+    for batch_out in run_batches(predictor, loader):
+        batch = batch_out.batch
+        boxes = batch["boxes"].float().numpy()
+        for i, pid in enumerate(batch["patient_ids"]):
+            out.gt[pid] = xyxy_to_xywh(boxes[i, : int(batch["num_boxes"][i])])
+            out.preds[pid] = kaggle_rows(batch_out.predictions[i].boxes, batch_out.predictions[i].scores)
+        out.true_class.extend(batch["classes"].tolist())
+        out.probs.append(batch_out.class_probs)
+    return out
+
+
+def ensemble_threshold(runs: EvaluatedRuns | Path | str | Sequence[Path | str],
+                       options: PredictOptions | None = None) -> tuple[float, str]:
+    """The ensemble's confidence threshold and where it comes from: a run's or CV folder's own; for an
+    ensemble of separate runs, the cut-off maximising the RSNA mAP
+    (:func:`~pneumodet.metrics.sweep_thresholds`) of the ensemble, with ``options`` (TTA, gating), on the
+    validation patients the members share (never on test patients).
+
+    Raises:
+        ConfigError: the members validate on different patients (as :func:`load_runs`).
+        PneumodetError: no validation image can be scored at any cut-off.
+    """
+    options = PredictOptions.of(options, threshold=None)
+    if not isinstance(runs, EvaluatedRuns):
+        runs = load_runs(runs, split=None)
+    if runs.threshold is not None:
+        return runs.threshold, runs.threshold_source
+    _check_shared_patients(runs.sources, runs.configs, "val", None)
+    val = predict_split(runs, "val", options)
+    try:
+        sweep = sweep_thresholds(val.gt, val.preds)
+    except ValueError as err:
+        raise PneumodetError(f"cannot choose the ensemble's threshold on validation: {err}") from None
+    return sweep.best_threshold, (f"chosen for the ensemble on its runs' shared validation set ({len(val.gt)} "
+                                  f"patients, RSNA mAP {sweep.best_score:.4f})")
 
 
 def check_run_sources(config: TrainConfig, run: RunDir) -> None:
@@ -231,6 +370,8 @@ def _plot_evaluation(metrics: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pneumodet.plotting import annotate_cells
+
     curve = np.asarray(metrics["metric_vs_threshold_for_information"], dtype=np.float64).reshape(-1, 2)
     fig, ax = plt.subplots(figsize=(6, 4))
     if len(curve):
@@ -246,18 +387,115 @@ def _plot_evaluation(metrics: dict[str, Any], out: Path) -> None:
 
     cm = np.asarray(metrics["global_class"]["confusion_matrix"])
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    ax.imshow(cm, cmap="Blues")
+    image = ax.imshow(cm, cmap="Blues")
     names = [CLASS_SHORT_NAMES[name] for name in metrics["global_class"]["classes"]]
     ax.set_xticks(range(len(names)), names, rotation=20)
     ax.set_yticks(range(len(names)), names)
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", color="black")
+    annotate_cells(ax, image, cm)  # white on the dark cells, black on the light ones
     ax.set_xlabel("predicted class (global head)")
     ax.set_ylabel("true class")
     ax.set_title(f"Global class confusion ({metrics['split']}), accuracy "
                  f"{format_metric(metrics['global_class']['accuracy'])}")
     fig.tight_layout()
     _save_figure(fig, out / "confusion_matrix.png")
+    _plot_reader_metrics(metrics, out, plt)
+
+
+def _plot_reader_metrics(metrics: dict[str, Any], out: Path, plt: Any) -> None:
+    """``froc.png``, ``roc.png``, ``reliability.png`` and ``subgroups.png``, from ``metrics.json``'s sections
+    alone (what the figures show is what the file holds)."""
+    split = metrics["split"]
+    froc = metrics["froc"]
+    curve = np.asarray(froc["curve_fp_per_image_sensitivity"], dtype=np.float64).reshape(-1, 2)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if np.isfinite(curve[:, 1]).any():
+        ax.step(curve[:, 0], curve[:, 1], where="post", label=f"{split} set, {froc['lesions']} lesions")
+        rates = [_rate_value(key) for key in froc["sensitivity_at_fp_per_image"]]
+        values = [np.nan if v is None else v for v in froc["sensitivity_at_fp_per_image"].values()]
+        ax.plot(rates, values, "o", color="tab:red", label=f"mean {format_metric(froc['mean_sensitivity'])}")
+        ax.legend(loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "no lesion in this set: undefined", ha="center", transform=ax.transAxes)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false positives per image")
+    ax.set_ylabel("lesion sensitivity (IoU >= 0.5)")
+    ax.set_title(f"FROC ({split})")
+    fig.tight_layout()
+    _save_figure(fig, out / "froc.png")
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for key, name in (("best_box_score", "best box score"), ("global_head", "global head")):
+        entry = metrics["image_roc"][key]
+        roc = np.asarray(entry["curve_fpr_tpr"], dtype=np.float64).reshape(-1, 2)
+        if len(roc):
+            line, = ax.step(roc[:, 0], roc[:, 1], where="post",
+                            label=f"{name}: AUC {format_metric(entry['auc'])}")
+            point = entry["operating_point"]
+            if point["sensitivity"] is not None and point["specificity"] is not None:
+                ax.plot(1 - point["specificity"], point["sensitivity"], "o", color=line.get_color())
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(f"Image-level pneumonia ROC ({split}); dots: operating points")
+    fig.tight_layout()
+    _save_figure(fig, out / "roc.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, key, name in zip(axes, ("top_label", "pneumonia"), ("top-label confidence", "pneumonia probability"),
+                             strict=True):
+        entry = metrics["calibration"][key]
+        bins = entry["reliability"]
+        centres = [(b["range"][0] + b["range"][1]) / 2 for b in bins]
+        observed = [np.nan if b["observed"] is None else b["observed"] for b in bins]
+        ax.bar(centres, observed, width=1 / len(bins), edgecolor="black", alpha=0.7, label="observed")
+        ax.plot([0, 1], [0, 1], "--", color="tab:red", label="perfect calibration")
+        for c, b in zip(centres, bins, strict=True):
+            ax.text(c, 0.02, str(b["count"]), ha="center", fontsize=7)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel(f"{name} (bins; numbers: images)")
+        ax.set_ylabel(entry["observed"])
+        ax.set_title(f"{name}: ECE {format_metric(entry['ece'])}")
+        ax.legend(loc="upper left")
+    fig.suptitle(f"Reliability of the global head's probabilities ({split})")
+    fig.tight_layout()
+    _save_figure(fig, out / "reliability.png")
+
+    _plot_subgroups(metrics, out, plt)
+
+
+def _rate_value(key: str) -> float:
+    """FROC rate keys (``'1/8'``, ``'2'``) back to numbers."""
+    return 1.0 / float(key[2:]) if key.startswith("1/") else float(key)
+
+
+def _plot_subgroups(metrics: dict[str, Any], out: Path, plt: Any) -> None:
+    """``subgroups.png``: each group's metrics with their 95 % intervals (groups with metrics only)."""
+    groups = metrics["subgroups"]
+    rows = [("all", groups["all"])] + [(f"{attribute}: {name}", entry)
+                                       for attribute in ("view_position", "sex", "age_band")
+                                       for name, entry in groups[attribute].items()
+                                       if entry["rsna_map"]["value"] is not None]
+    names = list(groups["metrics"])
+    fig, axes = plt.subplots(1, len(names), figsize=(10, 0.45 * len(rows) + 1.5), sharey=True)
+    for ax, key in zip(axes, names, strict=True):
+        for y, (_, entry) in enumerate(rows):
+            value, ci = entry[key]["value"], entry[key]["ci95"]
+            if value is None:
+                continue
+            if ci is not None:
+                ax.plot(ci, [y, y], color="tab:blue")
+            ax.plot(value, y, "o", color="tab:blue")
+        ax.set_title(groups["metrics"][key], fontsize=9)
+        ax.set_xlim(0, 1)
+    axes[0].set_yticks(range(len(rows)), [f"{label} (n={entry['patients']})" for label, entry in rows])
+    axes[0].invert_yaxis()
+    fig.suptitle(f"Subgroups ({metrics['split']}): value and 95% bootstrap interval over patients")
+    fig.tight_layout()
+    _save_figure(fig, out / "subgroups.png")
 
 
 def _save_figure(fig: Any, path: Path) -> None:

@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pandas as pd
 
@@ -82,55 +82,93 @@ def run_grid(base: TrainConfig, grid_dir: Path, *, encoders: Sequence[str], augs
     """Train every combination into ``grid_dir`` and write the summary table.
 
     Says ``grid: run i of N: NAME`` on stderr before each run, with an ETA once a run has trained (the mean
-    time of the runs trained so far, times those left); ``progress`` and ``verbose`` go to each training.
+    time of the runs trained so far, times those left); ``progress`` and ``verbose`` go to each training
+    (:func:`train_runs`: finished runs skipped, unfinished ones resumed, failures recorded).
     """
 
-    train_fn = train_fn or train
     if not encoders or not augs or not samples:
         raise ConfigError("a grid needs at least one encoder, one augmentation and one sample size")
     grid_dir = Path(grid_dir)
     result = GridResult(grid_dir)
-    total, trained_seconds, trained = len(samples) * len(encoders) * len(augs), 0.0, 0
+    planned: list[tuple[GridRun, TrainConfig]] = []
     for n in samples:
         split_dir = make_sample_split(Path(base.data_dir), grid_dir / "splits" / f"n{n or 'all'}", n,
                                       val=val, test=test, seed=base.seed)
         for encoder, aug in itertools.product(encoders, augs):
             run = GridRun(run_name(encoder, aug, n), encoder, aug, n)
-            result.runs.append(run)
-            run_dir = RunDir(grid_dir / run.name)
-            left = total - len(result.runs) + 1  # this run and those after it
-            eta = f" (ETA {format_duration(trained_seconds / trained * left)})" if trained else ""
-            print(f"grid: run {len(result.runs)} of {total}: {run.name}{eta}", file=sys.stderr, flush=True)
-            if run_dir.is_finished():
-                try:
-                    _read_done(run, run_dir.read_done())
-                    run.status = "skipped (already done)"
-                except (RunError, TypeError, ValueError) as exc:  # damaged: say so, go on with the others
-                    run.status, run.error = "damaged", str(exc).splitlines()[0][:300]
-                continue
-            config = TrainConfig.from_dict({**base.to_dict(), "encoder": encoder, "aug": aug,
-                                            "split_dir": str(split_dir), "out_dir": str(run_dir.root)})
-            started = time.monotonic()
-            try:
-                outcome = train_fn(config, resume=run_dir.last_ckpt.exists(), progress=progress, verbose=verbose)
-                run.status, run.best_val_map, run.threshold = "done", outcome.best_map, outcome.threshold
-                run.steps, run.seconds = outcome.steps, outcome.seconds
-                if run_dir.has_model():
-                    write_run_report(run_dir.root)
-            except Exception as exc:  # one failing run must not stop the grid
-                if getattr(exc, "exit_code", 2) in (130, 143):  # Ctrl-C / SIGTERM stop the grid, resumably
-                    _write_summary(result)
-                    raise
-                run.status = "failed"
-                run.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-                write_text(run_dir.root / "error.txt", traceback.format_exc())
-            trained, trained_seconds = trained + 1, trained_seconds + time.monotonic() - started
-            _write_summary(result)
+            planned.append((run, TrainConfig.from_dict({**base.to_dict(), "encoder": encoder, "aug": aug,
+                                                        "split_dir": str(split_dir),
+                                                        "out_dir": str(grid_dir / run.name)})))
+    train_runs("grid", planned, on_update=lambda runs: _write_summary(GridResult(grid_dir, list(runs))),
+               progress=progress, verbose=verbose, train_fn=train_fn)
+    result.runs = [run for run, _ in planned]
     _write_summary(result)
     return result
 
 
-def _read_done(run: GridRun, done: dict[str, Any]) -> None:
+class RunRecord(Protocol):
+    """What :func:`train_runs` fills in for each run (:class:`GridRun`, the cross-validation's folds)."""
+
+    name: str
+    status: str
+    best_val_map: float
+    threshold: float
+    steps: int
+    seconds: float
+    error: str
+
+
+R = TypeVar("R", bound=RunRecord)
+
+
+def train_runs(what: str, planned: Sequence[tuple[R, TrainConfig]], *,
+               on_update: Callable[[list[R]], None], progress: bool | str = True, verbose: bool = False,
+               train_fn: Callable[..., Any] | None = None) -> None:
+    """Train each ``(record, config)`` into ``config.out_dir``, one after another, filling in the records.
+
+    Says ``WHAT: run i of N: NAME`` on stderr before each run, with an ETA once a run has trained (the mean
+    time of the runs trained so far, times those left). A finished run is skipped (``skipped (already
+    done)``, its record read from ``done.json``; ``damaged`` when that cannot be read), an unfinished one
+    resumed from its last checkpoint; a failing run is recorded (``failed``, its traceback in
+    ``error.txt``) while the others go on. ``on_update(records so far)`` runs after each trained run, and
+    before Ctrl-C / SIGTERM (exit 130 / 143) is raised on, so the summary is always current.
+    """
+
+    train_fn = train_fn or train
+    done: list[R] = []
+    total, trained_seconds, trained = len(planned), 0.0, 0
+    for run, config in planned:
+        done.append(run)
+        run_dir = RunDir(Path(config.out_dir))
+        left = total - len(done) + 1  # this run and those after it
+        eta = f" (ETA {format_duration(trained_seconds / trained * left)})" if trained else ""
+        print(f"{what}: run {len(done)} of {total}: {run.name}{eta}", file=sys.stderr, flush=True)
+        if run_dir.is_finished():
+            try:
+                _read_done(run, run_dir.read_done())
+                run.status = "skipped (already done)"
+            except (RunError, TypeError, ValueError) as exc:  # damaged: say so, go on with the others
+                run.status, run.error = "damaged", str(exc).splitlines()[0][:300]
+            continue
+        started = time.monotonic()
+        try:
+            outcome = train_fn(config, resume=run_dir.last_ckpt.exists(), progress=progress, verbose=verbose)
+            run.status, run.best_val_map, run.threshold = "done", outcome.best_map, outcome.threshold
+            run.steps, run.seconds = outcome.steps, outcome.seconds
+            if run_dir.has_model():
+                write_run_report(run_dir.root)
+        except Exception as exc:  # one failing run must not stop the others
+            if getattr(exc, "exit_code", 2) in (130, 143):  # Ctrl-C / SIGTERM stop them all, resumably
+                on_update(done)
+                raise
+            run.status = "failed"
+            run.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            write_text(run_dir.root / "error.txt", traceback.format_exc())
+        trained, trained_seconds = trained + 1, trained_seconds + time.monotonic() - started
+        on_update(done)
+
+
+def _read_done(run: RunRecord, done: dict[str, Any]) -> None:
     run.best_val_map = float(done.get("best_val_map") if done.get("best_val_map") is not None else float("nan"))
     run.threshold = float(done.get("threshold") if done.get("threshold") is not None else float("nan"))
     run.steps, run.seconds = int(done.get("steps") or 0), float(done.get("seconds") or 0.0)

@@ -432,3 +432,38 @@ def sweep_thresholds(
         best_score=float(scores[best]),
         table=[(float(c), float(s)) for c, s in zip(grid, scores, strict=True)],
     )
+
+
+@dataclass(frozen=True)
+class PredictionMatches:
+    """Every prediction of a set of images, matched to the ground truth by :func:`rsna_map`'s rules.
+
+    Predictions are stacked image after image (images in ``ground_truth`` order), each image's sorted by
+    descending confidence (ties in input order); ``tp[j, t]`` says whether prediction ``j`` matched a
+    ground-truth box at IoU threshold ``t``. Prediction-centric greedy matching makes a prediction's
+    decision depend only on its image's more confident predictions, so any confidence cut-off, or keeping
+    an image's ``k`` most confident predictions, leaves the other rows' decisions unchanged.
+    """
+
+    patient_ids: list[str]
+    n_gt: np.ndarray  # [I] ground-truth boxes per image
+    confidence: np.ndarray  # [P]
+    image: np.ndarray  # [P] index into patient_ids
+    rank: np.ndarray  # [P] position within its image (0: the most confident)
+    tp: np.ndarray  # [P, T] bool
+
+
+def match_predictions(
+    ground_truth: Mapping[str, np.ndarray],
+    predictions: Mapping[str, np.ndarray],
+    iou_thresholds: Sequence[float],
+) -> PredictionMatches:
+    """Match every prediction once (the inputs and their checks as for :func:`rsna_map`).
+
+    Raises:
+        ValueError: as :func:`rsna_map`.
+    """
+    table = _MatchTable.build(ground_truth, predictions, np.asarray(iou_thresholds, dtype=np.float64))
+    tp = np.diff(table.tp_cumsum, axis=0) > 0
+    rank = np.arange(len(table.pred_image)) - table.pred_start[table.pred_image]
+    return PredictionMatches(table.patient_ids, table.n_gt, table.confidence, table.pred_image, rank, tp)

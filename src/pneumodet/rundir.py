@@ -4,6 +4,7 @@ A training run folder holds::
 
     config.yaml            the TrainConfig (enough to reproduce the run; absolute data paths)
     metrics.csv            one row per epoch: train/val losses, val mAP at the swept threshold, per IoU
+    first_steps.csv        one row per optimiser step of the first 200: losses, learning rate, positives
     tensorboard/           TensorBoard event files (per step and per epoch)
     checkpoints/last.ckpt  full Lightning state (model, optimiser, scheduler, loops, RNG), written atomically;
                            ``--resume`` continues from it
@@ -24,7 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from pneumodet.safeio import atomic_open, write_json
 
 CONFIG = "config.yaml"
 METRICS = "metrics.csv"
+FIRST_STEPS = "first_steps.csv"
 DONE = "done.json"
 BEST_MODEL = "best_model.pt"
 LAST_MODEL = "last_model.pt"
@@ -61,6 +63,10 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.root / METRICS
+
+    @property
+    def first_steps(self) -> Path:
+        return self.root / FIRST_STEPS
 
     @property
     def done(self) -> Path:
@@ -139,28 +145,7 @@ class RunDir:
         Raises :class:`RunError` naming the file and line if it is damaged (not CSV, no ``epoch`` column,
         an epoch that is not a whole number, or larger than any real metrics file).
         """
-        path = self.metrics
-        try:
-            if path.stat().st_size > _MAX_METRICS_BYTES:
-                raise RunError(f"{path}: damaged (larger than any metrics file: {path.stat().st_size} bytes)")
-            with open(path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                rows = []
-                for row in reader:
-                    if None in row or any(v is None for v in row.values()):
-                        raise RunError(f"{path}: line {reader.line_num}: damaged (wrong number of fields)")
-                    rows.append({k: _number(v) for k, v in row.items()})
-                fields = reader.fieldnames
-        except FileNotFoundError:
-            raise RunError(f"{path}: not found") from None
-        except (OSError, UnicodeDecodeError, csv.Error) as err:
-            raise RunError(f"{path}: damaged ({type(err).__name__}: {err})") from None
-        if rows and (not fields or "epoch" not in fields):
-            raise RunError(f"{path}: damaged (no 'epoch' column)")
-        for i, row in enumerate(rows, start=2):
-            if not isinstance(row["epoch"], int) or row["epoch"] < 0:
-                raise RunError(f"{path}: line {i}: damaged (epoch {row['epoch']!r} is not a whole number)")
-        return rows
+        return _read_numbered_csv(self.metrics, "epoch")
 
     def write_metrics_row(self, row: Mapping[str, Any]) -> Path:
         """Rewrite ``metrics.csv`` atomically with ``row`` replacing any row of the same or a later epoch
@@ -178,8 +163,88 @@ class RunDir:
             writer.writerows(rows)
         return self.metrics
 
+    # ------------------------------------------------------------------ first_steps.csv
+    def read_first_steps(self) -> list[dict[str, Any]]:
+        """Rows of ``first_steps.csv`` (one per optimiser step from 0, numbers parsed; every row has
+        ``step``); :class:`RunError` naming the file and line if it is missing or damaged."""
+        return _read_numbered_csv(self.first_steps, "step")
+
+    def write_first_steps(self, rows: Sequence[Mapping[str, Any]]) -> Path:
+        """Write ``first_steps.csv`` atomically: ``rows`` in step order, their keys as columns."""
+        fields = list(dict.fromkeys(k for r in rows for k in r)) or ["step"]
+        with atomic_open(self.first_steps, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(sorted(rows, key=lambda r: r["step"]))
+        return self.first_steps
+
     def write_rank_file(self, rank: int, payload: Mapping[str, Any]) -> Path:
         return write_json(self.rank_file(rank), dict(payload))
+
+
+#: The cross-validation folder's record (``pneumodet cv``) and its table.
+CV_SUMMARY = "cv.json"
+CV_TABLE = "summary.csv"
+#: More folds than any cross-validation has: a ``cv.json`` saying more is damaged.
+MAX_FOLDS = 1000
+
+
+@dataclass(frozen=True)
+class CvDir:
+    """A cross-validation folder (``pneumodet cv``)::
+
+        cv.json            folds, their patients, per-fold and mean/sd validation metrics, the threshold
+                           chosen on the pooled out-of-fold predictions (``oof``)
+        summary.csv        the same per fold, and its mean and sd rows
+        splits/fold<k>/    fold k's split: train = the other folds, val = fold k, test = the base split's test
+        fold<k>/           fold k's training run (a :class:`RunDir`)
+        eval_<split>/      ``pneumodet evaluate CV_DIR`` output (the ensemble of the fold models)
+
+    A folder *is a CV folder* when it holds ``cv.json`` (written before the first fold trains).
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def summary(self) -> Path:
+        return self.root / CV_SUMMARY
+
+    @property
+    def table(self) -> Path:
+        return self.root / CV_TABLE
+
+    def fold(self, k: int) -> RunDir:
+        """Fold ``k``'s run (1-based)."""
+        return RunDir(self.root / f"fold{k}")
+
+    def fold_split(self, k: int) -> Path:
+        return self.root / "splits" / f"fold{k}"
+
+    def eval_dir(self, split: str) -> Path:
+        return self.root / f"eval_{split}"
+
+    def is_cv(self) -> bool:
+        return self.summary.is_file()
+
+    def read_summary(self) -> dict[str, Any]:
+        """``cv.json``, or :class:`RunError` if it is missing or damaged."""
+        try:
+            payload = json.loads(self.summary.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RunError(f"{self.summary}: not found (not a cross-validation folder)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RunError(f"{self.summary}: damaged ({type(err).__name__}: {err})") from None
+        folds = payload.get("folds") if isinstance(payload, dict) else None
+        if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= MAX_FOLDS:
+            raise RunError(f"{self.summary}: damaged (a JSON object with the number of folds, 2 to {MAX_FOLDS}, "
+                           "was expected)")
+        return payload
+
+    def write_summary(self, payload: Mapping[str, Any]) -> Path:
+        return write_json(self.summary, dict(payload), indent=1)
 
 
 def find_runs(paths: Iterable[Path]) -> list[RunDir]:
@@ -192,6 +257,36 @@ def find_runs(paths: Iterable[Path]) -> list[RunDir]:
         elif run.root.is_dir():
             runs.extend(RunDir(p) for p in sorted(run.root.iterdir()) if RunDir(p).is_run())
     return runs
+
+
+def _read_numbered_csv(path: Path, key: str) -> list[dict[str, Any]]:
+    """Rows of a run's CSV with numbers parsed (empty values are NaN), each numbered by the whole number in
+    column ``key`` (``epoch`` of metrics.csv, ``step`` of first_steps.csv).
+
+    Raises :class:`RunError` naming the file and line if it is missing or damaged (not CSV, no ``key``
+    column, a ``key`` that is not a whole number >= 0, or larger than any real file of its kind).
+    """
+    try:
+        if path.stat().st_size > _MAX_METRICS_BYTES:
+            raise RunError(f"{path}: damaged (larger than any {path.name} file: {path.stat().st_size} bytes)")
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = []
+            for row in reader:
+                if None in row or any(v is None for v in row.values()):
+                    raise RunError(f"{path}: line {reader.line_num}: damaged (wrong number of fields)")
+                rows.append({k: _number(v) for k, v in row.items()})
+            fields = reader.fieldnames
+    except FileNotFoundError:
+        raise RunError(f"{path}: not found") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise RunError(f"{path}: damaged ({type(err).__name__}: {err})") from None
+    if rows and (not fields or key not in fields):
+        raise RunError(f"{path}: damaged (no {key!r} column)")
+    for i, row in enumerate(rows, start=2):
+        if not isinstance(row[key], int) or row[key] < 0:
+            raise RunError(f"{path}: line {i}: damaged ({key} {row[key]!r} is not a whole number)")
+    return rows
 
 
 def _number(value: str | None) -> Any:

@@ -6,19 +6,15 @@ The run folder's layout is owned by :mod:`pneumodet.rundir`.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import os
 import pickle
 import random
-import re
 import signal
 import sys
 import threading
 import time
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +30,10 @@ from pneumodet.config import TrainConfig
 from pneumodet.data.dataset import RsnaDataModule
 from pneumodet.data.preprocess import to_unit_range
 from pneumodet.data.split import split_fingerprint
-from pneumodet.errors import CheckpointError, ConfigError, PneumodetError
+from pneumodet.errors import CheckpointError, ConfigError, PneumodetError, RunError
 from pneumodet.hardware import TRAINING_PRECISIONS, bf16_is_native, lightning_precision
 from pneumodet.hardware import resolve_precision as resolve_device_precision
+from pneumodet.launch import is_first_process, library_output
 from pneumodet.metrics import rsna_map, sweep_thresholds
 from pneumodet.model import ModelConfig, build_model
 from pneumodet.model.checkpoint import load_checkpoint, save_checkpoint
@@ -104,7 +101,8 @@ class DetectorModule(L.LightningModule):
 
         self.save_hyperparameters()
         self.train_config = TrainConfig.from_dict(train_config)
-        self.model = build_model(ModelConfig.from_dict(model_config))
+        self.model = build_model(ModelConfig.from_dict(model_config),
+                                 loss_normalizer=self.train_config.loss_normalizer)
         if self.train_config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.network = torch.compile(self.model) if self.train_config.compile else self.model
@@ -112,6 +110,8 @@ class DetectorModule(L.LightningModule):
         self._val_predictions: dict[str, np.ndarray] = {}
         #: the latest validation result: map, threshold, per-threshold breakdown
         self.validation_result: dict[str, Any] = {}
+        #: the latest training step's losses (detached; read by :class:`FirstSteps`)
+        self.step_losses: dict[str, torch.Tensor] = {}
 
     # -- shared
     def _images(self, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -140,6 +140,7 @@ class DetectorModule(L.LightningModule):
                 f"non-finite loss at epoch {self.current_epoch}, step {self.global_step} ({values}); "
                 f"the last good checkpoint is kept in {Path(self.train_config.out_dir) / 'checkpoints'}")
         self._log_losses("train", losses, len(batch["patient_ids"]))
+        self.step_losses = {name: losses[name].detach() for name in LOSS_NAMES}
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return losses["total"]
 
@@ -204,7 +205,7 @@ class DetectorModule(L.LightningModule):
             return {"optimizer": optimizer,
                     "lr_scheduler": {"scheduler": scheduler, "monitor": "val/total", "interval": "epoch"}}
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(cfg.warmup_fraction * total)
+        warmup = warmup_length(total, cfg.warmup_fraction, cfg.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _WarmupCosine(warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -220,6 +221,19 @@ class DetectorModule(L.LightningModule):
         if "rng" in state:
             _set_rng_state(state["rng"])
         self.validation_result = state.get("validation_result", {})
+
+
+def warmup_length(total: int, fraction: float, min_steps: int) -> int:
+    """Optimiser steps of linear warm-up in a run of ``total`` steps: ``fraction`` of them, but at least
+    ``min_steps`` as long as that is at most half the run.
+
+    Why a floor in steps: AdamW moves every weight by about the learning rate per step whatever its gradient,
+    so the step count to the peak rate is what matters, not its share of the run. With 10 % of a short run
+    (28 steps in a 280-step run) a network from random initialisation reaches 3e-4 before its features tell
+    boxes from background: every anchor's logit is pushed up with the positives' and the background's focal
+    loss jumps ~10^4-fold (docs/BENCHMARKS.md, bench_quality). The cap keeps a short run's peak rate.
+    """
+    return max(int(fraction * total), min(min_steps, total // 2))
 
 
 class _WarmupCosine:
@@ -345,6 +359,72 @@ class RunKeeper(L.Callback):
         trainer.save_checkpoint(self.run.last_ckpt, weights_only=False)
 
 
+#: How many optimiser steps of a run :class:`FirstSteps` records one by one.
+FIRST_STEPS = 200
+
+
+class FirstSteps(L.Callback):
+    """Records each of a run's first ``steps`` optimiser steps in ``first_steps.csv`` (:class:`RunDir`):
+    ``step`` (from 0), ``epoch``, ``lr`` (the step's learning rate), the four losses, ``images`` and
+    ``images_with_boxes`` of the batch, ``positives`` (positive anchors) and ``normalizer`` (what the summed
+    anchor losses were divided by: ``classification * normalizer`` is the sum, whatever the recipe).
+
+    Epoch losses (``metrics.csv``) average a spike away; these rows show whether training is stable from the
+    first step. The file is written (atomically) when the last recorded step is reached and at every epoch
+    end before; a resumed run keeps the rows of the steps it had already taken. First rank only.
+    """
+
+    def __init__(self, run: RunDir, steps: int = FIRST_STEPS) -> None:
+        self.run = run
+        self.steps = steps
+        self.rows: list[dict[str, Any]] = []
+        self._lr = math.nan
+        self._written = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.rows, self._written = [], 0
+        if trainer.global_step > 0 and self.run.first_steps.exists():  # resumed: keep the steps taken
+            try:
+                self.rows = [r for r in self.run.read_first_steps() if r["step"] < trainer.global_step]
+            except RunError:
+                self.rows = []  # a damaged record: the steps from here on are still worth keeping
+            self._written = len(self.rows)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step < self.steps and trainer.optimizers:
+            self._lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: DetectorModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step - 1  # the optimiser step just taken
+        if not trainer.is_global_zero or not 0 <= step < self.steps or not pl_module.step_losses:
+            return
+        normalizer = pl_module.model.criterion.normalizer
+        row: dict[str, Any] = {"step": step, "epoch": trainer.current_epoch, "lr": self._lr}
+        row.update({name: float(value) for name, value in pl_module.step_losses.items()})
+        row["images"] = len(batch["patient_ids"])
+        row["images_with_boxes"] = int((batch["num_boxes"] > 0).sum())
+        for name, value in (("positives", normalizer.last_count), ("normalizer", normalizer.last_divisor)):
+            row[name] = float(value) if value is not None else math.nan
+        self.rows.append(row)
+        if step == self.steps - 1:
+            self._write()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._write()  # interrupted, or a non-finite loss: the steps up to it are the evidence
+
+    def _write(self) -> None:
+        if len(self.rows) > self._written:
+            self.run.write_first_steps(self.rows)
+            self._written = len(self.rows)
+
+
 class TrainingInterrupted(PneumodetError):
     """Training stopped by Ctrl-C or SIGTERM; the run can be resumed. ``exit_code`` is 128 + the signal."""
 
@@ -433,42 +513,6 @@ def _epoch_row(trainer: L.Trainer, result: dict[str, Any], epoch: int) -> dict[s
 
 
 # ---------------------------------------------------------------------------------------------- what is shown
-#: Lightning's loggers: below WARNING they announce hardware, tips and settings, never a result.
-LIBRARY_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
-#: Library warnings a pneumodet user can do nothing about (matched at the start of the message).
-LIBRARY_WARNINGS = (
-    # Lightning's own pytree helper on a newer torch: a deprecation inside Lightning
-    re.escape("`isinstance(treespec, LeafSpec)` is deprecated"),
-    # log_every_n_steps is set to at most the epoch's batches; a last short epoch (max_steps) may still warn
-    r"The number of training batches \(\d+\) is smaller than the logging interval",
-    # the number of loading processes is --num-workers, documented; Lightning's advice names its own API
-    r"The '\w+_dataloader' does not have many workers which may be a bottleneck",
-)
-
-
-@contextlib.contextmanager
-def library_output(verbose: bool = False) -> Iterator[None]:
-    """While training: Lightning's info lines (GPU/TPU availability, tips, settings notes, distributed
-    set-up) and the known library warnings of :data:`LIBRARY_WARNINGS` silenced, unless ``verbose``.
-    Logger levels and warning filters are restored afterwards. Warnings and errors of any other kind
-    still show: they may be the user's business."""
-    if verbose:
-        yield
-        return
-    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
-        for pattern in LIBRARY_WARNINGS:
-            warnings.filterwarnings("ignore", message=pattern)
-        for logger in loggers:
-            logger.setLevel(max(logger.level, logging.WARNING))
-        try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels, strict=True):
-                logger.setLevel(level)
-
-
 def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -603,9 +647,36 @@ def build_datamodule(config: TrainConfig, *, progress: bool | str = True) -> L.L
         num_workers=config.num_workers, seed=config.seed, progress=progress)
 
 
+def epoch_label(epoch: int, max_epochs: int | None) -> str:
+    """``"Epoch 1/8"`` for epoch 0 (Lightning's count) of 8: numbered from 1 like the per-epoch lines of
+    :class:`RunReport`; ``"Epoch 1"`` when the number of epochs is open (``None`` or -1)."""
+    return f"Epoch {epoch + 1}" + (f"/{max_epochs}" if max_epochs is not None and max_epochs > 0 else "")
+
+
+def epoch_progress_bar() -> L.Callback:
+    """Lightning's own progress bar (Rich where installed, else tqdm) with :func:`epoch_label` as the
+    training description: Lightning's shows ``Epoch 0/7`` for the first of 8 epochs (``Epoch 0/0`` for a
+    one-epoch run)."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+    class RichEpochBar(RichProgressBar):
+        def _get_train_description(self, current_epoch: int) -> str:
+            # padded to the validation bar's description as Lightning's own (no flicker between the two)
+            return f"{epoch_label(current_epoch, self.trainer.max_epochs):{len(self.validation_description)}}"
+
+    class TqdmEpochBar(TQDMProgressBar):
+        def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+            super().on_train_epoch_start(trainer, *args)
+            self.train_progress_bar.set_description(epoch_label(trainer.current_epoch, trainer.max_epochs))
+
+    return RichEpochBar() if _RICH_AVAILABLE else TqdmEpochBar()
+
+
 def build_trainer(config: TrainConfig, run: RunDir, *, progress: bool = True,
                   callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
-    """The Lightning trainer of a run: :class:`RunKeeper` first, then ``callbacks``."""
+    """The Lightning trainer of a run: :class:`RunKeeper` first, then ``callbacks``; with ``progress``
+    Lightning's bar counting epochs from 1 (:func:`epoch_progress_bar`)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     accelerator = resolve_accelerator(config)
@@ -624,7 +695,8 @@ def build_trainer(config: TrainConfig, run: RunDir, *, progress: bool = True,
         gradient_clip_algorithm="norm",
         limit_val_batches=config.limit_val_batches,
         logger=TensorBoardLogger(save_dir=str(run.root), name=run.tensorboard.name, version=""),
-        callbacks=[RunKeeper(run, config.checkpoint_every_n_steps), *callbacks],
+        callbacks=[RunKeeper(run, config.checkpoint_every_n_steps), *callbacks,
+                   *([epoch_progress_bar()] if progress else [])],
         plugins=[AtomicCheckpointIO()],
         enable_checkpointing=False,
         enable_progress_bar=progress,
@@ -647,16 +719,16 @@ def prepare_run(config: TrainConfig, *, resume: bool) -> tuple[TrainConfig, list
 
     run = RunDir(Path(config.out_dir))
     notes: list[str] = []
-    if resume and _is_launched_rank():  # rank 0 checked the stored run and may have written it since
-        config = TrainConfig.from_yaml(run.config)
+    if resume and not is_first_process():  # rank 0 checked the stored run and may have written it since
+        config = TrainConfig.from_yaml(run.config, stored_run=True)
     elif resume:
         if not run.is_run():
             raise ConfigError(f"{run.root}: no run to resume ({run.config.name} not found)")
-        stored = TrainConfig.from_yaml(run.config)
+        stored = TrainConfig.from_yaml(run.config, stored_run=True)
         config, notes = stored.resumed_with(config.to_dict(), run.root)
         if run.is_finished() and not notes:
             raise ConfigError(f"{run.root}: the run has finished; pass more --epochs to train it further")
-    elif not _is_launched_rank() and (run.is_run() or run.last_ckpt.exists() or run.is_finished()):
+    elif is_first_process() and (run.is_run() or run.last_ckpt.exists() or run.is_finished()):
         state = "a finished run" if run.is_finished() else "an unfinished run (pass --resume to continue it)"
         raise ConfigError(f"{run.root} holds {state}; choose another --out")
     config = config.with_absolute_paths()
@@ -691,7 +763,7 @@ def _train(config: TrainConfig, *, resume: bool, style: str, callbacks: Sequence
     resumed = resume and run.last_ckpt.exists()
     if resumed:
         _check_resumable(run, config)
-    if not _is_launched_rank():
+    if is_first_process():
         config.to_yaml(run.config)
         for line in _start_lines(config, run, resumed):
             _say(line)
@@ -701,7 +773,8 @@ def _train(config: TrainConfig, *, resume: bool, style: str, callbacks: Sequence
     module = DetectorModule(config.model.to_dict(), config.to_dict())
     datamodule = build_datamodule(config, progress=style)
     stopper, report = GracefulStop(run), RunReport(config, style)
-    trainer = build_trainer(config, run, progress=style == "bar", callbacks=[stopper, report, *callbacks])
+    trainer = build_trainer(config, run, progress=style == "bar",
+                            callbacks=[FirstSteps(run), stopper, report, *callbacks])
     started = time.perf_counter()
     stopper.install()
     try:
@@ -730,12 +803,6 @@ def _train(config: TrainConfig, *, resume: bool, style: str, callbacks: Sequence
             "encoder_weights": _encoder_start(config), "images_excluded": result.excluded,
             "versions": _versions()})
     return result
-
-
-def _is_launched_rank() -> bool:
-    """This process is a DDP rank other than the first, started for the same command by Lightning's launcher
-    (or a cluster's): the run folder is the first rank's to check and write."""
-    return any(int(os.environ.get(name) or 0) > 0 for name in ("LOCAL_RANK", "NODE_RANK", "RANK"))
 
 
 def _encoder_start(config: TrainConfig) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumodet.data.dicom import read_dicom
+from pneumodet.data.dicom import read_dicom, subgroup_fields
 from pneumodet.data.preprocess import resize_area
 from pneumodet.data.records import PatientRecord
 from pneumodet.errors import CacheError
@@ -67,6 +67,10 @@ class CacheEntry:
     crc32: int = 0
     cause: str = ""
     constant: bool = False  # the decoded image has one value everywhere (see read_dicom)
+    # For per-subgroup results (dicom.subgroup_fields; None: missing, or an index written before they were kept)
+    view_position: str | None = None
+    sex: str | None = None
+    age_years: int | None = None
 
     def same_source(self, source: str, stat: os.stat_result) -> bool:
         return (self.source, self.source_size, self.source_mtime_ns) == (source, stat.st_size, stat.st_mtime_ns)
@@ -229,6 +233,7 @@ class _Result:
     crc32: int = 0
     cause: str = ""
     constant: bool = False
+    fields: tuple[tuple[str, object], ...] = ()  # dicom.subgroup_fields, as items
 
 
 def _decode_row(task: _Task) -> _Result:
@@ -248,7 +253,7 @@ def _decode_row(task: _Task) -> _Result:
     view[:] = resized
     del view
     return _Result(task.row, pixels.shape[0], pixels.shape[1], _row_crc(resized),
-                   constant=bool(meta.get("constant_image")))
+                   constant=bool(meta.get("constant_image")), fields=tuple(subgroup_fields(meta).items()))
 
 
 def _usable_cores() -> int:
@@ -367,6 +372,8 @@ def _record(entry: CacheEntry, result: _Result, was_good: bool, report: CacheRep
     entry.status, entry.cause = _OK, ""
     entry.height, entry.width, entry.crc32 = result.height, result.width, result.crc32
     entry.constant = result.constant
+    for key, value in result.fields:
+        setattr(entry, key, value)
     if result.constant:
         report.constant.append(entry.patient_id)
     if was_good:
@@ -538,6 +545,13 @@ class ImageCache:
         """``(height, width)`` of the original DICOM."""
         entry = self._entry(patient_id)
         return entry.height, entry.width
+
+    def subgroup_fields(self, patient_id: str) -> dict[str, object]:
+        """``view_position``, ``sex`` and ``age_years`` of a patient's image, as
+        :func:`pneumodet.data.dicom.subgroup_fields` gives them (all ``None`` for an image cached before
+        pneumodet kept them: rebuild the cache to have them)."""
+        entry = self._entry(patient_id)
+        return {"view_position": entry.view_position, "sex": entry.sex, "age_years": entry.age_years}
 
     def verify(self) -> list[str]:
         """Patients whose row no longer matches its checksum (reads the whole array)."""

@@ -204,6 +204,29 @@ def parse_age(value: object) -> float | None:
     return float(match.group(1)) * _AGE_UNIT_YEARS[(match.group(2) or "Y").upper()]
 
 
+#: The oldest plausible age in years; an age beyond it (RSNA has '148', '155') is a typo, taken as unknown.
+MAX_PLAUSIBLE_AGE = 120
+#: View positions kept as themselves; any other value is kept as 'other'.
+_VIEWS = frozenset({"AP", "PA"})
+#: DICOM's PatientSex values (CS: M, F, O); anything else is unknown.
+_SEXES = frozenset({"M", "F", "O"})
+
+
+def subgroup_fields(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The header fields per-subgroup results need, reduced to what groups need (an allow-list of values,
+    never free text): ``view_position`` 'AP', 'PA', 'other' or ``None``; ``sex`` 'M', 'F', 'O' or ``None``;
+    ``age_years`` whole years (0 .. :data:`MAX_PLAUSIBLE_AGE`) or ``None`` (missing, unparsable or
+    implausible). ``metadata`` is :func:`read_dicom`'s."""
+    view = (metadata.get("view_position") or "").strip().upper()
+    sex = (metadata.get("sex") or "").strip().upper()
+    age = metadata.get("age")
+    return {
+        "view_position": view if view in _VIEWS else ("other" if view else None),
+        "sex": sex if sex in _SEXES else None,
+        "age_years": int(age) if isinstance(age, float) and 0 <= age <= MAX_PLAUSIBLE_AGE else None,
+    }
+
+
 # ---------------------------------------------------------------------------------------------- reading
 def _read_dataset(path: Path, *, stop_before_pixels: bool) -> Dataset:
     if not path.exists():

@@ -68,6 +68,26 @@ class Split:
                          f"{shares}")
         return "\n".join(lines)
 
+    def sets_without_positives(self) -> list[str]:
+        """The non-empty sets (in train, val, test order) where no patient has a box."""
+        return [name for name, recs in self.sets.items() if recs and not any(r.boxes for r in recs)]
+
+    def positives_warning(self) -> str | None:
+        """One line for the user when a set holds no patient with boxes (what that costs, what to do), else
+        ``None``. A split of few patients, or with small fractions, can leave a set with no Lung Opacity
+        patient: the stratification spreads positives in proportion, and a proportion can round to 0."""
+        names = self.sets_without_positives()
+        if not names:
+            return None
+        cost = {"train": "the model has no box to learn from",
+                "val": "validation mAP cannot reward a right box, so the threshold it chooses means little",
+                "test": "the test score can only count false positives"}
+        which = " and ".join(names)
+        counts = ", ".join(f"{name} {len(self.sets[name])}" for name in names)
+        return (f"the {which} set{'s have' if len(names) > 1 else ' has'} no patient with boxes ({counts} "
+                f"patients): {'; '.join(cost[name] for name in names)}; split more patients, or use --val/--test "
+                "fractions that leave positives in every set")
+
 
 # ------------------------------------------------------------------------------------------ strata
 def _strata(records: Sequence[PatientRecord], min_size: int) -> np.ndarray:
@@ -301,3 +321,33 @@ def split_fingerprint(split_dir: Path) -> str:
         digest.update(f"{name}.csv:{len(data)}\n".encode())
         digest.update(data)
     return digest.hexdigest()
+
+
+def fold_patients(records: Sequence[PatientRecord], folds: int, *,
+                  seed: int = 42) -> list[tuple[PatientRecord, ...]]:
+    """Divide patients into ``folds`` disjoint folds, stratified as :func:`split_patients` stratifies.
+
+    Within each stratum (class x boxes per patient, small strata merged, here so that a stratum has at
+    least ``folds`` patients) the patients are shuffled with ``numpy.random.default_rng(seed)``; the strata
+    are then dealt out in turn, fold 1, 2, ..., K, 1, 2, ... continuing across strata, so every stratum is
+    spread evenly (fold counts differ by at most one) and so are the fold sizes. As with
+    :func:`split_patients`, the result depends only on the set of patients and the seed; each fold keeps
+    the input order of its records.
+
+    Raises:
+        SplitError: fewer than 2 folds, more folds than patients, or a patient listed twice.
+    """
+    if folds < 2:
+        raise SplitError(f"cross-validation needs at least 2 folds, got {folds}")
+    ids = Counter(r.patient_id for r in records)
+    twice = [pid for pid, n in ids.items() if n > 1]
+    if twice:
+        raise SplitError(f"{len(twice)} patient(s) listed more than once, e.g. {twice[0]}")
+    if len(records) < folds:
+        raise SplitError(f"{folds} folds need at least {folds} patients, got {len(records)}")
+    pool = sorted(records, key=lambda r: r.patient_id)
+    rng = np.random.default_rng(seed)
+    strata = _strata(pool, folds)
+    order = np.concatenate([rng.permutation(np.flatnonzero(strata == s)) for s in np.unique(strata)])
+    fold_of = {pool[i].patient_id: k % folds for k, i in enumerate(order.tolist())}
+    return [tuple(r for r in records if fold_of[r.patient_id] == k) for k in range(folds)]

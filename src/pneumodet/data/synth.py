@@ -5,6 +5,9 @@
     out_dir/stage_2_train_labels.csv          patientId,x,y,width,height,Target (one row per box)
     out_dir/stage_2_detailed_class_info.csv   patientId,class (same row order)
     out_dir/stage_2_train_images/<id>.dcm     JPEG Baseline, 8-bit MONOCHROME2, the RSNA tags
+    out_dir/stage_2_test_images/<id>.dcm      the same for the test patients, whose labels are not given
+    out_dir/stage_2_sample_submission.csv     patientId,PredictionString: one row per test patient, Kaggle's
+                                              dummy "0.5 0 0 100 100", sorted by patientId, CRLF line ends
 
 Class shares, boxes per patient and box sizes/positions follow the real labels (constants below).
 Images are drawn with vectorised numpy: body outline, two dark lung fields, spine and mediastinum,
@@ -39,11 +42,17 @@ from pneumodet.progress import track
 from pneumodet.safeio import atomic_open, atomic_path
 
 __all__ = ["SynthSummary", "SyntheticChest", "PatientSpec", "make_synthetic_dataset", "sample_patients",
-           "render_chest", "LABELS_FILE", "CLASSES_FILE", "IMAGES_DIR"]
+           "render_chest", "LABELS_FILE", "CLASSES_FILE", "IMAGES_DIR", "TEST_IMAGES_DIR", "SUBMISSION_FILE"]
 
 LABELS_FILE = "stage_2_train_labels.csv"
 CLASSES_FILE = "stage_2_detailed_class_info.csv"
 IMAGES_DIR = "stage_2_train_images"
+TEST_IMAGES_DIR = "stage_2_test_images"
+SUBMISSION_FILE = "stage_2_sample_submission.csv"
+#: Kaggle's stage-2 test patients per training patient (3000 / 26684): the default test set's size.
+TEST_SHARE = 3000 / 26684
+#: The prediction string of every row of Kaggle's sample submission.
+SAMPLE_PREDICTION = "0.5 0 0 100 100"
 NORMAL, OPACITY, NOT_NORMAL = CLASS_NAMES
 
 # Measured from stage_2_train_labels.csv / stage_2_detailed_class_info.csv (30227 rows, 26684 patients).
@@ -124,6 +133,8 @@ class SynthSummary:
     files: int
     label_rows: int
     findings: dict[str, int] = field(default_factory=dict)
+    #: unlabelled test DICOMs (and rows of the sample submission)
+    test_files: int = 0
 
     @property
     def patients(self) -> int:
@@ -138,12 +149,14 @@ class SynthSummary:
             f"  {self.patients} patients ({classes})",
             f"  {self.boxes} boxes, {self.label_rows} label rows, {self.files} DICOM files",
             f"  views: {views}; Not Normal findings: {findings}",
-        ])
+        ] + ([f"  {self.test_files} unlabelled test DICOMs in {TEST_IMAGES_DIR}/, listed in {SUBMISSION_FILE}"]
+             if self.test_files else []))
 
 
 # ---------------------------------------------------------------------------------------------- dataset
 def make_synthetic_dataset(out_dir: Path, *, patients: int, size: int = 1024, seed: int = 0,
-                           progress: bool | str = False, overwrite: bool = False) -> SynthSummary:
+                           progress: bool | str = False, overwrite: bool = False,
+                           test_patients: int | None = None) -> SynthSummary:
     """Write a synthetic dataset in the Kaggle layout; returns what was written.
 
     Args:
@@ -156,19 +169,27 @@ def make_synthetic_dataset(out_dir: Path, *, patients: int, size: int = 1024, se
         progress: ``True``: a bar on a terminal, a plain line every 30 s otherwise; ``False``: nothing
             (see :func:`pneumodet.progress.progress_style`).
         overwrite: replace an existing dataset in ``out_dir`` (its CSVs and all its DICOMs).
+        test_patients: unlabelled patients written to ``stage_2_test_images/`` and listed in the sample
+            submission, as Kaggle's test set; ``None``: :data:`TEST_SHARE` of ``patients`` (at least 1); 0: none.
+            They are drawn from a stream of their own: the training files are the same whatever their number.
 
     Raises:
-        ConfigError: ``patients < 1``, ``size`` below :data:`MIN_SIZE`, or ``out_dir`` holds another
-            dataset and ``overwrite`` is false.
+        ConfigError: ``patients < 1``, ``test_patients < 0``, ``size`` below :data:`MIN_SIZE`, or ``out_dir``
+            holds another dataset and ``overwrite`` is false.
     """
     if patients < 1:
         raise ConfigError(f"patients must be >= 1, got {patients}")
+    if test_patients is not None and test_patients < 0:
+        raise ConfigError(f"test patients must be >= 0, got {test_patients}")
+    n_test = max(1, round(patients * TEST_SHARE)) if test_patients is None else test_patients
     if size < MIN_SIZE:
         raise ConfigError(f"size must be >= {MIN_SIZE} pixels, got {size}")
     out_dir = Path(out_dir)
     images_dir = out_dir / IMAGES_DIR
     specs = sample_patients(patients, seed=seed)
+    test_specs = sample_patients(n_test, seed=_test_seed(seed)) if n_test else []
     _clear_or_refuse(out_dir, {f"{s.patient_id}.dcm" for s in specs}, overwrite=overwrite)
+    _clear_or_refuse_test(out_dir, {f"{s.patient_id}.dcm" for s in test_specs}, overwrite=overwrite)
     images_dir.mkdir(parents=True, exist_ok=True)
     label_rows: list[tuple] = []
     class_rows: list[tuple[str, str]] = []
@@ -183,13 +204,45 @@ def make_synthetic_dataset(out_dir: Path, *, patients: int, size: int = 1024, se
 
     _write_csv(out_dir / LABELS_FILE, ("patientId", "x", "y", "width", "height", "Target"), label_rows)
     _write_csv(out_dir / CLASSES_FILE, ("patientId", "class"), class_rows)
+    _write_test_set(out_dir, test_specs, size, progress)
     return SynthSummary(
         out_dir=out_dir, size=size, seed=seed,
         class_counts=dict(Counter(s.label_class for s in specs)),
         view_counts=dict(Counter(s.view for s in specs)),
         boxes=n_boxes, files=len(specs), label_rows=len(label_rows),
-        findings=dict(Counter(s.finding for s in specs if s.finding)),
+        findings=dict(Counter(s.finding for s in specs if s.finding)), test_files=len(test_specs),
     )
+
+
+def _test_seed(seed: int) -> int:
+    """The test patients' seed: a stream independent of the training patients' (same ``seed``, other ids)."""
+    return int(np.random.SeedSequence([seed, 0x7E57]).generate_state(1)[0])
+
+
+def _clear_or_refuse_test(out_dir: Path, own_files: set[str], *, overwrite: bool) -> None:
+    """As :func:`_clear_or_refuse` for the test images; a stale sample submission goes with them."""
+    foreign = [p for p in (out_dir / TEST_IMAGES_DIR).glob("*.dcm") if p.name not in own_files]
+    if foreign and not overwrite:
+        raise ConfigError(f"{out_dir} already holds a dataset ({len(foreign)} test DICOMs of other patients); "
+                          "choose an empty folder, or overwrite it (--overwrite)")
+    for path in foreign:
+        path.unlink()
+    if overwrite and not own_files:
+        (out_dir / SUBMISSION_FILE).unlink(missing_ok=True)
+
+
+def _write_test_set(out_dir: Path, specs: list[PatientSpec], size: int, progress: bool | str) -> None:
+    """The unlabelled test DICOMs and Kaggle's sample submission listing them."""
+    if not specs:
+        return
+    (out_dir / TEST_IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    for spec in track(specs, len(specs), "synth test images", progress=progress):
+        write_dicom(out_dir / TEST_IMAGES_DIR / f"{spec.patient_id}.dcm", render_chest(spec, size).image, spec)
+    rows = sorted((s.patient_id, SAMPLE_PREDICTION) for s in specs)
+    with atomic_open(out_dir / SUBMISSION_FILE, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\r\n")  # as Kaggle's stage_2_sample_submission.csv
+        writer.writerow(("patientId", "PredictionString"))
+        writer.writerows(rows)
 
 
 def _clear_or_refuse(out_dir: Path, own_files: set[str], *, overwrite: bool) -> None:
@@ -610,18 +663,23 @@ def _overlap(b1: tuple[float, ...], b2: tuple[float, ...]) -> float:
 def _finding(canvas: _Canvas, a: _Anatomy, lung_field: np.ndarray, finding: str,
              rng: np.random.Generator) -> np.ndarray:
     """A "Not Normal" finding that is not a lung opacity (cardiomegaly is drawn by the heart size)."""
+    # Sizes are what a reader sees on a ~40 cm film, and what a network sees at the 128-512 px it trains on:
+    # a 1-pixel line or a 2-pixel nodule (as drawn before) left "Not Normal" indistinguishable from "Normal"
+    # except by cardiomegaly, and capped the global head's 3-class accuracy near 0.5.
     out = np.zeros((canvas.size, canvas.size), dtype=np.float32)
-    if finding == "line":  # a central line or tube: thin, very bright, crossing the mediastinum
+    if finding == "line":  # a tube or central line (~5-8 mm wide): very bright, crossing the mediastinum
         start = (a.cx + rng.choice([-1, 1]) * rng.uniform(0.15, 0.3), a.cy - 1.1 * a.lung_h)
         mid = (a.cx + rng.normal(0, 0.02), a.cy - 0.5 * a.lung_h)
         end = (a.cx + rng.normal(0.02, 0.02), a.cy + rng.uniform(-0.1, 0.2) * a.lung_h)
+        width = rng.uniform(0.006, 0.01)
         for p, q in ((start, mid), (mid, end)):
-            out = np.maximum(out, canvas.segment(p, q, 0.004))
+            out = np.maximum(out, canvas.segment(p, q, width))
         out *= 0.45
-    elif finding == "nodule":  # small round nodule, far below the size of a labelled opacity
-        x, y = canvas.random_point(lung_field, rng)
-        r = rng.uniform(0.008, 0.014)
-        out = 0.25 * canvas.superellipse(x, y, r, r, edge=0.5)
+    elif finding == "nodule":  # 1-3 round nodules of 1.5-2.5 cm, well below the size of a labelled opacity
+        for _ in range(int(rng.integers(1, 4))):
+            x, y = canvas.random_point(lung_field, rng)
+            r = rng.uniform(0.02, 0.032)
+            out = np.maximum(out, 0.3 * canvas.superellipse(x, y, r, r, edge=0.4))
     return out
 
 

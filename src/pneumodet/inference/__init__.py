@@ -39,7 +39,8 @@ _HOMES = {
     "prediction_json": "outputs", "write_prediction_json": "outputs", "write_prediction_submission": "outputs",
     "ONNX_OUTPUTS": "export", "ONNX_FORMAT": "export", "MIN_ONNX_OPSET": "export", "OnnxNetwork": "export",
     "OnnxExport": "export", "onnx_side_file": "export", "export_onnx": "export", "onnx_opsets": "export",
-    "decode_onnx_outputs": "export", "run_onnx": "export",
+    "decode_onnx_outputs": "export", "run_onnx": "export", "ONNX_DETECTION_OUTPUTS": "export",
+    "OnnxDetector": "export", "DEFAULT_OPSET": "export", "DYNAMO_MIN_OPSET": "export",
     # owned below this package, kept here for the callers of the former single module
     "prepare_image": "pneumodet.data.preprocess", "resolve_precision": "pneumodet.hardware",
     "boxes_to_original": "pneumodet.boxes", "hflip_boxes": "pneumodet.boxes",
@@ -47,15 +48,19 @@ _HOMES = {
 #: Names re-exported under another name.
 _RENAMED = {"hflip_boxes": "hflip"}
 __all__ = [
+    "DEFAULT_OPSET",
     "DEVICE_CHOICES",
+    "DYNAMO_MIN_OPSET",
     "DicomImageStream",
     "DuplicateInput",
     "FileSearch",
     "ImagePrediction",
     "MIN_ONNX_OPSET",
+    "ONNX_DETECTION_OUTPUTS",
     "ONNX_FORMAT",
     "ONNX_OUTPUTS",
     "OPACITY_INDEX",
+    "OnnxDetector",
     "OnnxExport",
     "OnnxNetwork",
     "PredictOptions",
@@ -113,9 +118,13 @@ if TYPE_CHECKING:
         resolve_device,
     )
     from pneumodet.inference.export import (
+        DEFAULT_OPSET,
+        DYNAMO_MIN_OPSET,
         MIN_ONNX_OPSET,
+        ONNX_DETECTION_OUTPUTS,
         ONNX_FORMAT,
         ONNX_OUTPUTS,
+        OnnxDetector,
         OnnxExport,
         OnnxNetwork,
         decode_onnx_outputs,

@@ -10,7 +10,12 @@ and returns :class:`RawPrediction` per image: boxes in input pixels, before the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import operator
+import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +25,7 @@ import torch
 from torch import nn
 
 from pneumodet.boxes import boxes_to_original, hflip
-from pneumodet.errors import CheckpointError, ConfigError
+from pneumodet.errors import CheckpointError, ConfigError, RunError
 from pneumodet.hardware import resolve_precision
 from pneumodet.inference.options import (
     DEVICE_CHOICES,
@@ -33,7 +38,7 @@ from pneumodet.inference.results import OPACITY_INDEX, xyxy_to_kaggle
 from pneumodet.inference.tta import merge_views
 from pneumodet.model import Detections, HeadOutputs, fusion
 from pneumodet.model.checkpoint import load_checkpoint
-from pneumodet.rundir import RunDir
+from pneumodet.rundir import CvDir, RunDir
 from pneumodet.textsafe import display_path
 
 
@@ -41,6 +46,10 @@ from pneumodet.textsafe import display_path
 def resolve_checkpoint(model_source: Path | str) -> Path:
     """A run directory means its best model (:attr:`RunDir.best_model`); a file is taken as the checkpoint."""
     path = Path(model_source)
+    if path.is_dir() and CvDir(path).is_cv():
+        raise CheckpointError(f"{display_path(model_source)}: a cross-validation folder is an ensemble of its "
+                              f"fold runs, which predict and evaluate take; give one fold's run here, e.g. "
+                              f"{display_path(CvDir(path).fold(1).root)}")
     if path.is_dir():
         path = RunDir(path).best_model
         if not path.is_file():
@@ -55,6 +64,104 @@ def load_for_inference(model_source: Path | str) -> tuple[nn.Module, dict[str, A
     """Load a checkpoint (``weights_only``) and put the model in eval mode; returns ``(model, extra)``."""
     model, extra = load_checkpoint(resolve_checkpoint(model_source))
     return model.eval(), dict(extra or {})
+
+
+#: Where a run's own threshold comes from (recorded by ``evaluate`` and said by ``predict``).
+RUN_THRESHOLD_SOURCE = "chosen on the validation set during training"
+
+
+def expand_cv_folders(sources: Sequence[Path | str]) -> tuple[list[Path], dict[str, Any] | None]:
+    """Each source, with a cross-validation folder (:class:`~pneumodet.rundir.CvDir`) replaced by its fold runs;
+    and that folder's ``cv.json`` when the sources are exactly one CV folder (its out-of-fold threshold is
+    then the ensemble's).
+
+    Raises:
+        ConfigError: no source, or the same model given twice (it would count double in the fusion).
+        RunError: a CV folder whose ``cv.json`` is damaged or whose folds are not all trained.
+    """
+    if not sources:
+        raise ConfigError("no model given")
+    expanded: list[Path] = []
+    summary = None
+    for source in sources:
+        cv = CvDir(Path(source))
+        if not cv.is_cv():
+            expanded.append(Path(source))
+            continue
+        summary = cv.read_summary()
+        runs = [cv.fold(k) for k in range(1, summary["folds"] + 1)]
+        missing = [r.root.name for r in runs if not r.has_model()]
+        if missing:
+            raise RunError(f"{display_path(cv.root)}: the cross-validation is not complete ({', '.join(missing)} "
+                           f"without {runs[0].best_model.name}); run `pneumodet cv --out {display_path(cv.root)}` "
+                           "again to finish it")
+        expanded.extend(r.root for r in runs)
+    seen: dict[Path, Path] = {}
+    for path in expanded:
+        key = resolve_checkpoint(path).resolve()
+        if key in seen:
+            raise ConfigError(f"{display_path(path)}: the same model as {display_path(seen[key])}; an ensemble "
+                              "takes each model once")
+        seen[key] = path
+    return expanded, summary if len(sources) == 1 else None
+
+
+@dataclass(frozen=True)
+class LoadedModels:
+    """The models of ``predict`` / ``evaluate``: one, or an ensemble's members (CV folders expanded).
+
+    ``threshold`` is the one recorded for them, ``None`` when there is none: a single model's validation
+    threshold, a CV folder's out-of-fold one; an ensemble of separate runs records none (``evaluate``
+    chooses it on validation: :func:`pneumodet.evaluation.ensemble_threshold`).
+    """
+
+    sources: list[Path]
+    models: list[nn.Module]
+    extras: list[dict[str, Any]]
+    image_size: int
+    threshold: float | None
+    threshold_source: str
+
+    @property
+    def is_ensemble(self) -> bool:
+        return len(self.models) > 1
+
+
+def load_models(sources: Path | str | Sequence[Path | str]) -> LoadedModels:
+    """Load one model (run folder or checkpoint) or an ensemble (several, or a CV folder), eval mode.
+
+    Raises:
+        ConfigError: as :func:`expand_cv_folders`, or members taking different input sizes (one input
+            stream feeds them all), named in one line.
+        CheckpointError, RunError: a source that is not a model, as :func:`resolve_checkpoint`; a CV folder
+            whose ``cv.json`` records no usable out-of-fold threshold (a fold failed, or it is damaged).
+    """
+    given = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    paths, cv_summary = expand_cv_folders(given)
+    models, extras = [], []
+    for path in paths:
+        model, extra = load_for_inference(path)
+        models.append(model)
+        extras.append(extra)
+    sizes = {path: model_image_size(model) for path, model in zip(paths, models, strict=True)}
+    if len(set(sizes.values())) > 1:
+        listing = ", ".join(f"{display_path(p)} {s} px" for p, s in sizes.items())
+        raise ConfigError(f"the ensemble's models take different input sizes ({listing}); fuse models trained "
+                          "at one image size")
+    threshold, threshold_source = None, ""
+    if cv_summary is not None:
+        summary_file = display_path(CvDir(given[0]).summary)
+        oof = cv_summary.get("oof") if isinstance(cv_summary.get("oof"), dict) else {}
+        value = oof.get("threshold")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise RunError(f"{summary_file}: records no usable out-of-fold threshold ({value!r}); run `pneumodet "
+                           f"cv --out {display_path(given[0])}` again to finish the cross-validation")
+        threshold = float(value)
+        threshold_source = (f"chosen on the out-of-fold validation predictions of the {len(paths)} folds "
+                            f"({summary_file})")
+    elif len(paths) == 1 and "threshold" in extras[0]:
+        threshold, threshold_source = float(extras[0]["threshold"]), RUN_THRESHOLD_SOURCE
+    return LoadedModels(paths, models, extras, next(iter(sizes.values())), threshold, threshold_source)
 
 
 def model_image_size(model: nn.Module) -> int:
@@ -214,8 +321,9 @@ class Predictor:
                                        global_logits=outputs.global_logits[:batch])
         return outputs
 
-    def __call__(self, images: torch.Tensor) -> list[RawPrediction]:
-        """images: float ``[B, 1, S, S]`` in ``[0, 1]`` -> ``B`` raw predictions in input pixels."""
+    def views(self, images: torch.Tensor) -> list[Views]:
+        """images: float ``[B, 1, S, S]`` in ``[0, 1]`` -> ``B`` sets of views (the image, and its mirror with
+        TTA, mapped back), not yet merged: what an ensemble pools across models before fusing."""
         batch = images.shape[0]
         if self.tta == "hflip":
             dets = self._detect(torch.cat((images, images.flip(-1))))
@@ -224,14 +332,101 @@ class Predictor:
             plain, flipped = self._detect(images), [None] * batch
         out = []
         for det, det_flip in zip(plain, flipped, strict=True):
-            boxes, scores = det.boxes.float().cpu(), det.scores.float().cpu()
-            probs = det.class_probs.float().cpu()
+            views = Views([det.boxes.float().cpu()], [det.scores.float().cpu()], [det.class_probs.float().cpu()])
             if det_flip is not None:
-                unflipped = hflip(det_flip.boxes.float().cpu(), float(self.image_size))
-                boxes, scores = merge_views([boxes, unflipped], [scores, det_flip.scores.float().cpu()],
-                                            method=self.tta_merge, iou_thresh=self.tta_iou)
-                probs = (probs + det_flip.class_probs.float().cpu()) / 2
-            if self.gate:
-                scores = scores * probs[OPACITY_INDEX]
-            out.append(RawPrediction(boxes.reshape(-1, 4), scores.reshape(-1), probs))
+                views.boxes.append(hflip(det_flip.boxes.float().cpu(), float(self.image_size)))
+                views.scores.append(det_flip.scores.float().cpu())
+                views.probs.append(det_flip.class_probs.float().cpu())
+            out.append(views)
         return out
+
+    def __call__(self, images: torch.Tensor) -> list[RawPrediction]:
+        """images: float ``[B, 1, S, S]`` in ``[0, 1]`` -> ``B`` raw predictions in input pixels."""
+        return [fuse_views(v, method=self.tta_merge, iou_thresh=self.tta_iou, gate=self.gate,
+                           max_detections=self.postprocess["max_detections"]) for v in self.views(images)]
+
+
+@dataclass(frozen=True)
+class Views:
+    """One image's predictions from each of its views (TTA mirrors, ensemble members), in input pixels:
+    xyxy boxes ``[N_v, 4]``, scores ``[N_v]`` and class probabilities ``[C]`` per view."""
+
+    boxes: list[torch.Tensor]
+    scores: list[torch.Tensor]
+    probs: list[torch.Tensor]
+
+    def __add__(self, other: Views) -> Views:
+        return Views(self.boxes + other.boxes, self.scores + other.scores, self.probs + other.probs)
+
+
+def fuse_views(views: Views, *, method: TtaMerge, iou_thresh: float, gate: bool,
+               max_detections: int | None) -> RawPrediction:
+    """The views of one image merged into one prediction: a single view is kept as it is; several are merged
+    by ``method`` (:func:`~pneumodet.inference.tta.merge_views`, all views at once: an ensemble of M models
+    with TTA fuses M x 2 views) and cut to ``max_detections`` (per image, not per view: the merge may add
+    boxes). Class probabilities are the mean over the views; with ``gate`` the scores are then multiplied
+    by the Lung-Opacity probability."""
+    boxes, scores = views.boxes[0], views.scores[0]
+    if len(views.boxes) > 1:
+        boxes, scores = merge_views(views.boxes, views.scores, method=method, iou_thresh=iou_thresh)
+        if max_detections is not None:
+            boxes, scores = boxes[:max_detections], scores[:max_detections]  # merge_views sorts by score
+    probs = views.probs[0] if len(views.probs) == 1 else torch.stack(views.probs).mean(dim=0)
+    if gate:
+        scores = scores * probs[OPACITY_INDEX]
+    return RawPrediction(boxes.reshape(-1, 4), scores.reshape(-1), probs)
+
+
+class EnsemblePredictor:
+    """Several models as one predictor: every member's views of an image (TTA included) fused at once by
+    weighted box fusion (``options.tta_merge``), class probabilities averaged, gating applied to the fused
+    scores. The members run the same options on the same inputs, so they must share one input size.
+
+    Has the :class:`Predictor` attributes its callers read (``image_size``, ``device``, ``precision``,
+    ``compiled``, ``postprocess``); ``postprocess`` is the members' common values, or, where they differ,
+    a list per member under ``"members"``.
+    """
+
+    def __init__(self, members: Sequence[Predictor], *, merge: TtaMerge = "wbf", iou_thresh: float = 0.55,
+                 gate: bool = False) -> None:
+        if not members:
+            raise ConfigError("an ensemble needs at least one model")
+        sizes = {m.image_size for m in members}
+        if len(sizes) > 1:
+            raise ConfigError(f"the ensemble's models take different input sizes ({', '.join(map(str, sorted(sizes)))}"
+                              " px); fuse models trained at one image size")
+        check_tta(None, merge)
+        self.members = list(members)
+        self.image_size, self.device, self.precision = members[0].image_size, members[0].device, members[0].precision
+        self.tta_merge, self.tta_iou, self.gate = merge, iou_thresh, gate
+        posts = [m.postprocess for m in members]
+        self.postprocess: dict[str, Any] = dict(posts[0]) if all(p == posts[0] for p in posts) else {
+            "members": [dict(p) for p in posts]}
+        caps = [p["max_detections"] for p in posts]
+        self._cap = None if any(c is None for c in caps) else max(caps)
+
+    @classmethod
+    def from_options(cls, models: Sequence[nn.Module], image_size: int, options: PredictOptions, *,
+                     num_images: int) -> EnsemblePredictor:
+        """Members built by :meth:`Predictor.from_options` (ungated: the ensemble gates the fused scores)."""
+        members = [Predictor.from_options(m, image_size, dataclasses.replace(options, gate=False),
+                                          num_images=num_images) for m in models]
+        return cls(members, merge=options.tta_merge, gate=options.gate)
+
+    @property
+    def compiled(self) -> bool:
+        return all(m.compiled for m in self.members)
+
+    def __call__(self, images: torch.Tensor) -> list[RawPrediction]:
+        """images: float ``[B, 1, S, S]`` in ``[0, 1]`` -> ``B`` fused raw predictions in input pixels."""
+        per_member = [m.views(images) for m in self.members]
+        return [fuse_views(functools.reduce(operator.add, views), method=self.tta_merge, iou_thresh=self.tta_iou,
+                           gate=self.gate, max_detections=self._cap) for views in zip(*per_member, strict=True)]
+
+
+def make_predictor(models: Sequence[nn.Module], image_size: int, options: PredictOptions, *,
+                   num_images: int) -> Predictor | EnsemblePredictor:
+    """A :class:`Predictor` for one model, an :class:`EnsemblePredictor` for several."""
+    if len(models) == 1:
+        return Predictor.from_options(models[0], image_size, options, num_images=num_images)
+    return EnsemblePredictor.from_options(models, image_size, options, num_images=num_images)

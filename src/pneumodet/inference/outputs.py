@@ -106,9 +106,10 @@ class OverlayWriter:
 
 
 def prediction_json(result: PredictionResult) -> dict[str, Any]:
-    """The result as plain JSON data: one entry per image (patient id, DICOM UIDs, source file, boxes,
-    scores, class probabilities, whether it makes its patient's submission row, its overlay's file name),
-    then every input that gave no prediction. Paths are display text
+    """The result as plain JSON data: how it was predicted (threshold, TTA and its merge, gate, precision,
+    the resolved ``postprocess``: NMS IoU, max detections, min score), one entry per image (patient id,
+    DICOM UIDs, source file, boxes, scores, class probabilities, whether it makes its patient's submission
+    row, its overlay's file name), then every input that gave no prediction. Paths are display text
     (:func:`~pneumodet.textsafe.display_path`)."""
     chosen = {p.key for p in result.submission_rows().values()}
     images = [
@@ -132,8 +133,11 @@ def prediction_json(result: PredictionResult) -> dict[str, Any]:
         "box_format": "x, y, width, height in original image pixels (top-left corner)",
         "threshold": result.threshold,
         "tta": result.tta,
+        "tta_merge": result.tta_merge,
         "gate": result.gate,
         "precision": result.precision,
+        # as evaluate's metrics.json: the NMS IoU, boxes per image and candidate score this prediction used
+        "postprocess": dict(result.postprocess),
         "files_found": result.files_found,
         "submission_merge": SUBMISSION_MERGE,
         "images": images,

@@ -99,8 +99,11 @@ class PredictionResult:
     skipped_links: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     tta: str | None = None
+    tta_merge: str | None = None  # how the TTA views were merged; None without TTA
     gate: bool = False
     precision: str = "fp32"
+    #: the resolved post-processing: ``nms_iou``, ``max_detections``, ``min_score`` (given, else the model's)
+    postprocess: dict[str, float | int | None] = field(default_factory=dict)
     compiled: bool = False
     overlay_dir: Path | None = None  # where the overlays went, when drawn
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
-from torchvision.ops import box_iou, nms
+from torchvision.ops import nms
 
 from pneumodet.inference.options import TtaMerge, check_tta
 
@@ -31,18 +32,28 @@ def weighted_boxes_fusion(
     if all_boxes.numel() == 0:
         return torch.zeros(0, 4), torch.zeros(0)
     order = torch.argsort(all_scores, descending=True, stable=True)
-    all_boxes, all_scores = all_boxes[order], all_scores[order]
-
-    fused = torch.zeros_like(all_boxes)  # fused box of each cluster, first `k` rows used
-    weighted = torch.zeros_like(all_boxes)  # sum of score * box per cluster
-    score_sum = torch.zeros_like(all_scores)
-    count = torch.zeros_like(all_scores)
+    # The loop runs in numpy: a few dozen boxes per image, where a torch call's dispatch costs more than its
+    # arithmetic (benchmarks/bench_fusion.py). float32 throughout, as the tensors.
+    box_arr = all_boxes[order].cpu().numpy()
+    score_arr = all_scores[order].cpu().numpy()
+    n = len(score_arr)
+    fused = np.zeros((n, 4), np.float32)  # fused box of each cluster, first `k` rows used
+    area = np.zeros(n, np.float32)
+    weighted = np.zeros((n, 4), np.float32)  # sum of score * box per cluster
+    score_sum = np.zeros(n, np.float32)
+    count = np.zeros(n, np.float32)
+    tiny = np.finfo(np.float32).tiny
     k = 0
-    for box, score in zip(all_boxes, all_scores, strict=True):
+    for box, score in zip(box_arr, score_arr, strict=True):
         best = -1
         if k:
-            ious = box_iou(box[None], fused[:k])[0]
-            j = int(torch.argmax(ious))
+            lt = np.maximum(fused[:k, :2], box[:2])
+            rb = np.minimum(fused[:k, 2:], box[2:])
+            wh = np.clip(rb - lt, 0, None)
+            inter = wh[:, 0] * wh[:, 1]
+            union = (box[2] - box[0]) * (box[3] - box[1]) + area[:k] - inter
+            ious = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)  # empty boxes: 0, not NaN
+            j = int(np.argmax(ious))
             if ious[j] > iou_thresh:
                 best = j
         if best < 0:
@@ -50,10 +61,12 @@ def weighted_boxes_fusion(
         weighted[best] += score * box
         score_sum[best] += score
         count[best] += 1
-        fused[best] = weighted[best] / score_sum[best].clamp_min(torch.finfo(torch.float32).tiny)
-    fused_scores = score_sum[:k] / count[:k] * count[:k].clamp(max=views) / views
-    order = torch.argsort(fused_scores, descending=True, stable=True)
-    return fused[:k][order], fused_scores[order]
+        fused[best] = weighted[best] / max(score_sum[best], tiny)
+        area[best] = (fused[best, 2] - fused[best, 0]) * (fused[best, 3] - fused[best, 1])
+    fused_scores = score_sum[:k] / count[:k] * np.minimum(count[:k], views) / views
+    result_boxes, result_scores = torch.from_numpy(fused[:k]), torch.from_numpy(fused_scores.astype(np.float32))
+    order = torch.argsort(result_scores, descending=True, stable=True)
+    return result_boxes[order], result_scores[order]
 
 
 def merge_views(

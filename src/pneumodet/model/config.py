@@ -12,6 +12,10 @@ from pneumodet.fieldtypes import check_field_types, check_range, show_key
 
 #: The box regression losses :class:`ModelConfig` accepts.
 BOX_LOSSES = ("smooth_l1", "giou")
+#: How the summed focal and box losses are divided: ``ema`` by a running mean of the positive anchors per
+#: batch, ``batch`` by this batch's count (the earlier behaviour, training recipe ``baseline-v1``). A training
+#: setting (``TrainConfig.loss_normalizer``), not part of the network: see ``pneumodet.model.loss``.
+LOSS_NORMALIZERS = ("ema", "batch")
 _TUPLE_FIELDS = ("pyramid_levels", "anchor_sizes", "anchor_scales", "anchor_ratios")
 #: Largest input side: RSNA images are 1024 px; beyond 2048 a config is a mistake (or an attack on memory).
 MAX_IMAGE_SIZE = 2048
@@ -57,10 +61,13 @@ class ModelConfig:
     focal_gamma: float = 2.0
     fg_iou: float = 0.5
     bg_iou: float = 0.4
+    # Post-processing, chosen on validation (benchmarks/bench_postprocess.py, docs/BENCHMARKS.md): at NMS
+    # IoU 0.5 with 100 boxes, shifted copies of one lesion box (IoU 0.35-0.5 with each other) survived in
+    # clusters; two RSNA lesions of one image never overlap by IoU > 0.06 and an image has at most 4.
     score_thresh: float = 0.05
-    nms_thresh: float = 0.5
+    nms_thresh: float = 0.25
     topk_per_level: int = 1000
-    max_detections: int = 100
+    max_detections: int = 5
     pretrained: bool = False
     weights: str | None = None
 

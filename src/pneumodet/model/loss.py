@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 from pneumodet.model.boxes import BoxCoder
-from pneumodet.model.config import ModelConfig
+from pneumodet.model.config import LOSS_NORMALIZERS, ModelConfig
 
 #: Matched-index values of anchors that are not matched to a box.
 BACKGROUND = -1
@@ -55,15 +55,65 @@ def match_anchors(anchors: Tensor, boxes: Tensor, fg_iou: float, bg_iou: float) 
     return torch.where(best < bg_iou, torch.full_like(matched, BACKGROUND), matched)
 
 
+class PositiveNormalizer(nn.Module):
+    """The divisor of the summed classification and box losses: the number of positive anchors per batch.
+
+    ``batch`` divides by this batch's count clamped to >= 1 (Lin et al. 2017). On RSNA data most images
+    have no box, so that count swings from 0 to a few hundred between batches of 8 and the same sum of
+    background losses is weighted up to 200x more in a batch without boxes: at random initialisation,
+    when the background logits drift up, such a batch reports (and back-propagates) the whole sum.
+
+    ``ema`` divides by an exponential moving average of the counts (``momentum`` 0.9, as detectron2's
+    RetinaNet), bias-corrected like Adam's moments so that it is the first batch's count at the first step
+    and no start value is assumed: after training batches with counts ``n_1 .. n_t``, the divisor is
+    ``max(1, ema_t / (1 - momentum**t))`` with ``ema_t = momentum * ema_{t-1} + (1 - momentum) * n_t``.
+    Only training batches (module in training mode) update it; in evaluation it is used as it stands, and
+    before any training batch the batch's own count is used. Its state is a non-persistent buffer: not in
+    checkpoints or model files (a resumed run re-estimates it within a few steps).
+    """
+
+    def __init__(self, mode: str = "ema", momentum: float = 0.9) -> None:
+        super().__init__()
+        if mode not in LOSS_NORMALIZERS:
+            raise ValueError(f"loss normalizer must be one of {LOSS_NORMALIZERS}, got {mode!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"loss normalizer momentum must be in [0, 1), got {momentum}")
+        self.mode = mode
+        self.momentum = momentum
+        self.register_buffer("ema", torch.zeros((), dtype=torch.float32), persistent=False)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.float32), persistent=False)
+        #: the last batch's positive count and divisor (detached), for the per-step record of training
+        self.last_count: Tensor | None = None
+        self.last_divisor: Tensor | None = None
+
+    def forward(self, num_pos: Tensor) -> Tensor:
+        """The divisor (fp32 scalar, >= 1) for a batch with ``num_pos`` positive anchors (a scalar tensor);
+        updates the average when training. Tensor arithmetic only: no host-device synchronisation."""
+        num_pos = num_pos.detach().float()
+        if self.mode == "batch":
+            divisor = num_pos.clamp(min=1.0)
+        else:
+            if self.training:
+                self.ema.mul_(self.momentum).add_((1.0 - self.momentum) * num_pos)
+                self.steps.add_(1.0)
+            corrected = self.ema / (1.0 - torch.pow(self.momentum, self.steps)).clamp(min=1e-12)
+            divisor = torch.where(self.steps > 0, corrected, num_pos).clamp(min=1.0)
+        self.last_count, self.last_divisor = num_pos, divisor
+        return divisor
+
+
 class RetinaNetLoss(nn.Module):
     """Focal classification + box regression + global image-class cross-entropy.
 
     Classification and regression are summed over the batch and divided by the number of positive
-    anchors in the batch (at least 1), as in Lin et al. 2017.
+    anchors (:class:`PositiveNormalizer`: by default a running mean per batch, ``normalizer="batch"`` this
+    batch's count, at least 1, as in Lin et al. 2017).
     """
 
-    def __init__(self, config: ModelConfig, box_coder: BoxCoder | None = None) -> None:
+    def __init__(self, config: ModelConfig, box_coder: BoxCoder | None = None, *, normalizer: str = "ema",
+                 momentum: float = 0.9) -> None:
         super().__init__()
+        self.normalizer = PositiveNormalizer(normalizer, momentum)
         self.fg_iou = config.fg_iou
         self.bg_iou = config.bg_iou
         self.alpha = config.focal_alpha
@@ -95,7 +145,7 @@ class RetinaNetLoss(nn.Module):
             boxes = boxes.new_zeros(boxes.shape[0], 1, 4)
         matched = match_anchors(anchors, boxes, self.fg_iou, self.bg_iou)  # [B, A]
         positive = matched >= 0
-        num_pos = positive.sum().clamp(min=1).float()
+        num_pos = self.normalizer(positive.sum())
 
         target = positive.float()
         cls_loss = sigmoid_focal_loss(cls_logits.float(), target, alpha=self.alpha, gamma=self.gamma, reduction="none")

@@ -169,10 +169,12 @@ class PneumoRetinaNet(nn.Module):
     """RetinaNet (Lin et al. 2017) with one object class and a global image-class head.
 
     ``forward`` takes Tensor[B, 1, H, W] float images in [0, 1] and returns :class:`HeadOutputs`;
-    :meth:`loss` and :meth:`detect` turn those into losses and per-image detections.
+    :meth:`loss` and :meth:`detect` turn those into losses and per-image detections. ``loss_normalizer``
+    (a training setting, not part of the network: :data:`~pneumodet.model.config.LOSS_NORMALIZERS`) is how
+    :meth:`loss` divides the summed anchor losses.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, loss_normalizer: str = "ema") -> None:
         super().__init__()
         config.validate()
         self.config = config
@@ -184,7 +186,7 @@ class PneumoRetinaNet(nn.Module):
         self.global_head = GlobalHead(self.encoder.channels[-1], config.num_global_classes, config.global_dropout)
         self.anchor_generator = AnchorGenerator.from_config(config)
         self.box_coder = BoxCoder()
-        self.criterion = RetinaNetLoss(config, self.box_coder)
+        self.criterion = RetinaNetLoss(config, self.box_coder, normalizer=loss_normalizer)
 
     def forward(self, images: Tensor) -> HeadOutputs:
         """images: Tensor[B, 1, H, W] in [0, 1]."""
@@ -295,6 +297,6 @@ def _offsets(counts: tuple[int, ...]) -> list[int]:
     return out
 
 
-def build_model(config: ModelConfig | None = None) -> PneumoRetinaNet:
+def build_model(config: ModelConfig | None = None, *, loss_normalizer: str = "ema") -> PneumoRetinaNet:
     """A :class:`PneumoRetinaNet` for ``config`` (default: :class:`ModelConfig` defaults)."""
-    return PneumoRetinaNet(config or ModelConfig())
+    return PneumoRetinaNet(config or ModelConfig(), loss_normalizer=loss_normalizer)

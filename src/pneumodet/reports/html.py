@@ -144,15 +144,25 @@ def encode_png(image: bytes | np.ndarray) -> bytes:
 
 def figure_to_png(fig: Figure, *, dpi: int = 110) -> bytes:
     """Render a matplotlib figure to PNG bytes, then close it so it frees its memory."""
+    return _render_figure(fig, dpi)[0]
+
+
+def _render_figure(fig: Figure, dpi: int) -> tuple[bytes, float]:
+    """PNG bytes of ``fig`` and the height in image pixels of its smallest drawn text (0 without text); the
+    figure is closed afterwards."""
+    from matplotlib.text import Text
+
     buf = io.BytesIO()
     # a figure with a layout engine already fits its canvas; "tight" would draw it a second time
     tight = "tight" if fig.get_layout_engine() is None else None
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches=tight, facecolor="white")
+    # measured after drawing: tick labels get their text only when the figure is drawn
+    sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
     if fig.canvas.manager is not None:  # only pyplot-managed figures are registered for closing
         import matplotlib.pyplot as plt
 
         plt.close(fig)
-    return buf.getvalue()
+    return buf.getvalue(), min(sizes, default=0.0) * dpi / 72.0
 
 
 def _cell(value: object, float_format: str) -> str:
@@ -179,14 +189,17 @@ def _table_html(frame: pd.DataFrame, float_format: str) -> str:
             + "\n</tbody></table>")
 
 
-def _png_tag(png: bytes, alt: str) -> str:
+def _png_tag(png: bytes, alt: str, text_px: float | None = None) -> str:
     b64 = base64.b64encode(png).decode("ascii")
-    return f'<img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}">'
+    # a chart says how tall its smallest text is in its own pixels, so that a check in the browser can tell
+    # how tall that text is on screen at the size the page shows the picture
+    data = f' data-min-text-px="{text_px:.1f}"' if text_px else ""
+    return f'<img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}"{data}>'
 
 
-def _figure_block(png: bytes, caption: str | None) -> str:
+def _figure_block(png: bytes, text_px: float | None = None, *, caption: str | None) -> str:
     cap = f"<figcaption>{_inline(caption)}</figcaption>" if caption else ""
-    return f"<figure>{_png_tag(png, caption or '')}{cap}</figure>"
+    return f"<figure>{_png_tag(png, caption or '', text_px)}{cap}</figure>"
 
 
 class _Blocks:
@@ -196,12 +209,13 @@ class _Blocks:
         self._blocks: list[str | _Blocks] = []
 
     def figure(self, fig: Figure, caption: str | None = None, *, dpi: int = 110) -> None:
-        """Embed a matplotlib figure as a PNG (the figure is closed afterwards)."""
-        self._blocks.append(_figure_block(figure_to_png(fig, dpi=dpi), caption))
+        """Embed a matplotlib figure as a PNG (the figure is closed afterwards); the ``<img>`` carries the
+        pixel height of the figure's smallest text as ``data-min-text-px``."""
+        self._blocks.append(_figure_block(*_render_figure(fig, dpi), caption=caption))
 
     def image(self, image: bytes | np.ndarray, caption: str | None = None) -> None:
         """Embed PNG bytes or a ``uint8`` array ``[H, W]`` / ``[H, W, 3]``."""
-        self._blocks.append(_figure_block(encode_png(image), caption))
+        self._blocks.append(_figure_block(encode_png(image), caption=caption))
 
     def render(self) -> str:
         return "\n".join(b if isinstance(b, str) else b.render() for b in self._blocks)

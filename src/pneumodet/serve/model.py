@@ -154,7 +154,8 @@ class ServedModel:
         epoch = self.extra.get("epoch")
         metrics: dict[str, Any] = {"validation": {"rsna_map": card["validation_map"],
                                                   "threshold": self.threshold,
-                                                  "epoch": epoch if isinstance(epoch, int) else None}}
+                                                  # the checkpoint counts from 0 (Lightning); people from 1
+                                                  "epoch": epoch + 1 if isinstance(epoch, int) else None}}
         notes: list[str] = []
         training: dict[str, Any] = {}
         if self.source.is_dir():
@@ -255,7 +256,7 @@ def _read_run(run: RunDir, training: dict[str, Any], metrics: dict[str, Any], no
     """Fill the card's ``training`` and ``metrics`` from the run folder (allow-listed fields only)."""
 
     try:
-        config = TrainConfig.from_yaml(run.config)
+        config = TrainConfig.from_yaml(run.config, stored_run=True)
     except (PneumodetError, OSError) as exc:
         notes.append(f"run config unreadable: {display_text(str(exc))[:200]}")
     else:

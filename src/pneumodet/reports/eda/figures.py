@@ -33,6 +33,8 @@ _VIEW_COLORS = {"AP": "#3066be", "PA": "#e07a5f"}
 
 
 def _new_figure(width: float, height: float) -> Figure:
+    # at most 10 inches (1100 px at the report's 110 dpi), and no text under 9 pt: the page shows a figure
+    # at most ~1010 px wide, where a 9 pt label is still 12 px tall (pneumodet.plotting)
     fig = Figure(figsize=(width, height), layout="constrained")
     fig.set_facecolor("white")
     return fig
@@ -112,7 +114,7 @@ def age_figure(meta: pd.DataFrame) -> Figure:
     axes[0].set_ylim(0, axes[0].get_ylim()[1] * 1.35)  # headroom for the legend
     axes[0].set_title(f"Age by class (ages ≤ {IMPOSSIBLE_AGE:g})")
     if len(valid):
-        axes[0].legend(frameon=False, fontsize=8, loc="upper right")
+        axes[0].legend(frameon=False, fontsize=9, loc="upper right")
     groups = [valid.loc[valid["class"] == n, "age"].to_numpy() for n in CLASS_NAMES]
     present = [i for i, g in enumerate(groups) if len(g)]
     if present:
@@ -139,7 +141,7 @@ def categorical_figure(meta: pd.DataFrame) -> Figure:
         for j, value in enumerate(table.columns):
             bars = ax.bar(x + (j - (n - 1) / 2) * width, table[value], width, label=value,
                           color=_VIEW_COLORS.get(value))
-            ax.bar_label(bars, fontsize=8, padding=1)
+            ax.bar_label(bars, fontsize=9, padding=1)
         ax.set_xticks(x, [CLASS_SHORT_NAMES[name] for name in table.index])
         ax.set_ylabel("patients (images read)")
         ax.set_title(title)
@@ -186,7 +188,7 @@ def centre_density_figure(boxes: pd.DataFrame, size: int) -> Figure:
 
 def shape_figure(boxes: pd.DataFrame) -> Figure:
     """Aspect ratio against area, and each on its own."""
-    fig = _new_figure(12, 3.6)
+    fig = _new_figure(10, 3.6)
     fig.get_layout_engine().set(wspace=0.06)  # room between the colour bar and the next panel
     axes = fig.subplots(1, 3)
     area_k = boxes["area"] / 1000
@@ -230,7 +232,7 @@ def geometry_figure(boxes: pd.DataFrame, size: int, by: str | None = None) -> Fi
                 ax.hist(group[col], bins=bins, density=True, histtype="step", linewidth=2,
                         color=_VIEW_COLORS.get(str(value)), label=f"{value} (n={len(group)})")
             ax.set_ylabel("density (1/px)")
-            ax.legend(frameon=False, fontsize=8)
+            ax.legend(frameon=False, fontsize=9)
         ax.set_xlabel(label)
         ax.set_xlim(0, hi)
     fig.suptitle("Box position and size" + (f" by {by.replace('_', ' ')}" if by else ""))
