@@ -44,7 +44,8 @@ def run_dir(tmp_path_factory):
     """A run directory with a small random model whose scores spread (so NMS and top-k matter): on the real
     images the 100 boxes kept per image score from about 0.57 to 0.69."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(encoder="resnet18", image_size=SIZE)).eval()
+    # NMS IoU 0.5 and 100 boxes per image (not the defaults, 0.25 and 5): many boxes to compare decoders on
+    model = build_model(ModelConfig(encoder="resnet18", image_size=SIZE, nms_thresh=0.5, max_detections=100)).eval()
     with torch.no_grad():
         model.cls_head.logits.weight.normal_(std=3.0)
         model.cls_head.logits.bias.zero_()  # scores around 0.5 rather than the 0.01 prior

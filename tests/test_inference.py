@@ -476,7 +476,7 @@ def test_predict_errors_are_clear(tiny_run, tmp_path):
 
 def test_predict_command_writes_a_submission_that_score_reads(tiny_run, tmp_path, real_sample, capsys):
     from pneumodet.cli import main
-    from pneumodet.submission import read_submission
+    from pneumodet.submission import read_ground_truth, read_submission
 
     garbage = tmp_path / "bad.dcm"
     garbage.write_bytes(b"\0" * 300)
@@ -491,7 +491,10 @@ def test_predict_command_writes_a_submission_that_score_reads(tiny_run, tmp_path
     assert len(rows) == 16 and sum(len(b) for b in rows.values()) > 0
     assert all((b[:, 0] >= 0.3).all() for b in rows.values())
     assert main(["score", str(sub), "--labels", str(real_sample / "stage_2_train_labels.csv")]) == 0
-    assert "over 16 image(s)" in capsys.readouterr().out
+    # the RSNA metric scores the images with a ground-truth or a predicted box and excludes the rest
+    truth = read_ground_truth(real_sample / "stage_2_train_labels.csv")
+    scored = sum(1 for pid, boxes in rows.items() if len(boxes) or len(truth[pid]))
+    assert f"over {scored} image(s) ({16 - scored} excluded" in capsys.readouterr().out
 
 
 def test_bf16_prediction_stays_close_to_fp32(tiny_run, tmp_path):

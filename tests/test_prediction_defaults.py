@@ -56,3 +56,41 @@ def test_predict_json_records_the_postprocessing_it_used(random_run, real_sample
     assert data["postprocess"] == {"nms_iou": config.nms_thresh, "max_detections": config.max_detections,
                                    "min_score": config.score_thresh}
     assert all(len(image["boxes"]) <= config.max_detections for image in data["images"])
+
+
+def _cluster(cx: float, cy: float, w: float, h: float) -> list[list[float]]:
+    """A lesion box and 5 near copies as RetinaNet's neighbouring anchors leave them: shifted by 0.4 of its
+    side along x or y (IoU 0.43 with it) and shrunk to 0.7 about its centre (IoU 0.49); the copies overlap
+    each other by IoU 0.11 to 0.27."""
+    def box(dx: float, dy: float, scale: float = 1.0) -> list[float]:
+        x, y = cx + dx * w, cy + dy * h
+        return [x - scale * w / 2, y - scale * h / 2, x + scale * w / 2, y + scale * h / 2]
+
+    return [box(0, 0), box(0.4, 0), box(-0.4, 0), box(0, 0.4), box(0, -0.4), box(0, 0, 0.7)]
+
+
+def test_the_defaults_keep_one_box_per_lesion_where_the_old_ones_kept_a_cluster():
+    """Near copies of a lesion box with IoU just under 0.5 survived NMS at 0.5 (the clusters of 5-12 boxes);
+    at the defaults one box per lesion is left, and a second lesion of the image is kept (RSNA lesions of
+    one image never overlap by more than IoU 0.06). Scores are all different: no order of ties matters."""
+    from torchvision.ops import box_iou
+
+    from pneumodet.model import HeadOutputs, ModelConfig
+    from pneumodet.model.boxes import BoxCoder
+    from pneumodet.model.retinanet import postprocess
+
+    first, second = _cluster(120, 200, 80, 120), _cluster(360, 220, 70, 110)
+    anchors = torch.tensor([first[0], second[0], *first[1:], *second[1:]])  # each lesion's box scores best
+    iou = box_iou(anchors, anchors).fill_diagonal_(0)
+    assert float(iou.max()) < 0.5 and float(iou[0, 1]) == 0
+    scores = torch.linspace(0.9, 0.4, len(anchors))  # strictly decreasing
+    outputs = HeadOutputs(torch.logit(scores)[None], torch.zeros(1, len(anchors), 4), torch.zeros(1, 3), anchors,
+                          (len(anchors),), (512, 512))
+
+    def kept(nms_iou: float, max_det: int) -> torch.Tensor:
+        return postprocess(outputs, BoxCoder(), score_thresh=0.05, nms_thresh=nms_iou, topk_per_level=1000,
+                           max_detections=max_det)[0].boxes
+
+    assert len(kept(0.5, 100)) == 12  # every copy survives: two clusters of 6
+    config = ModelConfig()
+    torch.testing.assert_close(kept(config.nms_thresh, config.max_detections), anchors[:2])

@@ -189,9 +189,9 @@ def test_a_1kb_checkpoint_naming_a_huge_encoder_costs_no_memory(good_checkpoint,
         from pneumodet.model import retinanet
         devices = []
         init = retinanet.PneumoRetinaNet.__init__
-        def spy(self, config):
+        def spy(self, config, **kwargs):
             devices.append(torch.empty(0).device.type)
-            init(self, config)
+            init(self, config, **kwargs)
         retinanet.PneumoRetinaNet.__init__ = spy
         code = main(["predict", {str(bad)!r}, {str(tmp_path)!r}, "--out", {str(tmp_path / "s.csv")!r}])
         # VmHWM: this process's own peak (ru_maxrss may carry the forking pytest process's peak across exec)
@@ -202,7 +202,7 @@ def test_a_1kb_checkpoint_naming_a_huge_encoder_costs_no_memory(good_checkpoint,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     result = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
     assert result, done.stdout + done.stderr
-    _, code, devices, peak_mb = result[0].split()
+    _, code, devices, peak_mb = result[0].split(" ")
     assert code == "2" and "weights do not match" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert devices == "meta"  # one build, on the meta device: no tensor memory, no weight initialisation
     assert int(peak_mb) < 3000, f"peak RSS {peak_mb} MB"

@@ -98,7 +98,9 @@ def expand_cv_folders(sources: Sequence[Path | str]) -> tuple[list[Path], dict[s
         expanded.extend(r.root for r in runs)
     seen: dict[Path, Path] = {}
     for path in expanded:
-        key = resolve_checkpoint(path).resolve()
+        # the checkpoint a source means, without requiring it to exist: the loaders say what is missing, in
+        # the words of what was given (evaluate: "not a finished training run")
+        key = (RunDir(path).best_model if path.is_dir() else path).resolve()
         if key in seen:
             raise ConfigError(f"{display_path(path)}: the same model as {display_path(seen[key])}; an ensemble "
                               "takes each model once")
