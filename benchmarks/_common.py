@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -21,3 +24,14 @@ def cpu_model() -> str:
 def load_average() -> str:
     """The 1/5/15-minute load averages: benchmarks print them so a shared machine shows in the numbers."""
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def seconds(work: Callable[[], object], repeats: int) -> float:
+    """Median wall seconds of ``work`` over ``repeats`` runs after a warm-up."""
+    work()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

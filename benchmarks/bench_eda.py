@@ -14,28 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
+from _common import seconds
 from pneumodet.data.records import PatientRecord
 from pneumodet.reports.eda import build_eda_report, scan_metadata
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rsna-sample"
-
-
-def seconds(work: Callable[[], object], repeats: int) -> float:
-    """Median wall seconds of ``work`` over ``repeats`` runs after a warm-up."""
-    work()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def repeated_records(files: list[Path], n: int) -> list[PatientRecord]:

@@ -21,14 +21,11 @@ warm-up, with the machine's CPU and load average (a shared machine shows in the 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from _common import cpu_model, load_average
+from _common import cpu_model, load_average, seconds
 from pneumodet.inference.tta import weighted_boxes_fusion
 
 SIZE = 1024.0
@@ -79,16 +76,6 @@ def compare(got, want) -> tuple[float, float]:
             box_diff = max(box_diff, float(np.abs(gb.numpy() - wb).max()))
             score_diff = max(score_diff, float(np.abs(gs.numpy() - ws).max()))
     return box_diff, score_diff
-
-
-def seconds(work: Callable[[], object], repeats: int) -> float:
-    work()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

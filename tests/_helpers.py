@@ -106,3 +106,30 @@ def assert_one_line_error(code: int, err: str, command: str, *patterns: str) -> 
     for pattern in patterns:
         assert re.search(pattern, lines[0]), (pattern, lines[0])
     return lines[0]
+
+
+def spread_model(size: int):
+    """A random resnet18 for ``size``-px input whose box scores spread around 0.5 (instead of the focal-loss
+    prior's 0.01), so that thresholds, NMS and top-k all have work to do. Seeded: the same model each call."""
+    import torch
+
+    from pneumodet.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(encoder="resnet18", image_size=size))
+    with torch.no_grad():
+        model.cls_head.logits.weight.normal_(std=0.3)
+        model.cls_head.logits.bias.zero_()
+    return model
+
+
+def write_spread_run(folder, size: int, threshold: float = 0.5):
+    """A run folder holding only :func:`spread_model` as its best model, recording ``threshold``: what
+    ``predict`` needs (``evaluate`` needs :func:`make_run`). Returns the folder."""
+    from pneumodet.model import save_checkpoint
+    from pneumodet.rundir import RunDir
+
+    run = RunDir(folder)
+    save_checkpoint(run.best_model, spread_model(size), extra={"threshold": threshold, "image_size": size,
+                                                                "val_map": 0.0, "epoch": 0, "encoder": "resnet18"})
+    return run.root

@@ -38,3 +38,16 @@ def real_eda_report(real_sample: Path, tmp_path_factory: pytest.TempPathFactory)
 
     out = tmp_path_factory.mktemp("eda_real")
     return out, build_eda_report(real_sample, out, seed=0)
+
+
+@pytest.fixture(scope="module")
+def split_dir(synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A patient split of :func:`synth_dataset` (val 0.2, test 0.2, seed 3), once per test module (a module
+    may define its own ``split_dir`` instead)."""
+    from pneumodet.data.rsna import load_rsna
+    from pneumodet.data.split import split_patients, write_split
+
+    out = tmp_path_factory.mktemp("split")
+    write_split(split_patients(load_rsna(synth_dataset).records, val=0.2, test=0.2, seed=3), out,
+                source=str(synth_dataset))
+    return out

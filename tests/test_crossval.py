@@ -15,20 +15,12 @@ import pytest
 from _helpers import assert_one_line_error
 from pneumodet.cli import main
 from pneumodet.data.rsna import load_rsna
-from pneumodet.data.split import fold_patients, read_split, split_patients, write_split
+from pneumodet.data.split import fold_patients, read_split
 from pneumodet.errors import SplitError
 from pneumodet.rundir import CvDir
 
 TINY = ["--encoder", "resnet18", "--image-size", "64", "--batch-size", "4", "--num-workers", "0",
         "--aug", "light", "--precision", "32-true", "--checkpoint-every", "0", "--epochs", "1", "--max-steps", "1"]
-
-
-@pytest.fixture(scope="module")
-def split_dir(synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("split")
-    write_split(split_patients(load_rsna(synth_dataset).records, val=0.2, test=0.2, seed=3), out,
-                source=str(synth_dataset))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,6 @@ import yaml
 
 from pneumodet.cli import main
 from pneumodet.config import RECIPES, TrainConfig
-from pneumodet.data.rsna import load_rsna
-from pneumodet.data.split import split_patients, write_split
 from pneumodet.errors import ConfigError
 from pneumodet.model import ModelConfig, build_model
 from pneumodet.model.loss import PositiveNormalizer
@@ -136,14 +134,6 @@ def test_a_bad_stability_setting_is_one_line(value: object, message: str, tmp_pa
 
 
 # ---------------------------------------------------------------- through the CLI
-@pytest.fixture(scope="module")
-def split_dir(synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("split")
-    write_split(split_patients(load_rsna(synth_dataset).records, val=0.2, test=0.2, seed=3), out,
-                source=str(synth_dataset))
-    return out
-
-
 def _train(data: Path, split: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--data", str(data), "--split", str(split), "--out", str(out),
             "--cache-dir", str(out.parent / "cache"), *TINY, *extra]

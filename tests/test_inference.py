@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers import assert_one_line_error, assert_same_detections, kaggle_to_xyxy
+from _helpers import assert_one_line_error, assert_same_detections, kaggle_to_xyxy, write_spread_run
 from pneumodet.inference import (
     ImagePrediction,
     PredictionResult,
@@ -205,17 +205,7 @@ def _blob_image(height: int, width: int, box: tuple[int, int, int, int]) -> np.n
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     """A run directory holding a random 128-px resnet18 model whose scores spread around 0.5."""
-    from pneumodet.model import ModelConfig, build_model, save_checkpoint
-
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(encoder="resnet18", image_size=SIZE))
-    with torch.no_grad():
-        model.cls_head.logits.weight.normal_(std=0.3)
-        model.cls_head.logits.bias.zero_()
-    run = tmp_path_factory.mktemp("run")
-    save_checkpoint(run / "best_model.pt", model, extra={"threshold": THRESHOLD, "image_size": SIZE,
-                                                         "val_map": 0.0, "epoch": 0, "encoder": "resnet18"})
-    return run
+    return write_spread_run(tmp_path_factory.mktemp("run"), SIZE, THRESHOLD)
 
 
 @pytest.fixture

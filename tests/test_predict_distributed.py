@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import write_spread_run
 from pneumodet.cli import main
 from pneumodet.errors import ConfigError
 from pneumodet.inference.distributed import Processes, check_processes
@@ -24,17 +25,7 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 64-px resnet18 model whose scores spread around its threshold 0.5."""
-    from pneumodet.model import ModelConfig, build_model, save_checkpoint
-
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(encoder="resnet18", image_size=SIZE))
-    with torch.no_grad():
-        model.cls_head.logits.weight.normal_(std=0.3)
-        model.cls_head.logits.bias.zero_()
-    run = tmp_path_factory.mktemp("run")
-    save_checkpoint(run / "best_model.pt", model, extra={"threshold": 0.5, "image_size": SIZE, "val_map": 0.0,
-                                                         "epoch": 0, "encoder": "resnet18"})
-    return run
+    return write_spread_run(tmp_path_factory.mktemp("run"), SIZE, 0.5)
 
 
 def _archive(folder: Path) -> None:

@@ -8,23 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from _helpers import write_spread_run
+
 SIZE = 128
 
 
 @pytest.fixture(scope="module")
 def random_run(tmp_path_factory) -> Path:
     """A run folder with a random 128-px resnet18 whose scores spread widely (many overlapping candidates)."""
-    from pneumodet.model import ModelConfig, build_model, save_checkpoint
-
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(encoder="resnet18", image_size=SIZE))
-    with torch.no_grad():
-        model.cls_head.logits.weight.normal_(std=0.3)
-        model.cls_head.logits.bias.zero_()
-    run = tmp_path_factory.mktemp("run")
-    save_checkpoint(run / "best_model.pt", model, extra={"threshold": 0.5, "image_size": SIZE, "val_map": 0.0,
-                                                         "epoch": 0, "encoder": "resnet18"})
-    return run
+    return write_spread_run(tmp_path_factory.mktemp("run"), SIZE, 0.5)
 
 
 def test_predict_json_records_the_postprocessing_it_used(random_run, real_sample, tmp_path, capsys):

@@ -25,14 +25,6 @@ TINY = ["--encoder", "resnet18", "--image-size", "64", "--batch-size", "4", "--n
         "--aug", "light", "--precision", "32-true", "--checkpoint-every", "0"]
 
 
-@pytest.fixture(scope="module")
-def split_dir(synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("split")
-    write_split(split_patients(load_rsna(synth_dataset).records, val=0.2, test=0.2, seed=3), out,
-                source=str(synth_dataset))
-    return out
-
-
 def _train(data: Path, split: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--data", str(data), "--split", str(split), "--out", str(out),
             "--cache-dir", str(out.parent / "cache"), *TINY, *extra]

@@ -166,6 +166,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 def _run_predict(args: argparse.Namespace) -> None:
     from pneumodet.clinical.identity import check_uid_root
     from pneumodet.inference import predict, write_prediction_json, write_prediction_submission
+    from pneumodet.launch import is_first_process
 
     check_uid_root(args.uid_root)  # before any work
     models, options = _ensemble_models(args), _prediction_options(args)
@@ -179,18 +180,18 @@ def _run_predict(args: argparse.Namespace) -> None:
 
         from pneumodet.evaluation import ensemble_threshold
 
+        # every process of `--devices N` chooses the same threshold (the same data, deterministically); the
+        # first one says so
         threshold, source = ensemble_threshold(models, options)
-        print(f"ensemble of {len(models)} sources: threshold {threshold:.3f}, {display_text(source)}",
-              file=sys.stderr)
+        if is_first_process():
+            print(f"ensemble of {len(models)} sources: threshold {threshold:.3f}, {display_text(source)}",
+                  file=sys.stderr)
         options = replace(options, threshold=threshold)
     result = predict(models if len(models) > 1 else args.model, args.inputs, options,
                      follow_symlinks=args.follow_symlinks, overlay_dir=args.overlays, labels=args.labels,
                      progress=True, devices=args.devices, num_nodes=args.num_nodes)
-    if args.devices * args.num_nodes > 1:
-        from pneumodet.launch import is_first_process
-
-        if not is_first_process():  # the first process merged every share: it reports and writes
-            return
+    if args.devices * args.num_nodes > 1 and not is_first_process():
+        return  # the first process merged every share: it reports and writes
     print(result.summary())
     rows = len(result.submission_rows())
     submission = write_prediction_submission(result, args.out)
@@ -232,14 +233,20 @@ def _add_prediction_options(p: argparse.ArgumentParser, *, threshold: bool = Tru
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=default.compile,
                    help="torch.compile the network with frozen weights: seconds of compilation per batch shape, "
                         "then ~1.4x faster batches (default: on for CPU jobs from 500 images where a C++ compiler exists)")
+    _add_postprocess_options(p, "")
+
+
+def _add_postprocess_options(p: argparse.ArgumentParser, where: str) -> None:
+    """``--nms-iou``, ``--max-det``, ``--min-score`` (default: the model's own, recorded in its checkpoint);
+    ``where`` says where a command puts them (export: the side file and the graph)."""
     p.add_argument("--nms-iou", type=float, metavar="IOU",
                    help="non-maximum suppression: drop a box overlapping a better one of its image by more than "
-                        "this IoU, above 0 up to 1 (default: the model's, recorded in the checkpoint)")
+                        f"this IoU, above 0 up to 1{where} (default: the model's, recorded in the checkpoint)")
     p.add_argument("--max-det", dest="max_detections", type=int, metavar="N",
-                   help="boxes kept per image after NMS, 1 to 10000 (default: the model's)")
+                   help=f"boxes kept per image after NMS, 1 to 10000{where} (default: the model's)")
     p.add_argument("--min-score", type=float, metavar="SCORE",
-                   help="candidate boxes must score above this before NMS, 0 up to 1 (default: the model's "
-                        "score_thresh; --threshold is the final cut)")
+                   help=f"candidate boxes must score above this before NMS, 0 up to 1{where} (default: the "
+                        "model's score_thresh)")
 
 
 def _prediction_options(args: argparse.Namespace) -> PredictOptions:
@@ -351,13 +358,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--with-postprocess", action="store_true",
                    help="put decoding and NMS into the graph: outputs boxes, scores, num_detections, class_probs "
                         "(opset 18 or newer; docs/ONNX.md)")
-    p.add_argument("--nms-iou", type=float, metavar="IOU",
-                   help="NMS IoU recorded in the side file, fixed in the graph with --with-postprocess "
-                        "(default: the model's)")
-    p.add_argument("--max-det", dest="max_detections", type=int, metavar="N",
-                   help="boxes kept per image, as --nms-iou (default: the model's)")
-    p.add_argument("--min-score", type=float, metavar="SCORE",
-                   help="candidate boxes must score above this before NMS, as --nms-iou (default: the model's)")
+    _add_postprocess_options(p, "; recorded in the side file, fixed in the graph with --with-postprocess")
 
 
 def _run_export(args: argparse.Namespace) -> None:
