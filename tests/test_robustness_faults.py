@@ -120,7 +120,7 @@ def test_disk_full_while_writing_last_ckpt_keeps_the_previous_one(tmp_path, monk
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(CheckpointError, match=r"last\.ckpt: cannot write the checkpoint \(No space left on device\)"):
+    with pytest.raises(CheckpointError, match=r"last\.ckpt: cannot write the checkpoint \(No space left on device: .* filled after "):
         io_.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, target)
     monkeypatch.undo()
     assert io_.load_checkpoint(target)["global_step"] == 1
@@ -246,7 +246,7 @@ def test_disk_full_while_writing_the_eda_report_is_one_line(dataset, tmp_path, m
     fill_the_disk_for(monkeypatch, "report.html")
     code = main(["eda", str(dataset), "--out", str(out), "--workers", "1", "--samples", "1"])
     line = one_line_error(capsys, code, "eda")
-    assert f"{out / 'report.html'}: cannot write the report (No space left on device)" in line
+    assert f"{out / 'report.html'}: cannot write the report (No space left on device: " in line
     assert (out / "report.html").read_text() == "the previous report"
     assert not list(out.glob(".report.html.*"))
 
@@ -287,8 +287,26 @@ def test_a_really_full_disk_gives_clear_errors_and_keeps_previous_files(small_tm
     code = main(["predict", str(run), str(dataset / "stage_2_train_images"), "--out",
                  str(small_tmpfs / "previous.csv"), "--threshold", "0"])
     line = one_line_error(capsys, code, "predict")
-    assert "previous.csv: cannot write the submission (No space left on device)" in line
+    assert "previous.csv: cannot write the submission (No space left on device: " in line
     assert (small_tmpfs / "previous.csv").read_text() == "patientId,PredictionString\nold,\n"
+
+
+def test_a_training_checkpoint_on_a_really_full_disk_says_the_disk_is_full(small_tmpfs):
+    """torch reports a short write in its own words ("unexpected pos ..."); the error still says the disk
+    is full, where, and how much was written, and the previous checkpoint stays loadable."""
+    from pneumodet.training import AtomicCheckpointIO
+
+    io_ = AtomicCheckpointIO()
+    target = small_tmpfs / "last.ckpt"
+    io_.save_checkpoint({"global_step": 1, "w": torch.ones(8)}, target)
+    with pytest.raises(CheckpointError) as caught:
+        io_.save_checkpoint({"global_step": 2, "w": torch.zeros(1 << 20)}, target)  # 4 MB on a 1 MB disk
+    message = str(caught.value)
+    assert message.startswith(f"{target}: cannot write the checkpoint (No space left on device: "), message
+    assert f"{small_tmpfs.resolve()} filled after" in message and "unexpected pos" not in message, message
+    assert message.endswith("the previous one is kept"), message
+    assert io_.load_checkpoint(target)["global_step"] == 1
+    assert [p.name for p in small_tmpfs.iterdir()] == ["last.ckpt"]
 
 
 @pytest.fixture(scope="module")

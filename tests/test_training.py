@@ -55,8 +55,10 @@ def finished_run(synth_dataset: Path, split_dir: Path, tmp_path_factory: pytest.
 
 def test_run_directory_holds_everything(finished_run: Path, split_dir: Path) -> None:
     for name in ("config.yaml", "metrics.csv", "best_model.pt", "last_model.pt", "done.json",
-                 "checkpoints/last.ckpt", "checkpoints/best.ckpt"):
+                 "checkpoints/last.ckpt"):
         assert (finished_run / name).exists(), name
+    # one full-state checkpoint only: the best epoch's weights are best_model.pt
+    assert sorted(p.name for p in (finished_run / "checkpoints").iterdir()) == ["last.ckpt"]
     assert list((finished_run / "tensorboard").rglob("events.out.tfevents.*"))
     rows = RunDir(finished_run).read_metrics()
     assert [r["epoch"] for r in rows] == [0, 1]

@@ -7,8 +7,8 @@ A training run folder holds::
     first_steps.csv        one row per optimiser step of the first 200: losses, learning rate, positives
     tensorboard/           TensorBoard event files (per step and per epoch)
     checkpoints/last.ckpt  full Lightning state (model, optimiser, scheduler, loops, RNG), written atomically;
-                           ``--resume`` continues from it
-    checkpoints/best.ckpt  the same at the best validation mAP
+                           ``--resume`` continues from it (the only full-state file: the best epoch's
+                           weights are in ``best_model.pt``)
     best_model.pt          safetensors: tensors + model config + chosen threshold (what predict/evaluate load)
     last_model.pt          the same for the last epoch
     done.json              written when the run finished: best mAP, threshold, epochs, steps, what ran
@@ -91,10 +91,6 @@ class RunDir:
     @property
     def last_ckpt(self) -> Path:
         return self.checkpoints / "last.ckpt"
-
-    @property
-    def best_ckpt(self) -> Path:
-        return self.checkpoints / "best.ckpt"
 
     @property
     def tensorboard(self) -> Path:

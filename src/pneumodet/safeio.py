@@ -19,6 +19,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -48,13 +49,43 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         _fsync(tmp)
         os.replace(tmp, path)
     except OSError as err:
+        if err.filename is not None and os.fsdecode(err.filename) not in (str(tmp), str(path)):
+            tmp.unlink(missing_ok=True)
+            raise  # an inner write's error, already naming its own file
+        full = _disk_full_error(tmp, path, err)
         tmp.unlink(missing_ok=True)
-        if err.filename is not None and os.fsdecode(err.filename) != str(tmp):
-            raise
+        if full is not None:
+            raise full from err
         raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+    except Exception as err:  # a library's own error for a short write (torch: "unexpected pos ...")
+        full = _disk_full_error(tmp, path, err)
+        tmp.unlink(missing_ok=True)
+        if full is not None:
+            raise full from err
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+#: Free space under which a failed write is taken for a full disk (libraries that report a short write in
+#: their own words do not pass on ENOSPC).
+_FULL_DISK_BYTES = 16 << 20
+
+
+def _disk_full_error(tmp: Path, path: Path, err: BaseException) -> OSError | None:
+    """An ``ENOSPC`` error naming ``path``, its folder and how much of it was written, when the disk that was
+    written to is (nearly) full; ``None`` when the failure has another cause."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+        written = tmp.stat().st_size if tmp.exists() else 0
+    except OSError:
+        return None
+    if getattr(err, "errno", None) != errno.ENOSPC and free >= _FULL_DISK_BYTES:
+        return None
+    where = path.parent.resolve()
+    return OSError(errno.ENOSPC, f"No space left on device: {where} filled after {written / 2**20:.1f} MB of "
+                   "this file", str(path))
 
 
 @contextlib.contextmanager

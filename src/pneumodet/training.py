@@ -298,11 +298,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class RunKeeper(L.Callback):
-    """Keeps the run directory through :class:`~pneumodet.rundir.RunDir`: ``last``/``best`` checkpoints,
-    model files, ``metrics.csv``.
+    """Keeps the run directory through :class:`~pneumodet.rundir.RunDir`: the ``last`` checkpoint, model
+    files, ``metrics.csv``.
 
-    ``last.ckpt`` is written every ``every_n_steps`` optimiser steps and at every epoch end; ``best.ckpt``
-    and ``best_model.pt`` whenever validation mAP improves. An epoch that ends without validation (training
+    ``last.ckpt`` is written every ``every_n_steps`` optimiser steps and at every epoch end;
+    ``best_model.pt`` whenever validation mAP improves. An epoch that ends without validation (training
     stopped by ``max_steps`` part-way through it) is recorded by :meth:`record_epoch` after a final
     validation, so every run that trained at least one step ends with a validated model.
     """
@@ -354,8 +354,8 @@ class RunKeeper(L.Callback):
             save_checkpoint(self.run.last_model, pl_module.model, extra=extra)
             if improved or not self.run.best_model.exists():
                 save_checkpoint(self.run.best_model, pl_module.model, extra=extra)
-        if improved:
-            trainer.save_checkpoint(self.run.best_ckpt, weights_only=False)
+        # No full-state copy at the best epoch: best_model.pt holds its weights, and a second optimiser-sized
+        # file per run (3x the model) is what fills a disk; --resume continues from last.ckpt only.
         trainer.save_checkpoint(self.run.last_ckpt, weights_only=False)
 
 
