@@ -123,13 +123,15 @@ def spread_model(size: int):
     return model
 
 
-def write_spread_run(folder, size: int, threshold: float = 0.5):
-    """A run folder holding only :func:`spread_model` as its best model, recording ``threshold``: what
-    ``predict`` needs (``evaluate`` needs :func:`make_run`). Returns the folder."""
+def write_spread_run(folder, size: int, threshold: float = 0.5, **extra):
+    """A run folder holding only :func:`spread_model` as its best model, recording ``threshold`` (and
+    ``extra``, e.g. ``gate_threshold``): what ``predict`` needs (``evaluate`` needs :func:`make_run`).
+    Returns the folder."""
     from pneumodet.model import save_checkpoint
     from pneumodet.rundir import RunDir
 
     run = RunDir(folder)
     save_checkpoint(run.best_model, spread_model(size), extra={"threshold": threshold, "image_size": size,
-                                                                "val_map": 0.0, "epoch": 0, "encoder": "resnet18"})
+                                                                "val_map": 0.0, "epoch": 0, "encoder": "resnet18",
+                                                                **extra})
     return run.root

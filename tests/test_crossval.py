@@ -114,6 +114,11 @@ def test_a_cv_folder_is_the_ensemble_of_its_folds(cv_run, synth_dataset: Path, t
     assert main(["predict", str(cv_dir), *map(str, images), "--out", str(tmp_path / "s.csv"), "--json",
                  str(tmp_path / "p.json")]) == 0
     assert json.loads((tmp_path / "p.json").read_text())["threshold"] == oof
+    # the gated scores have their own out-of-fold threshold, chosen on the same pooled predictions
+    gated = cv.read_summary()["oof"]["gate_threshold"]
+    assert main(["predict", str(cv_dir), *map(str, images), "--gate", "--out", str(tmp_path / "g.csv"), "--json",
+                 str(tmp_path / "g.json")]) == 0
+    assert json.loads((tmp_path / "g.json").read_text())["threshold"] == gated
     capsys.readouterr()
     code = main(["export", str(cv_dir), "--onnx", str(tmp_path / "m.onnx")])
     assert_one_line_error(code, capsys.readouterr().err, "export", r"a cross-validation folder is an ensemble "

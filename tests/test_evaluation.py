@@ -188,3 +188,39 @@ def test_evaluate_reports_froc_coco_roc_calibration_and_subgroups(tmp_path, caps
         assert subgroups[attribute]["unknown"]["patients"] == images
     assert f"note: subgroups: {images} of {images} patients have no view position, sex or age" in err
     assert "rebuild" in subgroups["note"]
+
+
+def test_evaluate_with_the_gate_scores_at_a_threshold_for_gated_scores(tmp_path, capsys):
+    """Gating lowers every score, so the plain threshold means nothing for gated ones. A run that records a
+    threshold for gated scores (training chooses it beside the plain one) is scored with it; one trained
+    before that was recorded gets one chosen now on its validation set, which is the best cut-off of the
+    gated validation curve, and says so."""
+    from pneumodet.model import load_checkpoint, save_checkpoint
+    from pneumodet.rundir import RunDir
+
+    patients = [(f"p{i:02d}", [(100 + 40 * i, 200, 300, 300)] if i % 2 else []) for i in range(12)]
+    run = make_run(tmp_path, patients, threshold=0.5)
+    code = main(["evaluate", str(run), "--gate", "--split", "val", "--precision", "fp32", "--out", str(tmp_path / "val")])
+    assert code == 0, capsys.readouterr().err
+    val = json.loads((tmp_path / "val" / "metrics.json").read_text())
+    curve = [(t, s) for t, s in val["metric_vs_threshold_for_information"] if s is not None]
+    best = max(s for _, s in curve)
+    chosen_on_val = min(t for t, s in curve if s == best)  # the lowest cut-off on a tie, as the sweep picks
+
+    code = main(["evaluate", str(run), "--gate", "--precision", "fp32", "--out", str(tmp_path / "now")])
+    out = capsys.readouterr().out
+    assert code == 0
+    now = json.loads((tmp_path / "now" / "metrics.json").read_text())
+    assert now["gate"] is True and now["threshold"] == pytest.approx(chosen_on_val)
+    assert now["threshold_source"].startswith("chosen for the run's gated scores on its validation set now (")
+    assert "(chosen for the run's gated scores on its validation set now" in out
+
+    best_model = RunDir(run).best_model
+    model, extra = load_checkpoint(best_model)
+    save_checkpoint(best_model, model, extra={**extra, "gate_threshold": 0.125})
+    assert main(["evaluate", str(run), "--gate", "--precision", "fp32", "--out", str(tmp_path / "recorded")]) == 0
+    recorded = json.loads((tmp_path / "recorded" / "metrics.json").read_text())
+    assert recorded["threshold"] == 0.125
+    assert recorded["threshold_source"] == "chosen on the validation set during training, for gated scores"
+    assert main(["evaluate", str(run), "--precision", "fp32", "--out", str(tmp_path / "plain")]) == 0
+    assert json.loads((tmp_path / "plain" / "metrics.json").read_text())["threshold"] == 0.5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -297,6 +298,28 @@ def test_gate_scales_scores_by_the_lung_opacity_probability(tiny_run, tmp_path, 
     assert "chosen on ungated scores" in dropped.warnings[0] and not gated.warnings
     ungated = predict(tiny_run, [tmp_path], precision="fp32", progress=False)
     np.testing.assert_allclose(by_patient(ungated)["p1"].boxes[:, 0], [0.9])
+
+
+def test_gate_uses_the_threshold_training_chose_for_gated_scores(tmp_path, controlled_model, capsys):
+    """A run that records a threshold for gated scores (training chooses one on validation beside the plain
+    one) is predicted with it under --gate (no warning, the JSON records it); without --gate the plain one applies."""
+    from pneumodet.cli import main
+    from pneumodet.inference import predict
+
+    run = write_spread_run(tmp_path / "run", SIZE, THRESHOLD, gate_threshold=0.4)
+    images = tmp_path / "images"
+    write_dicom(images / "p1.dcm", _blob_image(128, 128, (20, 30, 60, 90)), patient_id="p1")
+    controlled_model["probs"] = torch.tensor([0.45, 0.5, 0.05])  # gated score 0.9 * 0.5 = 0.45
+    out = tmp_path / "gated.json"
+    assert main(["predict", str(run), str(images), "--gate", "--precision", "fp32", "--out", str(tmp_path / "s.csv"),
+                 "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "chosen on ungated scores" not in err, err
+    data = json.loads(out.read_text())
+    assert data["threshold"] == 0.4 and data["gate"] is True
+    np.testing.assert_allclose(data["images"][0]["scores"], [0.45], rtol=1e-4)
+    plain = predict(run, [images], precision="fp32", progress=False)
+    assert plain.threshold == THRESHOLD
 
 
 def test_privacy_duplicates_mismatched_ids_overlays_and_json(tiny_run, tmp_path, controlled_model):

@@ -523,6 +523,26 @@ def test_auc_matches_the_pair_count_on_random_scores_with_ties():
     assert binary_auc(labels, scores) == pytest.approx(pairs / (len(pos) * len(neg)))
 
 
+def test_image_class_metrics_on_a_tiny_case():
+    """Five images, three classes (true 0 0 1 1 2). Predicted (argmax) 0 1 1 1 0: accuracy 3/5; recall
+    class 0 1/2, class 1 2/2, class 2 0/1. One-vs-rest AUCs by pair counts: class 0 scores .6 .4 | .1 .2 .5:
+    pairs (.6 beats all 3, .4 beats .1 .2) 5/6; class 1 .9 .8 | .3 .5 .1: 6/6; class 2 .2 | .1 .1 .1 .1:
+    4/4. Macro AUC (5/6 + 1 + 1) / 3; pneumonia (class 1) AUC 1."""
+    from pneumodet.clinical_metrics import image_class_metrics
+
+    probs = np.array([[.6, .3, .1], [.4, .5, .1], [.1, .9, .0], [.2, .8, .0], [.5, .1, .2]])
+    probs[2:4, 2] = 0.1 - 1e-9  # rows stay near sums of 1; class 2 keeps scores .1 below .2
+    result = image_class_metrics(np.array([0, 0, 1, 1, 2]), probs, ("a", "b", "c"), positive=1)
+    assert result["accuracy"] == pytest.approx(0.6)
+    assert result["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert result["recall"] == {"a": 0.5, "b": 1.0, "c": 0.0}
+    assert result["auc_one_vs_rest"] == pytest.approx({"a": 5 / 6, "b": 1.0, "c": 1.0})
+    assert result["macro_auc"] == pytest.approx((5 / 6 + 2) / 3) and result["pneumonia_auc"] == 1.0
+    missing = image_class_metrics(np.array([0, 1]), np.array([[.7, .3, 0], [.2, .8, 0]]), ("a", "b", "c"), 1)
+    assert math.isnan(missing["recall"]["c"]) and math.isnan(missing["auc_one_vs_rest"]["c"])
+    assert missing["macro_auc"] == 1.0  # the mean over the classes whose AUC is defined
+
+
 def test_ece_on_a_tiny_case():
     """Four images, three classes. Top label: bin 8 holds confidences .85 (right) and .8 (wrong): |1/2 - .825|
     x 2/4; bin 4 holds .4 (right): .6 x 1/4; bin 3 holds .35 (argmax class 0, right): .65 x 1/4 -> ECE .475.

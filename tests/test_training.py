@@ -218,6 +218,20 @@ def test_evaluate_uses_the_validation_threshold(finished_run: Path) -> None:
         assert (finished_run / "eval_test" / name).exists()
 
 
+def test_training_records_a_threshold_for_gated_scores_that_evaluate_uses(finished_run: Path, tmp_path: Path) -> None:
+    """Validation chooses a second threshold for the gated scores (box score x Lung-Opacity probability);
+    ``evaluate --gate`` scores with it, and on the validation set it reproduces the mAP training recorded."""
+    from pneumodet.evaluation import evaluate
+
+    _, extra = load_checkpoint(finished_run / "best_model.pt")
+    assert 0.0 <= extra["gate_threshold"] <= 1.0 and 0.0 <= extra["gate_val_map"] <= 1.0
+    metrics = evaluate(finished_run, split="val", gate=True, precision="fp32", out_dir=tmp_path / "val")
+    assert metrics["threshold"] == pytest.approx(extra["gate_threshold"])
+    assert metrics["threshold_source"] == "chosen on the validation set during training, for gated scores"
+    # the same images and model; float rounding may move a box across the cut-off, not the whole result
+    assert metrics["rsna_map"] == pytest.approx(extra["gate_val_map"], abs=0.02)
+
+
 def test_run_report_and_comparison(finished_run: Path, tmp_path: Path) -> None:
     from pneumodet.reports.runs import compare_runs, write_run_report
 

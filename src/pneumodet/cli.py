@@ -178,11 +178,11 @@ def _run_predict(args: argparse.Namespace) -> None:
     if len(models) > 1 and options.threshold is None:  # separate runs: their threshold is chosen here
         from dataclasses import replace
 
-        from pneumodet.evaluation import ensemble_threshold
+        from pneumodet.evaluation import validation_threshold
 
         # every process of `--devices N` chooses the same threshold (the same data, deterministically); the
         # first one says so
-        threshold, source = ensemble_threshold(models, options)
+        threshold, source = validation_threshold(models, options)
         if is_first_process():
             print(f"ensemble of {len(models)} sources: threshold {threshold:.3f}, {display_text(source)}",
                   file=sys.stderr)
@@ -629,6 +629,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
+    from pneumodet.data.records import CLASS_SHORT_NAMES
     from pneumodet.evaluation import METRICS_FILE, evaluate, format_metric
 
     models = _ensemble_models(args)
@@ -640,8 +641,9 @@ def _run_evaluate(args: argparse.Namespace) -> None:
           f"threshold {metrics['threshold']:.2f} ({display_text(metrics['threshold_source'])})")
     print("  per IoU threshold: " + ", ".join(f"{t}: {format_metric(v)}"
                                               for t, v in metrics["rsna_map_per_iou_threshold"].items()))
-    print(f"  global class accuracy {format_metric(gc['accuracy'])}, pneumonia-vs-not AUC "
-          f"{format_metric(gc['pneumonia_auc'])}")
+    recall = ", ".join(f"{CLASS_SHORT_NAMES[name]} {format_metric(value)}" for name, value in gc["recall"].items())
+    print(f"  global class accuracy {format_metric(gc['accuracy'])} (recall: {recall}), macro AUC "
+          f"{format_metric(gc['macro_auc'])}, pneumonia-vs-not AUC {format_metric(gc['pneumonia_auc'])}")
     froc, coco, roc = metrics["froc"], metrics["coco"], metrics["image_roc"]["best_box_score"]
     print(f"  FROC mean sensitivity {format_metric(froc['mean_sensitivity'])} (1/8-8 FP/image, {froc['lesions']} "
           f"lesions); COCO AP@[.5:.95] {format_metric(coco['ap'])}, AP50 {format_metric(coco['ap50'])}")

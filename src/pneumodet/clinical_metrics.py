@@ -194,6 +194,37 @@ def binary_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(_weighted_auc(labels, np.asarray(scores, np.float64), np.ones((1, len(labels))))[0])
 
 
+def confusion_matrix(true: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """``[n, n]`` counts, rows = true class, columns = predicted class."""
+    return np.bincount(np.asarray(true) * n_classes + np.asarray(pred),
+                       minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def image_class_metrics(true: np.ndarray, probs: np.ndarray, classes: Sequence[str], positive: int) -> dict[str, Any]:
+    """The global head as an image classifier: accuracy of the most probable class, the confusion matrix,
+    each class's recall (its images predicted as it) and one-vs-rest AUC, their unweighted mean (macro
+    AUC, over the classes present with some other class), and the AUC of class ``positive`` (pneumonia vs
+    not). ``true`` ``[N]`` class indices, ``probs`` ``[N, C]``; NaN where a value is undefined (no image of
+    a class, or a single class)."""
+    true = np.asarray(true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64).reshape(len(true), len(classes))
+    predicted = probs.argmax(axis=1) if len(true) else np.zeros(0, np.int64)
+    matrix = confusion_matrix(true, predicted, len(classes))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.diag(matrix) / matrix.sum(axis=1)
+    auc = np.array([binary_auc(true == k, probs[:, k]) for k in range(len(classes))])
+    return {
+        "classes": list(classes),
+        "accuracy": float((predicted == true).mean()) if len(true) else float("nan"),
+        "confusion_matrix": matrix.tolist(),
+        "confusion_matrix_axes": "rows: true class, columns: predicted class",
+        "recall": dict(zip(classes, recall.astype(float).tolist(), strict=True)),
+        "auc_one_vs_rest": dict(zip(classes, auc.tolist(), strict=True)),
+        "macro_auc": float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan"),
+        "pneumonia_auc": float(auc[positive]),
+    }
+
+
 # ------------------------------------------------------------------------------------------ FROC
 @dataclass(frozen=True)
 class FrocResult:

@@ -14,6 +14,7 @@ unfinished ones resumed, a failing fold recorded while the others go on; Ctrl-C 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,11 +24,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pneumodet.clinical_metrics import image_class_metrics
 from pneumodet.config import TrainConfig
-from pneumodet.data.records import CLASS_INDEX, CLASS_NAMES, PatientRecord
+from pneumodet.data.records import CLASS_NAMES, OPACITY_INDEX, PatientRecord
 from pneumodet.data.split import SPLIT_JSON, Split, fold_patients, read_split, split_fingerprint, write_split
 from pneumodet.errors import ConfigError, PneumodetError
-from pneumodet.evaluation import binary_auc, load_runs, predict_split
+from pneumodet.evaluation import load_runs, predict_split
 from pneumodet.experiments import train_runs
 from pneumodet.inference.options import PredictOptions
 from pneumodet.metrics import rsna_map, sweep_thresholds
@@ -195,17 +197,18 @@ def _out_of_fold(result: CvResult, cv: CvDir, options: PredictOptions) -> dict[s
     gt: dict[str, np.ndarray] = {}
     preds: dict[str, np.ndarray] = {}
     per_fold = []
-    opacity = CLASS_INDEX["Lung Opacity"]
+    gated: dict[str, np.ndarray] = {}
+    options = dataclasses.replace(options, gate=False)  # the gated scores are derived: both thresholds recorded
     for fold in result.folds:
         predicted = predict_split(load_runs(cv.fold(fold.fold).root, split="val"), "val", options)
         gt.update(predicted.gt)
         preds.update(predicted.preds)
+        gated.update(predicted.gated())
         per_fold.append(predicted)
-        true = np.asarray(predicted.true_class, dtype=np.int64)
         probs = np.concatenate(predicted.probs) if predicted.probs else np.zeros((0, len(CLASS_NAMES)))
-        if len(true):
-            fold.global_accuracy = float((probs.argmax(axis=1) == true).mean())
-            fold.pneumonia_auc = binary_auc(true == opacity, probs[:, opacity])
+        if predicted.true_class:
+            classes = image_class_metrics(predicted.true_class, probs, CLASS_NAMES, OPACITY_INDEX)
+            fold.global_accuracy, fold.pneumonia_auc = classes["accuracy"], classes["pneumonia_auc"]
     try:
         sweep = sweep_thresholds(gt, preds)
     except ValueError as err:
@@ -213,10 +216,16 @@ def _out_of_fold(result: CvResult, cv: CvDir, options: PredictOptions) -> dict[s
     for fold, predicted in zip(result.folds, per_fold, strict=True):
         kept = {pid: p[p[:, 0] >= sweep.best_threshold] for pid, p in predicted.preds.items()}
         fold.oof_map = rsna_map(predicted.gt, kept).score
-    return {"threshold": sweep.best_threshold, "rsna_map": sweep.best_score, "patients": len(gt),
+    try:
+        gated_sweep = sweep_thresholds(gt, gated)
+        gate = {"gate_threshold": gated_sweep.best_threshold, "gate_rsna_map": gated_sweep.best_score}
+    except ValueError:  # gating left nothing to score at any cut-off: --gate on this folder says so then
+        gate = {}
+    return {"threshold": sweep.best_threshold, "rsna_map": sweep.best_score, "patients": len(gt), **gate,
             "source": "RSNA mAP sweep over the pooled out-of-fold validation predictions (each patient predicted "
-                      "by the one fold model that did not train on it)",
-            "options": {"tta": options.tta, "gate": options.gate, "precision": per_fold[0].predictor.precision}}
+                      "by the one fold model that did not train on it); gate_threshold: the same for gated "
+                      "scores",
+            "options": {"tta": options.tta, "precision": per_fold[0].predictor.precision}}
 
 
 def _write(result: CvResult, record: dict[str, Any]) -> None:

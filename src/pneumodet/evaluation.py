@@ -21,11 +21,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from pneumodet.boxes import kaggle_rows, xyxy_to_xywh
-from pneumodet.clinical_metrics import binary_auc, reader_metrics
+from pneumodet.clinical_metrics import image_class_metrics, reader_metrics
 from pneumodet.config import TrainConfig
 from pneumodet.data.cache import ImageCache
 from pneumodet.data.preprocess import to_unit_range
-from pneumodet.data.records import CLASS_INDEX, CLASS_NAMES, CLASS_SHORT_NAMES
+from pneumodet.data.records import CLASS_NAMES, CLASS_SHORT_NAMES, OPACITY_INDEX, gate_scores
 from pneumodet.data.split import read_split, split_fingerprint
 from pneumodet.errors import CheckpointError, ConfigError, PneumodetError, RunError
 from pneumodet.inference.engine import (
@@ -70,12 +70,6 @@ def run_batches(predictor: Predictor, loader: Iterable[dict[str, Any]]) -> Itera
         yield BatchOutput(batch=batch, predictions=predictions, class_probs=probs)
 
 
-def confusion_matrix(true: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """``[n, n]`` counts, rows = true class, columns = predicted class."""
-    return np.bincount(np.asarray(true) * n_classes + np.asarray(pred),
-                       minlength=n_classes * n_classes).reshape(n_classes, n_classes)
-
-
 def evaluate(run_dir: Path, *, split: str = "test", out_dir: Path | None = None,
              options: PredictOptions | None = None, **overrides: Any) -> dict[str, Any]:
     """Score a run's best model on ``split`` and write ``metrics.json`` and plots to
@@ -107,9 +101,9 @@ def evaluate(run_dir: Path, *, split: str = "test", out_dir: Path | None = None,
     if runs.is_ensemble and out_dir is None and runs.cv_dir is None:
         raise ConfigError("an ensemble of separate runs has no folder of its own: say where its evaluation "
                           "goes (--out)")
-    threshold, threshold_source = runs.threshold, runs.threshold_source
-    if threshold is None:  # an ensemble of separate runs: chosen on their shared validation set
-        threshold, threshold_source = ensemble_threshold(runs, options)
+    # recorded (the run's, the CV folder's out-of-fold), else chosen now on the shared validation set: an
+    # ensemble of separate runs, or --gate on a run trained before a gated threshold was recorded
+    threshold, threshold_source = validation_threshold(runs, options)
     run_dir = runs.label
     predicted = predict_split(runs, split, options)
     gt, preds, predictor = predicted.gt, predicted.preds, predicted.predictor
@@ -121,8 +115,6 @@ def evaluate(run_dir: Path, *, split: str = "test", out_dir: Path | None = None,
         raise PneumodetError(_nothing_scored(split, len(gt), threshold))
     class_probs = np.concatenate(probs) if probs else np.zeros((0, len(CLASS_NAMES)))
     true = np.asarray(true_class, dtype=np.int64)
-    predicted = class_probs.argmax(axis=1) if len(class_probs) else np.zeros(0, np.int64)
-    opacity = CLASS_INDEX["Lung Opacity"]
     curve = _threshold_curve(gt, preds)
     metrics = {
         "run": str(run_dir), **({"members": [str(p) for p in runs.sources]} if runs.is_ensemble else {}),
@@ -134,18 +126,12 @@ def evaluate(run_dir: Path, *, split: str = "test", out_dir: Path | None = None,
         "threshold": threshold, "threshold_source": threshold_source,
         "rsna_map": result.score, "rsna_map_per_iou_threshold": result.to_dict()["per_threshold"],
         "images_scored": result.n_images, "images_excluded": result.n_excluded,
-        "global_class": {
-            "classes": list(CLASS_NAMES),
-            "accuracy": float((predicted == true).mean()) if len(true) else float("nan"),
-            "confusion_matrix": confusion_matrix(true, predicted, len(CLASS_NAMES)).tolist(),
-            "confusion_matrix_axes": "rows: true class, columns: predicted class",
-            "pneumonia_auc": binary_auc(true == opacity, class_probs[:, opacity]) if len(true) else float("nan"),
-        },
+        "global_class": image_class_metrics(true, class_probs, CLASS_NAMES, OPACITY_INDEX),
         "metric_vs_threshold_for_information": curve,
     }
     # FROC, image-level ROC, COCO AP, calibration, subgroups: every box proposed, not only the kept ones
     metrics.update(reader_metrics(gt, preds, threshold=threshold, true_class=true, class_probs=class_probs,
-                                  positive=opacity, fields=split_subgroup_fields(runs.configs[0], gt)))
+                                  positive=OPACITY_INDEX, fields=split_subgroup_fields(runs.configs[0], gt)))
     out = Path(out_dir) if out_dir else runs.eval_dir(split)
     metrics = json_safe({**metrics, "out_dir": str(out)})  # NaN -> None: what is returned is what is written
     write_json(out / METRICS_FILE, metrics)
@@ -209,7 +195,7 @@ def load_run_config(run: RunDir) -> TrainConfig:
 class EvaluatedRuns:
     """The run(s) ``evaluate`` scores: one, or an ensemble (several runs, or a CV folder's fold runs).
 
-    ``threshold`` is ``None`` for an ensemble of separate runs (:func:`ensemble_threshold` chooses it).
+    ``threshold`` is ``None`` for an ensemble of separate runs (:func:`validation_threshold` chooses it).
     """
 
     loaded: LoadedModels
@@ -294,6 +280,18 @@ class SplitPredictions:
     probs: list[np.ndarray]
     predictor: Predictor | EnsemblePredictor
 
+    def gated(self) -> dict[str, np.ndarray]:
+        """``preds`` with each patient's box scores gated (:func:`~pneumodet.data.records.gate_scores`) by its
+        Lung-Opacity probability: what ``--gate`` would have kept, without predicting again. Only for
+        predictions made without the gate (the probabilities follow the patients' order)."""
+        probs = np.concatenate(self.probs) if self.probs else np.zeros((0, len(CLASS_NAMES)))
+        out = {}
+        for (pid, rows), p in zip(self.preds.items(), probs, strict=True):
+            rows = rows.copy()
+            rows[:, 0] = gate_scores(rows[:, 0], p)
+            out[pid] = rows
+        return out
+
 
 def predict_split(runs: EvaluatedRuns, split: str, options: PredictOptions) -> SplitPredictions:
     """Every image of ``split`` (of the first member's split folder: the members share its patients)
@@ -314,11 +312,12 @@ def predict_split(runs: EvaluatedRuns, split: str, options: PredictOptions) -> S
     return out
 
 
-def ensemble_threshold(runs: EvaluatedRuns | Path | str | Sequence[Path | str],
-                       options: PredictOptions | None = None) -> tuple[float, str]:
-    """The ensemble's confidence threshold and where it comes from: a run's or CV folder's own; for an
-    ensemble of separate runs, the cut-off maximising the RSNA mAP
-    (:func:`~pneumodet.metrics.sweep_thresholds`) of the ensemble, with ``options`` (TTA, gating), on the
+def validation_threshold(runs: EvaluatedRuns | Path | str | Sequence[Path | str],
+                         options: PredictOptions | None = None) -> tuple[float, str]:
+    """The confidence threshold for ``options`` and where it comes from: the one a run or CV folder recorded
+    for plain or gated scores (``options.gate``); where none is recorded (an ensemble of separate runs, or
+    the gate on a run trained before gated thresholds were recorded), the cut-off maximising the RSNA mAP
+    (:func:`~pneumodet.metrics.sweep_thresholds`) of the model(s), with ``options`` (TTA, gating), on the
     validation patients the members share (never on test patients).
 
     Raises:
@@ -328,16 +327,19 @@ def ensemble_threshold(runs: EvaluatedRuns | Path | str | Sequence[Path | str],
     options = PredictOptions.of(options, threshold=None)
     if not isinstance(runs, EvaluatedRuns):
         runs = load_runs(runs, split=None)
-    if runs.threshold is not None:
-        return runs.threshold, runs.threshold_source
-    _check_shared_patients(runs.sources, runs.configs, "val", None)
+    recorded, source = runs.loaded.threshold_for(options.gate)
+    if recorded is not None:
+        return recorded, source
+    _check_shared_patients(runs.sources, runs.configs, "val", runs.cv_dir)
     val = predict_split(runs, "val", options)
+    what = ("the ensemble" if runs.is_ensemble else "the run") + ("'s gated scores" if options.gate else "")
     try:
         sweep = sweep_thresholds(val.gt, val.preds)
     except ValueError as err:
-        raise PneumodetError(f"cannot choose the ensemble's threshold on validation: {err}") from None
-    return sweep.best_threshold, (f"chosen for the ensemble on its runs' shared validation set ({len(val.gt)} "
-                                  f"patients, RSNA mAP {sweep.best_score:.4f})")
+        raise PneumodetError(f"cannot choose a threshold for {what} on validation: {err}") from None
+    where = "its runs' shared validation set" if runs.is_ensemble else "its validation set"
+    return sweep.best_threshold, (f"chosen for {what} on {where} now ({len(val.gt)} patients, RSNA mAP "
+                                  f"{sweep.best_score:.4f})")
 
 
 def check_run_sources(config: TrainConfig, run: RunDir) -> None:

@@ -6,6 +6,7 @@ The run folder's layout is owned by :mod:`pneumodet.rundir`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
@@ -29,6 +30,7 @@ from pneumodet.boxes import kaggle_rows, xyxy_to_xywh
 from pneumodet.config import TrainConfig
 from pneumodet.data.dataset import RsnaDataModule
 from pneumodet.data.preprocess import to_unit_range
+from pneumodet.data.records import gate_scores
 from pneumodet.data.split import split_fingerprint
 from pneumodet.errors import CheckpointError, ConfigError, PneumodetError, RunError
 from pneumodet.hardware import TRAINING_PRECISIONS, bf16_is_native, lightning_precision
@@ -81,9 +83,11 @@ def _ground_truth(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {pid: xyxy_to_xywh(boxes[i, : counts[i]]) for i, pid in enumerate(batch["patient_ids"])}
 
 
-def _scored_predictions(detections: list, patient_ids: list[str]) -> dict[str, np.ndarray]:
-    """``{patient_id: [M, 5] confidence, x, y, w, h}`` from the model's detections."""
-    return {pid: kaggle_rows(det.boxes, det.scores) for pid, det in zip(patient_ids, detections, strict=True)}
+def _scored_predictions(detections: list, patient_ids: list[str], *, gate: bool = False) -> dict[str, np.ndarray]:
+    """``{patient_id: [M, 5] confidence, x, y, w, h}`` from the model's detections; with ``gate`` the
+    confidences are the gated ones (:func:`~pneumodet.data.records.gate_scores`)."""
+    return {pid: kaggle_rows(det.boxes, gate_scores(det.scores, det.class_probs) if gate else det.scores)
+            for pid, det in zip(patient_ids, detections, strict=True)}
 
 
 # ---------------------------------------------------------------------------------------------- module
@@ -108,6 +112,7 @@ class DetectorModule(L.LightningModule):
         self.network = torch.compile(self.model) if self.train_config.compile else self.model
         self._val_ground_truth: dict[str, np.ndarray] = {}
         self._val_predictions: dict[str, np.ndarray] = {}
+        self._val_gated: dict[str, np.ndarray] = {}
         #: the latest validation result: map, threshold, per-threshold breakdown
         self.validation_result: dict[str, Any] = {}
         #: the latest training step's losses (detached; read by :class:`FirstSteps`)
@@ -146,7 +151,7 @@ class DetectorModule(L.LightningModule):
 
     # -- validation
     def on_validation_epoch_start(self) -> None:
-        self._val_ground_truth, self._val_predictions = {}, {}
+        self._val_ground_truth, self._val_predictions, self._val_gated = {}, {}, {}
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         outputs, losses = self._losses(batch)
@@ -154,10 +159,11 @@ class DetectorModule(L.LightningModule):
         detections = self.model.detect(outputs, score_thresh=VALIDATION_SCORE_THRESHOLD)
         self._val_ground_truth.update(_ground_truth(batch))
         self._val_predictions.update(_scored_predictions(detections, batch["patient_ids"]))
+        self._val_gated.update(_scored_predictions(detections, batch["patient_ids"], gate=True))
 
     def on_validation_epoch_end(self) -> None:
 
-        gt, preds = self._gathered_validation()
+        gt, preds, gated = self._gathered_validation()
         try:
             sweep = sweep_thresholds(gt, preds)
         except ValueError:  # nothing to score: no validation box and no prediction at any cut-off
@@ -170,22 +176,28 @@ class DetectorModule(L.LightningModule):
             "per_threshold": {f"{t:.2f}": float(v) for t, v in result.per_threshold.items()},
             "images": int(result.n_images),
         }
+        with contextlib.suppress(ValueError):  # gating can drop every box below the sweep's lowest cut-off
+            gated_sweep = sweep_thresholds(gt, gated)
+            self.validation_result.update(gate_map=float(gated_sweep.best_score),
+                                          gate_threshold=float(gated_sweep.best_threshold))
         self.log("val/map", float(sweep.best_score), sync_dist=False, prog_bar=True)
         self.log("val/threshold", float(sweep.best_threshold), sync_dist=False)
         for t, v in result.per_threshold.items():
             self.log(f"val/map@{t:.2f}", float(v), sync_dist=False)
 
-    def _gathered_validation(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Every rank's validation outputs merged by patient id (DDP samplers may repeat patients)."""
-        gt, preds = self._val_ground_truth, self._val_predictions
-        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
-            parts: list[Any] = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(parts, (gt, preds))
-            gt, preds = {}, {}
-            for part_gt, part_preds in parts:
-                gt.update(part_gt)
-                preds.update(part_preds)
-        return gt, preds
+    def _gathered_validation(self) -> tuple[dict[str, np.ndarray], ...]:
+        """Every rank's validation outputs (ground truth, predictions, gated predictions) merged by patient
+        id (DDP samplers may repeat patients)."""
+        mine = (self._val_ground_truth, self._val_predictions, self._val_gated)
+        if not (self.trainer.world_size > 1 and torch.distributed.is_initialized()):
+            return mine
+        parts: list[Any] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(parts, mine)
+        merged: tuple[dict[str, np.ndarray], ...] = tuple({} for _ in mine)
+        for part in parts:
+            for into, values in zip(merged, part, strict=True):
+                into.update(values)
+        return merged
 
     # -- optimisation
     def configure_optimizers(self) -> Any:
@@ -347,6 +359,7 @@ class RunKeeper(L.Callback):
         if improved:
             self.best_map = result["map"]
         extra = {"threshold": result.get("threshold", 0.5), "val_map": result.get("map"),
+                 "gate_threshold": result.get("gate_threshold"), "gate_val_map": result.get("gate_map"),
                  "epoch": epoch}
         extra = {k: v for k, v in extra.items() if v is not None}
         if trainer.is_global_zero:

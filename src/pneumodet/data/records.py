@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -13,8 +14,19 @@ CLASS_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASS_NAMES)}
 #: Each class's name on a plot axis (the third in full is too long for a tick label).
 CLASS_SHORT_NAMES: dict[str, str] = {**{name: name for name in CLASS_NAMES},
                                      "No Lung Opacity / Not Normal": "No LO / Not Normal"}
+#: Index of "Lung Opacity" in the global head's probabilities (the gate's class; images are ranked by it).
+OPACITY_INDEX = CLASS_INDEX["Lung Opacity"]
 #: RSNA images are 1024 x 1024; the labels CSV carries no size, so boxes are checked against this.
 RSNA_IMAGE_SIZE = 1024
+
+
+def gate_scores(scores: Any, class_probs: Any) -> Any:
+    """The gate (``--gate``): each box score of an image times the image's Lung-Opacity probability.
+
+    ``scores`` ``[N]`` and ``class_probs`` ``[C]`` (:data:`CLASS_NAMES` order), numpy or torch alike. Training
+    chooses a threshold for these gated scores on validation as well as for the plain ones, since gating
+    lowers every score."""
+    return scores * class_probs[OPACITY_INDEX]
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pneumodet.boxes import boxes_to_original, hflip
+from pneumodet.data.records import gate_scores
 from pneumodet.errors import CheckpointError, ConfigError, RunError
 from pneumodet.hardware import resolve_precision
 from pneumodet.inference.options import (
@@ -34,7 +35,7 @@ from pneumodet.inference.options import (
     check_postprocess_options,
     check_tta,
 )
-from pneumodet.inference.results import OPACITY_INDEX, xyxy_to_kaggle
+from pneumodet.inference.results import xyxy_to_kaggle
 from pneumodet.inference.tta import merge_views
 from pneumodet.model import Detections, HeadOutputs, fusion
 from pneumodet.model.checkpoint import load_checkpoint
@@ -68,6 +69,8 @@ def load_for_inference(model_source: Path | str) -> tuple[nn.Module, dict[str, A
 
 #: Where a run's own threshold comes from (recorded by ``evaluate`` and said by ``predict``).
 RUN_THRESHOLD_SOURCE = "chosen on the validation set during training"
+#: The same for the threshold of gated scores (``--gate``), chosen on the same validation pass.
+RUN_GATE_THRESHOLD_SOURCE = "chosen on the validation set during training, for gated scores"
 
 
 def expand_cv_folders(sources: Sequence[Path | str]) -> tuple[list[Path], dict[str, Any] | None]:
@@ -114,7 +117,9 @@ class LoadedModels:
 
     ``threshold`` is the one recorded for them, ``None`` when there is none: a single model's validation
     threshold, a CV folder's out-of-fold one; an ensemble of separate runs records none (``evaluate``
-    chooses it on validation: :func:`pneumodet.evaluation.ensemble_threshold`).
+    chooses it on validation: :func:`pneumodet.evaluation.validation_threshold`). ``gate_threshold`` is
+    the one recorded, by the same validation, for gated scores (``--gate``); ``None`` for runs trained
+    before it was recorded.
     """
 
     sources: list[Path]
@@ -123,10 +128,16 @@ class LoadedModels:
     image_size: int
     threshold: float | None
     threshold_source: str
+    gate_threshold: float | None = None
+    gate_threshold_source: str = ""
 
     @property
     def is_ensemble(self) -> bool:
         return len(self.models) > 1
+
+    def threshold_for(self, gate: bool) -> tuple[float | None, str]:
+        """The recorded threshold for plain or gated scores, and where it comes from (``None``: none)."""
+        return (self.gate_threshold, self.gate_threshold_source) if gate else (self.threshold, self.threshold_source)
 
 
 def load_models(sources: Path | str | Sequence[Path | str]) -> LoadedModels:
@@ -150,20 +161,31 @@ def load_models(sources: Path | str | Sequence[Path | str]) -> LoadedModels:
         listing = ", ".join(f"{display_path(p)} {s} px" for p, s in sizes.items())
         raise ConfigError(f"the ensemble's models take different input sizes ({listing}); fuse models trained "
                           "at one image size")
-    threshold, threshold_source = None, ""
+    threshold, threshold_source, gated, gated_source = None, "", None, ""
     if cv_summary is not None:
         summary_file = display_path(CvDir(given[0]).summary)
         oof = cv_summary.get("oof") if isinstance(cv_summary.get("oof"), dict) else {}
-        value = oof.get("threshold")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise RunError(f"{summary_file}: records no usable out-of-fold threshold ({value!r}); run `pneumodet "
-                           f"cv --out {display_path(given[0])}` again to finish the cross-validation")
-        threshold = float(value)
+        threshold = _unit_value(oof.get("threshold"))
+        if threshold is None:
+            raise RunError(f"{summary_file}: records no usable out-of-fold threshold ({oof.get('threshold')!r}); "
+                           f"run `pneumodet cv --out {display_path(given[0])}` again to finish the cross-validation")
         threshold_source = (f"chosen on the out-of-fold validation predictions of the {len(paths)} folds "
                             f"({summary_file})")
+        gated = _unit_value(oof.get("gate_threshold"))
+        gated_source = (f"chosen on the out-of-fold validation predictions of the {len(paths)} folds, for gated "
+                        f"scores ({summary_file})")
     elif len(paths) == 1 and "threshold" in extras[0]:
         threshold, threshold_source = float(extras[0]["threshold"]), RUN_THRESHOLD_SOURCE
-    return LoadedModels(paths, models, extras, next(iter(sizes.values())), threshold, threshold_source)
+        gated, gated_source = _unit_value(extras[0].get("gate_threshold")), RUN_GATE_THRESHOLD_SOURCE
+    return LoadedModels(paths, models, extras, next(iter(sizes.values())), threshold, threshold_source,
+                        gated, gated_source if gated is not None else "")
+
+
+def _unit_value(value: Any) -> float | None:
+    """``value`` as a float when it is a number in [0, 1] (a recorded threshold), else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        return None
+    return float(value)
 
 
 def model_image_size(model: nn.Module) -> int:
@@ -375,7 +397,7 @@ def fuse_views(views: Views, *, method: TtaMerge, iou_thresh: float, gate: bool,
             boxes, scores = boxes[:max_detections], scores[:max_detections]  # merge_views sorts by score
     probs = views.probs[0] if len(views.probs) == 1 else torch.stack(views.probs).mean(dim=0)
     if gate:
-        scores = scores * probs[OPACITY_INDEX]
+        scores = gate_scores(scores, probs)
     return RawPrediction(boxes.reshape(-1, 4), scores.reshape(-1), probs)
 
 

@@ -109,14 +109,17 @@ def predict(
     truth = read_ground_truth(labels) if labels is not None else None  # a bad CSV fails before any work
     loaded = load_models(model_source)  # one model, or an ensemble (several, or a CV folder's folds)
     threshold = options.threshold
+    ungated_threshold = False  # the gate asked for, but only a threshold for plain scores recorded
     if threshold is None:
-        if loaded.threshold is None:
+        threshold, _ = loaded.threshold_for(options.gate)
+        if threshold is None and options.gate:
+            threshold, ungated_threshold = loaded.threshold, True
+        if threshold is None:
             raise CheckpointError(
                 "an ensemble of separate runs records no threshold; pass one (--threshold), or let "
                 "`pneumodet predict` choose it on the runs' shared validation set" if loaded.is_ensemble else
                 f"{display_path(loaded.sources[0])}: the checkpoint records no validation threshold; pass one "
                 "explicitly (--threshold)")
-        threshold = loaded.threshold
         check_predict_options(threshold=threshold)
     image_size = loaded.image_size
     search = find_dicom_files(inputs, follow_symlinks=follow_symlinks)
@@ -132,9 +135,11 @@ def predict(
                               skipped_links=list(search.skipped_links), tta=options.tta, gate=options.gate,
                               precision=predictor.precision, postprocess=dict(predictor.postprocess),
                               tta_merge=options.tta_merge if options.tta else None)
-    if options.gate and options.threshold is None:
-        result.warnings.append(f"the run's threshold {threshold:.3f} was chosen on ungated scores; gating "
-                               "lowers every score, so a threshold chosen with --gate may suit better")
+    if ungated_threshold:
+        result.warnings.append(f"the run's threshold {threshold:.3f} was chosen on ungated scores (it was trained "
+                               "before a threshold for gated scores was recorded); gating lowers every score, so "
+                               "pass a threshold chosen with --gate (`pneumodet evaluate RUN --gate` chooses one "
+                               "on validation and says it)")
     overlays = OverlayWriter(Path(overlay_dir), truth) if overlay_dir is not None else None
     if overlays is not None:
         overlays.folder.mkdir(parents=True, exist_ok=True)

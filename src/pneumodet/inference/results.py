@@ -14,11 +14,8 @@ import numpy as np
 import torch
 
 from pneumodet.boxes import kaggle_rows
-from pneumodet.data.records import CLASS_INDEX
+from pneumodet.data.records import OPACITY_INDEX
 from pneumodet.textsafe import display_path, display_text
-
-#: Index of "Lung Opacity" in the global head's probabilities (used by ``gate`` and to rank images).
-OPACITY_INDEX = CLASS_INDEX["Lung Opacity"]
 
 #: How the per-patient submission is made from the images of a patient (printed, and in the JSON).
 SUBMISSION_MERGE = ("one row per patient: the boxes of its image with the highest box score (ties: the "
