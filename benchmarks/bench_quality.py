@@ -1,14 +1,22 @@
 """Model quality, side by side in one run, on a fixed synthetic set with fixed seeds.
 
-    .venv/bin/python benchmarks/bench_quality.py [--section stability|ensemble|all] [--patients 400]
-                                                 [--size 128] [--epochs 8] [--batch-size 8] [--encoder resnet18]
-                                                 [--fpn-channels 64] [--seed 0] [--work DIR]
+    .venv/bin/python benchmarks/bench_quality.py [--section global|stability|ensemble|all] [--patients 400]
+                                                 [--size 256] [--epochs 8] [--batch-size 8] [--encoder resnet50]
+                                                 [--fpn-channels 256] [--precision auto] [--seed 0]
+                                                 [--global-seeds 0,1,2] [--work DIR]
 
-The defaults are the demo's data and schedule (400 patients, 8 epochs of 35 steps, AdamW 3e-4) on a network
-small enough for two CPU cores (resnet18, 128 px, 64 FPN channels; every run of every section the same).
+The defaults are the demo's: its data (400 synthetic patients at 256 px, seed 0; split val 15 %, test 15 %),
+network (resnet50 at 256 px, 256 FPN channels, random initialisation) and schedule (8 epochs of 35 steps,
+AdamW 3e-4, light augmentation, bf16 where the CPU has it); every run of every section the same but for
+what the section compares. At these settings one training takes about 5 minutes on two cores with bf16.
 
 Sections (each a function of :data:`SECTIONS`; ``all`` runs them in order, on the same data):
 
+* ``global``: the global image-class head at its former settings (loss weight 0.1, dropout 0.5) against
+  loss weight 1.0 and dropout 0.2, each trained with every seed of ``--global-seeds``: per setting, the mean
+  over the seeds (and each seed's value) of the test three-class accuracy, per-class recall, macro and
+  pneumonia AUC, and the test RSNA mAP with and without ``--gate`` (each at the threshold training chose on
+  validation for plain or gated scores).
 * ``stability``: the ``baseline-v1`` recipe (warm-up over 10 % of the steps only, each batch's focal loss
   divided by its own positive-anchor count) against ``default`` (warm-up at least 200 steps, at most half
   the run; divided by a running mean of the counts), both trained from random
@@ -43,7 +51,7 @@ import yaml
 
 from _common import cpu_model, load_average
 from pneumodet.cli import main as pneumodet
-from pneumodet.data.records import CLASS_NAMES
+from pneumodet.data.records import CLASS_SHORT_NAMES
 from pneumodet.rundir import RunDir
 from pneumodet.safeio import write_text
 
@@ -80,23 +88,25 @@ def prepare(args: argparse.Namespace, work: Path) -> Bench:
     return Bench(args=args, work=work, data=data, split=split)
 
 
-def train_options(bench: Bench) -> list[str]:
+def train_options(bench: Bench, *, name: str = "model", model: Mapping[str, float] | None = None) -> list[str]:
     """The options of every training in the benchmark (``train`` and ``cv``): data, split, cache, network,
-    schedule, seed; the FPN width, which has no option of its own, through a ``--config`` file."""
+    schedule, seed; the FPN width and any other ``model`` setting without an option of its own through a
+    ``--config`` file (``WORK/NAME.yaml``)."""
     a = bench.args
-    model = bench.work / "model.yaml"
-    write_text(model, yaml.safe_dump({"model": {"fpn_channels": a.fpn_channels}}))
-    return ["--config", str(model), "--data", str(bench.data), "--split", str(bench.split),
+    config = bench.work / f"{name}.yaml"
+    write_text(config, yaml.safe_dump({"model": {"fpn_channels": a.fpn_channels, **(model or {})}}))
+    return ["--config", str(config), "--data", str(bench.data), "--split", str(bench.split),
             "--cache-dir", str(bench.work / "cache"), "--encoder", a.encoder, "--image-size", str(a.size),
-            "--epochs", str(a.epochs), "--batch-size", str(a.batch_size), "--num-workers", "0",
-            "--aug", "light", "--precision", "32-true", "--seed", str(a.seed)]
+            "--epochs", str(a.epochs), "--batch-size", str(a.batch_size), "--num-workers", "1",
+            "--checkpoint-every", "0", "--aug", "light", "--precision", a.precision, "--seed", str(a.seed)]
 
 
-def train(bench: Bench, name: str, *extra: str) -> RunDir:
-    """A run ``WORK/runs/NAME`` (skipped when it has finished before), from random initialisation."""
+def train(bench: Bench, name: str, *extra: str, model: Mapping[str, float] | None = None) -> RunDir:
+    """A run ``WORK/runs/NAME`` (skipped when it has finished before), from random initialisation; options
+    in ``extra`` come after (and override) the benchmark's own."""
     run = RunDir(bench.work / "runs" / name)
     if not run.is_finished():
-        _call(["train", *train_options(bench), "--out", str(run.root), *extra])
+        _call(["train", *train_options(bench, name=name, model=model), "--out", str(run.root), *extra])
     return run
 
 
@@ -120,17 +130,44 @@ def first_steps_summary(run: RunDir) -> dict[str, float]:
 
 
 def global_head_summary(metrics: Mapping) -> dict[str, float]:
-    """Three-class accuracy, per-class recall (rows of the confusion matrix) and pneumonia AUC."""
+    """Three-class accuracy, per-class recall, macro (one-vs-rest) and pneumonia AUC, as ``evaluate`` reports."""
     g = metrics["global_class"]
-    out = {"global accuracy": g["accuracy"]}
-    for name, row in zip(CLASS_NAMES, g["confusion_matrix"], strict=True):
-        total = sum(row)
-        out[f"recall {name}"] = row[CLASS_NAMES.index(name)] / total if total else math.nan
-    out["pneumonia AUC"] = g.get("pneumonia_auc", math.nan)
-    macro = g.get("macro_auc")  # where evaluate reports it
-    if macro is not None:
-        out["macro AUC"] = macro
-    return out
+    return {"global accuracy": g["accuracy"], **{f"recall {CLASS_SHORT_NAMES[name]}": value
+                                                 for name, value in g["recall"].items()},
+            "macro AUC": g["macro_auc"], "pneumonia AUC": g["pneumonia_auc"]}
+
+
+#: The global head's settings compared by :func:`section_global`: (loss weight, dropout).
+GLOBAL_SETTINGS = {"weight 0.1, dropout 0.5": (0.1, 0.5), "weight 1.0, dropout 0.2": (1.0, 0.2)}
+
+
+def section_global(bench: Bench) -> dict[str, dict[str, float]]:
+    """Global head, former settings vs weight 1.0 / dropout 0.2: test accuracy, recall, AUC, plain and gated mAP."""
+    columns: dict[str, dict[str, float]] = {}
+    per_seed: dict[str, dict[str, list[float]]] = {}
+    for label, (weight, dropout) in GLOBAL_SETTINGS.items():
+        values: dict[str, list[float]] = {}
+        for seed in bench.args.global_seeds:
+            run = train(bench, f"global_w{weight}_d{dropout}_s{seed}", "--seed", str(seed),
+                        model={"global_loss_weight": weight, "global_dropout": dropout})
+            plain, gated = evaluate(run), evaluate(run, gate=True)
+            figures = {**global_head_summary(plain), "test RSNA mAP": plain["rsna_map"],
+                       "test RSNA mAP, --gate": gated["rsna_map"]}
+            for row, value in figures.items():
+                values.setdefault(row, []).append(math.nan if value is None else float(value))
+        columns[f"{label} (mean)"] = {row: _mean(v) for row, v in values.items()}
+        per_seed[label] = values
+    seeds = ", ".join(map(str, bench.args.global_seeds))
+    for label, values in per_seed.items():
+        print(f"\n[global] {label}, per seed ({seeds}):")
+        for row, v in values.items():
+            print(f"  {row:<36}" + "".join(f"{_fmt(x):>10}" for x in v))
+    return columns
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
 
 
 def section_stability(bench: Bench) -> dict[str, dict[str, float]]:
@@ -185,6 +222,7 @@ def section_ensemble(bench: Bench) -> dict[str, dict[str, float]]:
 
 #: The sections in the order ``all`` runs them; each returns {column: {row: value}}.
 SECTIONS: dict[str, Callable[[Bench], dict[str, dict[str, float]]]] = {
+    "global": section_global,
     "stability": section_stability,
     "ensemble": section_ensemble,
 }
@@ -209,18 +247,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--section", choices=[*SECTIONS, "all"], default="all")
     parser.add_argument("--patients", type=int, default=400)
-    parser.add_argument("--size", type=int, default=128, help="image side in pixels (synthetic set and training)")
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels (synthetic set and training)")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--encoder", default="resnet18")
-    parser.add_argument("--fpn-channels", type=int, default=64)
+    parser.add_argument("--encoder", default="resnet50")
+    parser.add_argument("--fpn-channels", type=int, default=256)
+    parser.add_argument("--precision", default="auto", help="training precision (train --precision)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--global-seeds", type=lambda text: [int(s) for s in text.split(",")], default=[0, 1, 2],
+                        help="seeds of the global section's runs, comma-separated (default 0,1,2)")
     parser.add_argument("--work", type=Path, help="work folder, kept (default: a temporary one, removed)")
     args = parser.parse_args(argv)
     print(f"bench_quality: {args.patients} synthetic patients, {args.size} px, {args.encoder} (FPN "
-          f"{args.fpn_channels} channels), {args.epochs} "
-          f"epochs, batch {args.batch_size}, seed {args.seed}; CPU {cpu_model()}, load {load_average()}",
-          flush=True)
+          f"{args.fpn_channels} channels), {args.epochs} epochs, batch {args.batch_size}, precision "
+          f"{args.precision}, seed {args.seed}; CPU {cpu_model()}, load {load_average()}", flush=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_quality_") as tmp:
         bench = prepare(args, args.work or Path(tmp))

@@ -44,7 +44,7 @@ def test_bf16_is_not_native_on_devices_without_it():
 
 def test_one_precision_resolver_for_training_and_prediction():
     """``hardware.resolve_precision`` speaks bf16/fp16/fp32 (Lightning's names accepted); the trainer gets
-    Lightning's name back, prediction is offered bf16 and fp32 only."""
+    Lightning's name back, prediction is offered int8 (a run's int8 graph), bf16 and fp32."""
     from pneumodet.config import TrainConfig
     from pneumodet.errors import ConfigError
     from pneumodet.hardware import TRAINING_PRECISIONS, lightning_precision, resolve_precision
@@ -56,5 +56,5 @@ def test_one_precision_resolver_for_training_and_prediction():
         assert resolve_precision(name, "cpu", choices=TRAINING_PRECISIONS) == precision
         assert training_precision(TrainConfig(precision=name, accelerator="cpu")) == lightning_precision(precision)
     assert training_precision(TrainConfig(precision="auto", accelerator="cpu")) == lightning_precision(native)
-    with pytest.raises(ConfigError, match="unknown precision 'fp16'; choose 'bf16' or 'fp32'"):
+    with pytest.raises(ConfigError, match="unknown precision 'fp16'; choose 'int8', 'bf16' or 'fp32'"):
         resolve_precision("fp16", "cpu")

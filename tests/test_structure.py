@@ -14,7 +14,8 @@ import pytest
 from pneumodet import rundir
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "pneumodet"
-RUN_FILE_NAMES = (rundir.CONFIG, rundir.METRICS, rundir.DONE, rundir.BEST_MODEL, rundir.LAST_MODEL, "last.ckpt")
+RUN_FILE_NAMES = (rundir.CONFIG, rundir.METRICS, rundir.DONE, rundir.BEST_MODEL, rundir.LAST_MODEL, "last.ckpt",
+                  rundir.INT8_MODEL)
 
 
 def _modules() -> list[Path]:

@@ -225,6 +225,8 @@ def test_training_records_a_threshold_for_gated_scores_that_evaluate_uses(finish
 
     _, extra = load_checkpoint(finished_run / "best_model.pt")
     assert 0.0 <= extra["gate_threshold"] <= 1.0 and 0.0 <= extra["gate_val_map"] <= 1.0
+    done = RunDir(finished_run).read_done()
+    assert (done["gate_threshold"], done["gate_val_map"]) == (extra["gate_threshold"], extra["gate_val_map"])
     metrics = evaluate(finished_run, split="val", gate=True, precision="fp32", out_dir=tmp_path / "val")
     assert metrics["threshold"] == pytest.approx(extra["gate_threshold"])
     assert metrics["threshold_source"] == "chosen on the validation set during training, for gated scores"
@@ -239,6 +241,8 @@ def test_run_report_and_comparison(finished_run: Path, tmp_path: Path) -> None:
     for section in ("overview", "losses", "map", "predictions"):
         assert f'id="{section}"' in report
     assert report.count("data:image/png;base64,") >= 3
+    gated = RunDir(finished_run).read_done()["gate_threshold"]
+    assert f"for gated scores (<code>--gate</code>): {gated:.2f} (validation RSNA mAP " in report
     out = compare_runs([finished_run], tmp_path / "cmp")
     assert out.compared == 1 and out.skipped == []
     text = out.report.read_text()

@@ -13,10 +13,12 @@ from pneumodet.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-#: The precisions a network computes in: bf16 or fp16 autocast, or plain fp32.
-Precision = Literal["bf16", "fp16", "fp32"]
-#: What prediction offers (it autocasts to bf16 only).
-PREDICTION_PRECISIONS: tuple[Precision, ...] = ("bf16", "fp32")
+#: The precisions a network computes in: bf16 or fp16 autocast, plain fp32, or (prediction on the CPU only) a
+#: run's int8 graph, made by ``pneumodet quantize`` (:mod:`pneumodet.inference.quantize`).
+Precision = Literal["int8", "bf16", "fp16", "fp32"]
+#: What prediction offers (it autocasts to bf16 only). int8 is never the machine's choice alone: whether a
+#: run holds a current int8 graph decides (``--precision auto``, :func:`pneumodet.inference.engine.make_predictor`).
+PREDICTION_PRECISIONS: tuple[Precision, ...] = ("int8", "bf16", "fp32")
 #: Every precision, for training.
 TRAINING_PRECISIONS: tuple[Precision, ...] = ("bf16", "fp16", "fp32")
 #: Lightning's name of each precision (what a training config holds and ``L.Trainer`` takes).
@@ -37,7 +39,9 @@ def parse_precision(requested: str | None, choices: Sequence[Precision] = PREDIC
         return None
     precision = _ALIASES.get(requested, requested)
     if precision not in choices:
-        raise ConfigError(f"unknown precision {requested!r}; choose " + " or ".join(repr(c) for c in choices))
+        *first, last = (repr(c) for c in choices)
+        raise ConfigError(f"unknown precision {requested!r}; choose " + (f"{', '.join(first)} or " if first else "")
+                          + last)
     return precision  # type: ignore[return-value]
 
 

@@ -12,6 +12,8 @@ A training run folder holds::
     best_model.pt          safetensors: tensors + model config + chosen threshold (what predict/evaluate load)
     last_model.pt          the same for the last epoch
     done.json              written when the run finished: best mAP, threshold, epochs, steps, what ran
+    best_model_int8.onnx   ``pneumodet quantize``: the best model's network as an int8 ONNX graph (CPU prediction)
+    best_model_int8.onnx.json  its side file: the SHA-256 of the best_model.pt it was made from, calibration
     report.html            the run report
     eval_<split>/          ``pneumodet evaluate`` output
 
@@ -39,6 +41,7 @@ FIRST_STEPS = "first_steps.csv"
 DONE = "done.json"
 BEST_MODEL = "best_model.pt"
 LAST_MODEL = "last_model.pt"
+INT8_MODEL = "best_model_int8.onnx"
 REPORT = "report.html"
 CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
@@ -79,6 +82,16 @@ class RunDir:
     @property
     def last_model(self) -> Path:
         return self.root / LAST_MODEL
+
+    @property
+    def int8_model(self) -> Path:
+        """The best model's int8 ONNX graph (``pneumodet quantize``, :mod:`pneumodet.inference.quantize`)."""
+        return self.root / INT8_MODEL
+
+    @property
+    def int8_side(self) -> Path:
+        """:attr:`int8_model`'s side file, named as every ONNX side file is (``<graph>.json``)."""
+        return self.root / f"{INT8_MODEL}.json"
 
     @property
     def report(self) -> Path:

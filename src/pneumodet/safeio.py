@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -138,6 +139,12 @@ def dumps_json(payload: Any, indent: int | None = 2) -> str:
 def write_json(path: str | Path, payload: Any, indent: int | None = 2) -> Path:
     """Write ``payload`` as strict JSON, atomically."""
     return write_text(path, dumps_json(payload, indent) + "\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 (hex) of a file's bytes, read in blocks: the identity of a checkpoint or a graph."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 class _NoAliasLoader(yaml.SafeLoader):

@@ -637,6 +637,9 @@ class TrainResult:
     steps: int
     seconds: float
     resumed: bool
+    #: the threshold chosen for gated scores (``--gate``) at the best epoch, and their validation mAP there
+    gate_threshold: float | None = None
+    gate_map: float | None = None
     #: per set, the patients left out because their image is unreadable or missing (also in done.json)
     excluded: dict[str, list[str]] = field(default_factory=dict)
 
@@ -644,7 +647,10 @@ class TrainResult:
         text = (f"trained {self.epochs} epoch{'s' if self.epochs != 1 else ''}, {self.steps} optimiser steps in "
                 f"{self.seconds:.0f} s"
                 f"{' (resumed)' if self.resumed else ''}; best validation RSNA mAP {self.best_map:.4f} "
-                f"at confidence threshold {self.threshold:.2f}; run in {self.run_dir}")
+                f"at confidence threshold {self.threshold:.2f}"
+                + (f" (gated scores, --gate: {self.gate_map:.4f} at {self.gate_threshold:.2f})"
+                   if self.gate_threshold is not None and self.gate_map is not None else "")
+                + f"; run in {self.run_dir}")
         if any(self.excluded.values()):
             counts = ", ".join(f"{name} {len(ids)}" for name, ids in self.excluded.items())
             text += (f"\npatients left out for an unreadable or missing image: {counts} "
@@ -806,12 +812,14 @@ def _train(config: TrainConfig, *, resume: bool, style: str, callbacks: Sequence
     result = TrainResult(run_dir=run.root, best_map=float(best.get("val_map", keeper.best_map)),
                          threshold=float(best.get("threshold", float("nan"))), epochs=trainer.current_epoch,
                          steps=trainer.global_step, seconds=time.perf_counter() - started, resumed=resumed,
+                         gate_threshold=best.get("gate_threshold"), gate_map=best.get("gate_val_map"),
                          excluded={name: list(ds.excluded) for name, ds in datamodule.datasets.items()})
     if trainer.world_size > 1:
         run.write_rank_file(trainer.global_rank, _rank_fingerprint(module, result))
     if trainer.is_global_zero:
         run.write_done({
-            "best_val_map": result.best_map, "threshold": result.threshold, "epochs": result.epochs,
+            "best_val_map": result.best_map, "threshold": result.threshold, "gate_threshold": result.gate_threshold,
+            "gate_val_map": result.gate_map, "epochs": result.epochs,
             "steps": result.steps, "seconds": result.seconds, "precision": resolve_precision(config),
             "encoder_weights": _encoder_start(config), "images_excluded": result.excluded,
             "versions": _versions()})

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from pneumodet import __version__
 from pneumodet.errors import ConfigError
+from pneumodet.safeio import file_sha256
 from pneumodet.textsafe import display_text
 
 ALGORITHM_NAME = "pneumodet"
@@ -91,12 +92,8 @@ def derive_uid(description: Sequence[str], root: str | None = None) -> str:
 
 
 def checkpoint_sha256(path: Path | str) -> str:
-    """The SHA-256 of a checkpoint file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+    """The SHA-256 of a checkpoint file (:func:`pneumodet.safeio.file_sha256`)."""
+    return file_sha256(path)
 
 
 @dataclass(frozen=True)

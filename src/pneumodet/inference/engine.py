@@ -27,7 +27,7 @@ from torch import nn
 from pneumodet.boxes import boxes_to_original, hflip
 from pneumodet.data.records import gate_scores
 from pneumodet.errors import CheckpointError, ConfigError, RunError
-from pneumodet.hardware import resolve_precision
+from pneumodet.hardware import parse_precision, resolve_precision
 from pneumodet.inference.options import (
     DEVICE_CHOICES,
     PredictOptions,
@@ -224,10 +224,20 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def check_options(options: PredictOptions) -> torch.device:
-    """Every check of ``options`` (:meth:`PredictOptions.check`, then the device against this machine), made
-    before anything is loaded; returns the device."""
+    """Every check of ``options`` (:meth:`PredictOptions.check`, then the device against this machine, and
+    the precision against the device), made before anything is loaded; returns the device."""
     options.check()
-    return resolve_device(options.device)
+    device = resolve_device(options.device)
+    _check_int8_device(options, device)
+    return device
+
+
+def _check_int8_device(options: PredictOptions, device: torch.device) -> None:
+    """:class:`ConfigError` for ``--precision int8`` on a GPU: the int8 graph runs in ONNX Runtime on the CPU."""
+    if parse_precision(options.precision) == "int8" and device.type != "cpu":
+        chose = " (--device auto chose it: this machine has one)" if options.device in (None, "auto") else ""
+        raise ConfigError(f"--precision int8 runs the run's int8 graph on the CPU (ONNX Runtime), not on {device}"
+                          f"{chose}; pass --device cpu, or another precision (bf16, fp32) for the GPU")
 
 
 # ---------------------------------------------------------------- the engine
@@ -265,22 +275,37 @@ class Predictor:
         nms_iou: float | None = None,
         max_detections: int | None = None,
         min_score: float | None = None,
+        network: nn.Module | None = None,
     ) -> None:
         """Takes over ``model``: it is put in eval mode on ``device``, channels_last, and (unless
         ``fold_batchnorm`` is false) its encoder's batch norms are folded into the convolutions.
         ``nms_iou``, ``max_detections``, ``min_score`` replace the model configuration's post-processing
-        values (``nms_thresh``, ``max_detections``, ``score_thresh``); ``None`` keeps the model's."""
+        values (``nms_thresh``, ``max_detections``, ``score_thresh``); ``None`` keeps the model's.
+
+        ``network``: runs instead of the model's own network, taking the same images and returning the
+        model's :class:`HeadOutputs` (a run's int8 graph in ONNX Runtime,
+        :class:`~pneumodet.inference.quantize.OrtNetwork`); ``precision`` names what it computes in
+        (``"int8"``, which needs one). The model then only decodes: nothing is autocast, compiled or folded.
+        """
         check_tta(tta, tta_merge)
         check_postprocess_options(nms_iou=nms_iou, max_detections=max_detections, min_score=min_score)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        if fold_batchnorm:
+        if self.precision == "int8" and network is None:
+            raise ConfigError("int8 prediction runs a run's int8 graph (`pneumodet quantize RUN`), given as the "
+                              "predictor's network: see pneumodet.inference.engine.make_predictor")
+        if fold_batchnorm and network is None:
             model = fusion.fold_batchnorm(model, inplace=True)
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        self._external = network is not None
         # Compiling costs about 8 s per batch shape for ResNet50 on a 2-core CPU, then each batch runs
         # about 1.4x faster (docs/BENCHMARKS.md): worth it for large jobs only.
-        self.network = fusion.compile_for_inference(self.model) if compile else self.model
+        self._compiling = compile and network is None
+        self.network = network if network is not None else (
+            fusion.compile_for_inference(self.model) if self._compiling else self.model)
         self._compiled_batch: int | None = None  # the batch shape compiled first; smaller ones are padded
+        #: what the caller should tell the user about how this predictor was chosen (an int8 graph not used)
+        self.notes: list[str] = []
         self.image_size = image_size
         self.tta, self.tta_merge, self.tta_iou, self.gate = tta, tta_merge, tta_iou, gate
         config = getattr(model, "config", None)
@@ -295,22 +320,25 @@ class Predictor:
 
     @classmethod
     def from_options(cls, model: nn.Module, image_size: int, options: PredictOptions, *,
-                     num_images: int) -> Predictor:
+                     num_images: int, network: nn.Module | None = None) -> Predictor:
         """A predictor with ``options``' TTA, gating, device and precision; ``compile=None`` compiles when
-        :func:`pneumodet.model.fusion.compile_pays_off` for ``num_images`` images on that device."""
+        :func:`pneumodet.model.fusion.compile_pays_off` for ``num_images`` images on that device.
+        ``network``: the run's int8 graph (:func:`make_predictor` finds it), which makes the precision
+        int8."""
         device = resolve_device(options.device)
         compile = options.compile if options.compile is not None else fusion.compile_pays_off(num_images, device)
         return cls(model, image_size, tta=options.tta, tta_merge=options.tta_merge, gate=options.gate,
-                   device=device, precision=options.precision, compile=compile, nms_iou=options.nms_iou,
-                   max_detections=options.max_detections, min_score=options.min_score)
+                   device=device, precision="int8" if network is not None else options.precision,
+                   compile=compile, nms_iou=options.nms_iou, max_detections=options.max_detections,
+                   min_score=options.min_score, network=network)
 
     @property
     def compiled(self) -> bool:
         """Whether batches run through the compiled network (false again after a failed compilation)."""
-        return self.network is not self.model
+        return self._compiling and self.network is not self.model
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "bf16":
+        if self.precision == "bf16" and not self._external:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -324,8 +352,8 @@ class Predictor:
                                  max_detections=post["max_detections"])
 
     def _forward(self, images: torch.Tensor) -> HeadOutputs:
-        if self.network is self.model:
-            return self.model(images)
+        if not self.compiled:  # the model itself, or a network of its own shapes (an int8 graph takes any batch)
+            return self.network(images)
         batch = images.shape[0]
         if self._compiled_batch is None:
             self._compiled_batch = batch
@@ -428,13 +456,19 @@ class EnsemblePredictor:
             "members": [dict(p) for p in posts]}
         caps = [p["max_detections"] for p in posts]
         self._cap = None if any(c is None for c in caps) else max(caps)
+        self.notes: list[str] = []
 
     @classmethod
     def from_options(cls, models: Sequence[nn.Module], image_size: int, options: PredictOptions, *,
-                     num_images: int) -> EnsemblePredictor:
-        """Members built by :meth:`Predictor.from_options` (ungated: the ensemble gates the fused scores)."""
+                     num_images: int, networks: Sequence[nn.Module] | None = None) -> EnsemblePredictor:
+        """Members built by :meth:`Predictor.from_options` (ungated: the ensemble gates the fused scores);
+        ``networks``: each member's int8 graph, in the order of ``models``."""
+        member_networks = list(networks) if networks is not None else [None] * len(models)
+        if len(member_networks) != len(models):
+            raise ValueError(f"{len(member_networks)} networks for {len(models)} models")
         members = [Predictor.from_options(m, image_size, dataclasses.replace(options, gate=False),
-                                          num_images=num_images) for m in models]
+                                          num_images=num_images, network=network)
+                   for m, network in zip(models, member_networks, strict=True)]
         return cls(members, merge=options.tta_merge, gate=options.gate)
 
     @property
@@ -449,8 +483,49 @@ class EnsemblePredictor:
 
 
 def make_predictor(models: Sequence[nn.Module], image_size: int, options: PredictOptions, *,
-                   num_images: int) -> Predictor | EnsemblePredictor:
-    """A :class:`Predictor` for one model, an :class:`EnsemblePredictor` for several."""
+                   num_images: int, sources: Sequence[Path | str] | None = None) -> Predictor | EnsemblePredictor:
+    """A :class:`Predictor` for one model, an :class:`EnsemblePredictor` for several.
+
+    ``sources``: where each model was loaded from (run folders or checkpoint files, in the order of
+    ``models``): where its int8 graph is (``pneumodet quantize``). ``options.precision``:
+
+    * ``"int8"``: every model runs its run's int8 graph (CPU only); a source without a current one (none,
+      stale: made from another ``best_model.pt``, damaged), a checkpoint file, or no ONNX Runtime is one
+      error naming it (:func:`pneumodet.inference.quantize.int8_graphs`);
+    * ``"auto"`` (or ``None``): on the CPU, int8 when every source holds a current int8 graph and ONNX Runtime
+      is installed, as measured faster and as accurate (docs/BENCHMARKS.md); otherwise bf16 where the
+      device computes it natively, else fp32 (:func:`~pneumodet.hardware.resolve_precision`). An int8 graph
+      passed over (stale, damaged, no ONNX Runtime) is said in the predictor's ``notes``;
+    * ``"bf16"``, ``"fp32"``: as asked.
+    """
+    networks, notes = _int8_networks(sources, options, len(models))
+    predictor: Predictor | EnsemblePredictor
     if len(models) == 1:
-        return Predictor.from_options(models[0], image_size, options, num_images=num_images)
-    return EnsemblePredictor.from_options(models, image_size, options, num_images=num_images)
+        predictor = Predictor.from_options(models[0], image_size, options, num_images=num_images,
+                                           network=networks[0] if networks else None)
+    else:
+        predictor = EnsemblePredictor.from_options(models, image_size, options, num_images=num_images,
+                                                   networks=networks)
+    predictor.notes.extend(notes)
+    return predictor
+
+
+def _int8_networks(sources: Sequence[Path | str] | None, options: PredictOptions,
+                   count: int) -> tuple[list[nn.Module] | None, list[str]]:
+    """Each model's int8 graph in ONNX Runtime when ``options`` make the precision int8 (see
+    :func:`make_predictor`), else ``None``; and the notes on graphs passed over."""
+    requested = parse_precision(options.precision)
+    device = resolve_device(options.device)
+    _check_int8_device(options, device)
+    if requested not in (None, "int8") or device.type != "cpu":
+        return None, []
+    # here, not at the top: ONNX Runtime is loaded only where an int8 graph may run
+    from pneumodet.inference.quantize import OrtNetwork, int8_graphs
+
+    graphs, notes = int8_graphs(sources, required=requested == "int8")
+    if graphs is None:
+        return None, notes
+    if len(graphs) != count:
+        raise ValueError(f"{len(graphs)} int8 graphs for {count} models: give one source per model")
+    # the same threads as the PyTorch path (one process of `predict --devices N` shares the cores)
+    return [OrtNetwork(graph, threads=torch.get_num_threads()) for graph in graphs], notes

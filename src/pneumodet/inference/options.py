@@ -35,8 +35,10 @@ class PredictOptions:
         tta_merge: ``"wbf"`` (weighted box fusion) or ``"nms"``.
         gate: multiply box scores by the global head's Lung-Opacity probability before thresholding.
         batch_size: images per forward pass (at least 1).
-        precision: ``"bf16"`` (autocast) or ``"fp32"``; ``None``: bf16 where the device computes it
-            natively (:func:`pneumodet.hardware.resolve_precision`).
+        precision: ``"int8"`` (the run's int8 graph in ONNX Runtime, made by ``pneumodet quantize``; CPU
+            only), ``"bf16"`` (autocast) or ``"fp32"``; ``"auto"`` (or ``None``): on the CPU int8 where every
+            run holds a current int8 graph and ONNX Runtime is installed, otherwise bf16 where the device
+            computes it natively, else fp32 (:func:`pneumodet.inference.engine.make_predictor`).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (the GPU when there is one).
         workers: data-loading processes (DICOM decoding for ``predict``, cache reading for ``evaluate``);
             0 loads in this process.
@@ -56,7 +58,7 @@ class PredictOptions:
     tta_merge: TtaMerge = "wbf"
     gate: bool = False
     batch_size: int = 8
-    precision: str | None = None
+    precision: str | None = "auto"
     device: str = "cpu"
     workers: int = 0
     compile: bool | None = None

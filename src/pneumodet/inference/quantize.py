@@ -1,28 +1,35 @@
-"""int8 post-training quantisation of the network, for CPU deployment without a GPU: two routes, measured
-against the compiled bf16 path by ``benchmarks/bench_int8.py``.
+"""int8 post-training quantisation of the network, for prediction on the CPU: ONNX Runtime static quantisation.
 
-* **ONNX Runtime static quantisation** (:func:`quantize_onnx`): the network graph of
-  :func:`~pneumodet.inference.export.export_onnx`, pre-processed (shape inference, graph optimisation),
-  then ``onnxruntime.quantization.quantize_static``: QDQ format, int8 weights per output channel, uint8
-  activations whose ranges are calibrated on training images. :class:`OrtNetwork` runs it.
-* **PyTorch 2 export quantisation** (:func:`pt2e_int8_network`): ``torch.export``, then the x86 Inductor
-  quantizer (int8 static, per-channel weights) through ``prepare_pt2e`` / calibration / ``convert_pt2e``,
-  then Inductor with frozen weights (:func:`~pneumodet.model.fusion.compile_for_inference`) lowers the
-  quantised patterns to oneDNN int8 kernels. torch 2.14 no longer ships ``torch.ao.quantization.
-  quantize_pt2e``: the route lives in ``torchao`` (``torchao.quantization.pt2e``), an optional package.
+:func:`quantize_onnx` exports the network graph (:func:`~pneumodet.inference.export.export_onnx`), pre-processes
+it (shape inference, graph optimisation), then ``onnxruntime.quantization.quantize_static`` quantises it: QDQ
+format, int8 weights per output channel, uint8 activations whose ranges are calibrated on training images
+(:func:`calibration_images`). :class:`OrtNetwork` runs such a graph and returns the model's
+:class:`~pneumodet.model.HeadOutputs`, so it drops into a :class:`~pneumodet.inference.engine.Predictor` as
+its ``network`` (:func:`int8_predictor`): the decoding, NMS, TTA, gating and box mapping stay the model's own;
+only the network's numbers change.
 
-Both give a network that returns :class:`~pneumodet.model.HeadOutputs`, so it drops into a
-:class:`~pneumodet.inference.engine.Predictor` as its ``network`` (:func:`int8_predictor`): the decoding,
-NMS, TTA, gating and box mapping stay the model's own, and only the network's numbers change.
+A run's int8 graph is kept in its folder (:attr:`~pneumodet.rundir.RunDir.int8_model`, written by ``pneumodet
+quantize``: :func:`pneumodet.quantization.quantize_run`). Its side file records the SHA-256 of the
+best_model.pt it was made from and of the graph itself, so that a model retrained or replaced since, or a graph
+replaced or half written, is found out (:func:`run_int8_graph`) instead of predicting with another model's
+numbers. ``predict`` and ``evaluate`` run it with ``--precision int8``, and by default (``auto``) on the CPU
+wherever it is current and ONNX Runtime is installed (:func:`int8_graphs`).
 
-Neither route is ``predict``'s default: int8 replaces bf16 only where it is measured both faster (goal 1.5x
-the compiled bf16 path) and as accurate (test mAP within 0.01); see docs/BENCHMARKS.md.
+Why int8, and why this route: benchmarks/bench_int8.py measured it against the compiled bf16 path on the demo's
+run (docs/BENCHMARKS.md): 1.83x as fast, test mAP 0.0032 lower (the goal of issue 18: 1.5x, within 0.01).
+The other route measured, PyTorch 2 export quantisation with the x86 Inductor quantizer, was slower than bf16
+(0.85x); it lives in the benchmark only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
+import logging
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,21 +39,33 @@ import torch
 from torch import nn
 
 from pneumodet.data.preprocess import to_unit_range
-from pneumodet.errors import ConfigError, PneumodetError
-from pneumodet.inference.engine import Predictor
-from pneumodet.inference.export import OnnxNetwork, export_onnx, onnx_side_file
+from pneumodet.errors import ConfigError, PneumodetError, RunError
+from pneumodet.inference.engine import Predictor, resolve_checkpoint
+from pneumodet.inference.export import export_onnx, onnx_side_file
 from pneumodet.model import HeadOutputs
-from pneumodet.model.fusion import compile_for_inference
-from pneumodet.safeio import atomic_path, write_json
+from pneumodet.rundir import RunDir
+from pneumodet.safeio import atomic_path, file_sha256, write_json
+from pneumodet.textsafe import display_path, display_text
 
-#: The int8 routes :func:`int8_predictor` knows.
-INT8_ROUTES = ("onnxruntime", "pt2e")
 #: Calibration methods of ONNX Runtime's static quantisation (``onnxruntime.quantization.CalibrationMethod``).
 ORT_CALIBRATION = ("minmax", "entropy", "percentile")
+#: What making an int8 graph needs beyond pneumodet's own dependencies (the ``deploy`` extra); running one
+#: needs ``onnxruntime`` only.
+DEPLOY_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+#: How to install them.
+DEPLOY_INSTALL = "pip install 'pneumodet[deploy]'"
 
 
 class QuantizationUnavailable(PneumodetError):
-    """An int8 route this installation cannot run (a package missing), with what to install."""
+    """int8 quantisation or prediction that this installation cannot run (a package missing), with what to
+    install."""
+
+
+def check_deploy_packages(what: str, packages: Sequence[str] = DEPLOY_PACKAGES) -> None:
+    """:class:`QuantizationUnavailable` naming the ``packages`` that ``what`` needs and that are not installed."""
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if missing:
+        raise QuantizationUnavailable(f"{what} needs {', '.join(missing)}, not installed: {DEPLOY_INSTALL}")
 
 
 def calibration_images(cache: Any, patient_ids: Sequence[str], count: int, *, seed: int = 0) -> torch.Tensor:
@@ -74,31 +93,49 @@ class _Calibration:
 
 
 def quantize_onnx(model_source: Path | str, out_path: Path | str, calibration: torch.Tensor, *,
-                  batch_size: int = 8, method: str = "minmax", per_channel: bool = True) -> Path:
+                  batch_size: int = 8, method: str = "minmax", per_channel: bool = True,
+                  verbose: bool = False) -> Path:
     """The network as a statically quantised int8 ONNX graph at ``out_path``, with its side file
-    (:func:`~pneumodet.inference.export.onnx_side_file`, plus ``"quantization"``); returns the path.
+    (:func:`~pneumodet.inference.export.onnx_side_file`, plus ``"quantization"``: how, on how many images,
+    and the SHA-256 of the checkpoint it was made from, ``model_sha256``, and of the graph, ``graph_sha256``);
+    returns the path.
 
-    ``calibration``: float ``[N, 1, S, S]`` images (:func:`calibration_images`) whose activation ranges
-    (``method``: one of :data:`ORT_CALIBRATION`) fix the int8 scales. Written atomically.
+    ``model_source``: a run folder (its best model) or a checkpoint file. ``calibration``: float
+    ``[N, 1, S, S]`` images (:func:`calibration_images`) whose activation ranges (``method``: one of
+    :data:`ORT_CALIBRATION`) fix the int8 scales. ``verbose``: let the exporter and ONNX Runtime say what they
+    do (their progress lines, warnings and notes); otherwise they are quiet.
+
+    Written atomically: the old side file goes first, then the graph and its new side file are each written
+    to a temporary file and renamed into place, so an interruption leaves a graph without a side file, which
+    :func:`run_int8_graph` refuses, never a graph with another's side file.
+
+    Raises:
+        QuantizationUnavailable: onnx, onnxruntime or onnxscript is not installed (checked first).
+        ConfigError: an unknown calibration method, or no calibration image.
     """
-    try:
-        from onnxruntime.quantization import (
-            CalibrationMethod,
-            QuantFormat,
-            QuantType,
-            quant_pre_process,
-            quantize_static,
-        )
-    except ImportError as exc:
-        raise QuantizationUnavailable("ONNX Runtime quantisation needs onnxruntime (pip install onnxruntime)") from exc
+    check_deploy_packages("int8 quantisation")
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
     if method not in ORT_CALIBRATION:
         raise ConfigError(f"unknown calibration method {method!r}; choose {', '.join(ORT_CALIBRATION)}")
+    if len(calibration) == 0:
+        raise ConfigError("no calibration image: int8 scales are calibrated on at least one image")
     out_path = Path(out_path)
-    with tempfile.TemporaryDirectory(prefix="pneumodet-int8-") as tmp:
-        exported = export_onnx(model_source, Path(tmp) / "network.onnx")
+    checkpoint = resolve_checkpoint(model_source)
+    model_sha256 = file_sha256(checkpoint)  # before the export reads it: the identity of what is quantised
+    side_file = onnx_side_file(out_path)
+    with tempfile.TemporaryDirectory(prefix="pneumodet-int8-") as tmp, _library_chatter(verbose):
+        exported = export_onnx(checkpoint, Path(tmp) / "network.onnx")
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(exported.path), str(prepared))  # shapes known, BN folded: better ranges
         side = json.loads(exported.side_file.read_text(encoding="utf-8"))
+        side_file.unlink(missing_ok=True)
         with atomic_path(out_path) as tmp_out:
             quantize_static(str(prepared), str(tmp_out), _Calibration(calibration, batch_size),
                             quant_format=QuantFormat.QDQ, per_channel=per_channel,
@@ -106,11 +143,33 @@ def quantize_onnx(model_source: Path | str, out_path: Path | str, calibration: t
                             calibrate_method={"minmax": CalibrationMethod.MinMax,
                                               "entropy": CalibrationMethod.Entropy,
                                               "percentile": CalibrationMethod.Percentile}[method])
+            graph_sha256 = file_sha256(tmp_out)
     side["quantization"] = {"route": "onnxruntime static", "format": "QDQ", "weights": "int8 per channel"
                             if per_channel else "int8 per tensor", "activations": "uint8",
-                            "calibration": method, "calibration_images": len(calibration)}
-    write_json(onnx_side_file(out_path), side, indent=1)
+                            "calibration": method, "calibration_images": len(calibration),
+                            "model_sha256": model_sha256, "graph_sha256": graph_sha256}
+    write_json(side_file, side, indent=1)
     return out_path
+
+
+@contextlib.contextmanager
+def _library_chatter(verbose: bool) -> Iterator[None]:
+    """Without ``verbose``, ONNX Runtime's quantiser says nothing: its advice and notes (logged through the root
+    logger), warnings and printed lines are not the user's business (the exporter is always quiet)."""
+    if verbose:
+        yield
+        return
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime")]
+    levels = [log.level for log in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for log in loggers:
+            log.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for log, level in zip(loggers, levels, strict=True):
+                log.setLevel(level)
 
 
 class OrtNetwork(nn.Module):
@@ -119,6 +178,7 @@ class OrtNetwork(nn.Module):
 
     def __init__(self, onnx_path: Path | str, *, threads: int | None = None) -> None:
         super().__init__()
+        check_deploy_packages("running an int8 graph", ("onnxruntime",))
         import onnxruntime
 
         side = json.loads(onnx_side_file(onnx_path).read_text(encoding="utf-8"))
@@ -127,7 +187,9 @@ class OrtNetwork(nn.Module):
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        # from its bytes, not its path: the graph is self-contained, and no tensor data is read from other files
+        self.session = onnxruntime.InferenceSession(Path(onnx_path).read_bytes(), options,
+                                                    providers=["CPUExecutionProvider"])
         self.output_names = list(side["outputs"])
         self.anchors_per_level = tuple(side["anchors_per_level"])
         self.image_size = int(side["image_size"])
@@ -140,75 +202,91 @@ class OrtNetwork(nn.Module):
                            (self.image_size, self.image_size))
 
 
-class _TensorHeads(nn.Module):
-    """A network of tensor outputs (:class:`OnnxNetwork`'s, as ``torch.export`` needs) turned back into
-    :class:`HeadOutputs`."""
-
-    def __init__(self, network: nn.Module, anchors_per_level: tuple[int, ...], image_size: int) -> None:
-        super().__init__()
-        self.network, self.anchors_per_level, self.image_size = network, anchors_per_level, image_size
-
-    def forward(self, images: torch.Tensor) -> HeadOutputs:
-        cls_logits, box_deltas, global_logits, anchors = self.network(images)
-        return HeadOutputs(cls_logits, box_deltas, global_logits, anchors, self.anchors_per_level,
-                           (self.image_size, self.image_size))
+def int8_predictor(model: nn.Module, image_size: int, network: nn.Module, **options: Any) -> Predictor:
+    """A CPU :class:`Predictor` of ``model`` (fp32: it decodes) whose network is ``network``
+    (:class:`OrtNetwork` of :func:`quantize_onnx`'s graph); ``options``: the Predictor's (TTA, gating,
+    post-processing values). ``predict`` and ``evaluate`` make theirs in
+    :func:`~pneumodet.inference.engine.make_predictor`."""
+    return Predictor(model, image_size, device="cpu", precision="int8", network=network, **options)
 
 
-def pt2e_int8_network(model: nn.Module, image_size: int, calibration: torch.Tensor, *,
-                      batch_size: int = 8) -> nn.Module:
-    """``model``'s network quantised by PyTorch 2 export quantisation with the x86 Inductor quantizer, then
-    compiled with frozen weights; its batch shape is ``batch_size`` (a :class:`Predictor` pads shorter
-    batches). Compilation happens at the first call.
+def run_int8_graph(source: Path | str) -> Path:
+    """The int8 graph of the run folder ``source``, checked to be current: made by ``pneumodet quantize``
+    from the best model the run holds now, and the graph its side file describes.
 
     Raises:
-        QuantizationUnavailable: ``torchao`` is not installed (torch 2.14 ships the route no more).
+        ConfigError: ``source`` is a checkpoint file, not a run folder (it has no int8 graph).
+        RunError: the run holds no int8 graph, or one without its side file (unfinished), with a damaged
+            side file, made from another best model (retrained or replaced since: stale), or replaced since.
+            Each message names the file and says to run ``pneumodet quantize RUN``.
     """
+    folder = Path(source)
+    if not folder.is_dir():
+        raise ConfigError(f"{display_path(source)}: int8 prediction runs a run folder's int8 graph (made by "
+                          "`pneumodet quantize RUN`); a checkpoint file has none: give its run folder, or choose "
+                          "--precision bf16 or fp32")
+    run = RunDir(folder)
+    again = f"run `pneumodet quantize {display_path(folder)}` again"
+    if not run.int8_model.is_file():
+        raise RunError(f"{display_path(folder)} holds no int8 graph ({run.int8_model.name}); make it with "
+                       f"`pneumodet quantize {display_path(folder)}`")
     try:
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-            X86InductorQuantizer,
-            get_default_x86_inductor_quantization_config,
-        )
-    except ImportError as exc:
-        raise QuantizationUnavailable(
-            "PyTorch 2 export quantisation needs torchao (pip install torchao): torch "
-            f"{torch.__version__.split('+')[0]} no longer ships torch.ao.quantization.quantize_pt2e") from exc
-    network = OnnxNetwork(model.float().eval(), image_size).eval()
-    example = calibration[:batch_size].contiguous(memory_format=torch.channels_last)
-    if len(example) < batch_size:
-        raise ConfigError(f"at least {batch_size} calibration images are needed, got {len(calibration)}")
-    exported = torch.export.export(network, (example,)).module()
-    _one_partition_per_call(exported)
-    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(exported, quantizer)
-    with torch.no_grad():
-        for batch in calibration.split(batch_size):
-            if len(batch) == batch_size:  # the exported graph's batch shape is static
-                prepared(batch.contiguous(memory_format=torch.channels_last))
-    converted = convert_pt2e(prepared)
-    return _TensorHeads(compile_for_inference(converted), network.anchors_per_level, image_size)
+        side = json.loads(run.int8_side.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{display_path(run.int8_model)}: its side file {run.int8_side.name} is missing (the "
+                       f"quantisation did not finish); {again}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunError(f"{display_path(run.int8_side)}: damaged ({type(err).__name__}); {again}") from None
+    made = side.get("quantization") if isinstance(side, dict) else None
+    made = made if isinstance(made, dict) else {}
+    if not run.best_model.is_file():
+        raise RunError(f"{display_path(folder)}: {run.best_model.name} is missing, so its int8 graph cannot be "
+                       "checked against it")
+    if made.get("model_sha256") != file_sha256(run.best_model):
+        raise RunError(f"{display_path(run.int8_model)} is stale: it was made from another {run.best_model.name} "
+                       f"(the model was retrained or replaced since); {again}")
+    if made.get("graph_sha256") != file_sha256(run.int8_model):
+        raise RunError(f"{display_path(run.int8_model)} is not the graph its side file describes (replaced or "
+                       f"damaged since it was made); {again}")
+    return run.int8_model
 
 
-def _one_partition_per_call(graph_module: torch.fx.GraphModule) -> None:
-    """Give each call of a convolution or ReLU module its own source partition.
+def int8_graphs(sources: Sequence[Path | str] | None, *, required: bool) -> tuple[list[Path] | None, list[str]]:
+    """Each source's current int8 graph (:func:`run_int8_graph`), or ``None``; and notes on graphs passed over.
 
-    The quantizer finds conv + ReLU pairs by source module (the innermost entry of a node's
-    ``nn_module_stack``); RetinaNet's heads run the same modules on every pyramid level, so one module's
-    partition has one output per level and the x86 quantizer refuses it ("Input partition has more than
-    one output node"). Each such node is one aten call, so naming its module per node changes nothing else.
+    ``required`` (``--precision int8``): every source must be a run folder holding a current int8 graph, and
+    ONNX Runtime installed; otherwise the error says which and what to do. Not ``required`` (``auto``, on the
+    CPU): the graphs when every source has a current one and ONNX Runtime is installed, else ``None`` (the
+    precision is then what it was without int8), with a note for each source whose graph exists but is not
+    used (stale, unfinished, damaged, or ONNX Runtime missing).
+
+    Raises:
+        ConfigError: ``required`` without sources (a bare model), or with a checkpoint file.
+        RunError: ``required``, and a source's graph is missing or not current.
+        QuantizationUnavailable: ``required``, and onnxruntime is not installed.
     """
-    ops = {torch.ops.aten.conv2d.default, torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
-    for node in graph_module.graph.nodes:
-        stack = node.meta.get("nn_module_stack")
-        if node.target in ops and stack:
-            key, (fqn, module_type) = list(stack.items())[-1]
-            node.meta["nn_module_stack"] = {**stack, key: (f"{fqn}.{node.name}", module_type)}
-
-
-def int8_predictor(model: nn.Module, image_size: int, network: nn.Module, **options: Any) -> Predictor:
-    """A CPU :class:`Predictor` of ``model`` (fp32, its post-processing) whose network is the int8
-    ``network`` (:class:`OrtNetwork` of :func:`quantize_onnx`'s graph, or :func:`pt2e_int8_network`);
-    ``options``: the Predictor's (TTA, gating, post-processing values)."""
-    predictor = Predictor(model, image_size, device="cpu", precision="fp32", compile=False, **options)
-    predictor.network = network  # Predictor._forward runs it (padding a short batch) and decodes as usual
-    return predictor
+    if not sources:
+        if required:
+            raise ConfigError("int8 prediction runs a run's int8 graph: give the run folders the models come from")
+        return None, []
+    if required:
+        graphs = [run_int8_graph(source) for source in sources]
+        check_deploy_packages("--precision int8 (the int8 graph runs in ONNX Runtime)", ("onnxruntime",))
+        return graphs, []
+    found: list[Path] = []
+    notes: list[str] = []
+    for source in sources:
+        run = RunDir(Path(source))
+        if not run.root.is_dir() or not run.int8_model.is_file():
+            continue
+        try:
+            found.append(run_int8_graph(source))
+        except PneumodetError as err:
+            notes.append(f"int8 graph not used: {display_text(str(err))}")
+    if notes or len(found) != len(sources):
+        return None, notes
+    try:
+        check_deploy_packages("running the int8 graph", ("onnxruntime",))
+    except QuantizationUnavailable as err:
+        return None, [f"int8 graph of {display_path(sources[0])} not used: {err}"]
+    return found, []

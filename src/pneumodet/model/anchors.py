@@ -69,6 +69,10 @@ class AnchorGenerator(nn.Module):
     def forward(self, height: int, width: int, device: torch.device) -> tuple[Tensor, tuple[int, ...]]:
         """Returns (anchors Tensor[A, 4] fp32 xyxy in input pixels, anchors per level)."""
         key = (height, width, str(device))
+        if torch.compiler.is_compiling():
+            # computed in the graph (constants there): a cache filled while tracing is a guard that fails on
+            # the next call, which would compile the whole network a second time
+            return self._make(height, width, device)
         if key not in self._cache:
             self._cache[key] = self._make(height, width, device)
         return self._cache[key]

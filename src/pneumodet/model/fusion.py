@@ -9,6 +9,10 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
+import types
+import weakref
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,18 +63,48 @@ class FrozenCompiled(nn.Module):
     Freezing is switched on around each call, when compilation actually happens, rather than for
     the whole process: ``torch.compile(options={"freezing": True})`` alone does not reach the
     weight pre-packing (measured: 1.03x eager instead of 1.37x, docs/BENCHMARKS.md).
+
+    Each instance compiles a code object of its own (:func:`_own_entry`). Dynamo keeps what it compiles on
+    the code object of the frame it compiles, and freezing guards on the identity of the weights, so every
+    model instance (each ``predict`` call, each ensemble member) needs a compilation of its own: on the
+    shared ``forward`` of the model class they were counted as recompilations of one function, and from
+    the ninth (``torch._dynamo.config.recompile_limit``) the network silently ran eager; and each compiled
+    graph, which holds the weights, stayed in that shared cache after its model was gone. A code object
+    of its own keeps one instance's compilations apart from the others', and they are dropped with the
+    instance.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.compiled = torch.compile(model, dynamic=False)
+        entry = _own_entry(model)
+        self.compiled = torch.compile(entry, dynamic=False)
+        # the cache entries hold the weights, which keeps their guards (and so the entries) alive for ever:
+        # drop them explicitly when this instance goes
+        weakref.finalize(self, _forget_compilations, entry.__code__)
 
     def forward(self, *args, **kwargs):
         from torch._inductor import config
 
         with config.patch(freezing=True):
             return self.compiled(*args, **kwargs)
+
+
+def _own_entry(model: nn.Module) -> Callable[..., Any]:
+    """A function calling ``model`` whose code object is its own (a copy), not shared with any other."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return model(*args, **kwargs)
+
+    return types.FunctionType(call.__code__.replace(), call.__globals__, call.__name__, call.__defaults__,
+                              call.__closure__)
+
+
+def _forget_compilations(code: types.CodeType) -> None:
+    """Drop Dynamo's compilations of ``code`` (a :func:`_own_entry`'s: nobody else's)."""
+    from torch._dynamo.eval_frame import remove_from_cache
+
+    remove_from_cache(code)
 
 
 def compile_for_inference(model: nn.Module) -> nn.Module:

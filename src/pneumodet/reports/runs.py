@@ -257,13 +257,16 @@ def _overview_text(info: RunInfo, run: RunDir) -> str:
     except RunError as err:
         lines.append(f"The run's record cannot be read: {err}")
     else:
-        threshold = done.get("threshold")
+        threshold, gated, gated_map = done.get("threshold"), done.get("gate_threshold"), done.get("gate_val_map")
         lines.append("- " + "\n- ".join([
             f"precision: `{done.get('precision', 'not recorded')}`",
             f"encoder started from: {done.get('encoder_weights', 'not recorded')}",
             f"optimiser steps: {done.get('steps', 'not recorded')}",
             "confidence threshold chosen on validation: "
-            + (f"{threshold:.2f}" if isinstance(threshold, int | float) else "not recorded")]))
+            + (f"{threshold:.2f}" if isinstance(threshold, int | float) else "not recorded"),
+            "for gated scores (`--gate`): "
+            + (f"{gated:.2f} (validation RSNA mAP {gated_map:.4f})"
+               if isinstance(gated, int | float) and isinstance(gated_map, int | float) else "not recorded")]))
     return "\n\n".join(lines)
 
 

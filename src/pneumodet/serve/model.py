@@ -19,7 +19,6 @@ model was trained on (patients per set from ``split.json``), never a patient's d
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from pneumodet.inference import (
     xyxy_to_kaggle,
 )
 from pneumodet.rundir import RunDir
+from pneumodet.safeio import file_sha256
 from pneumodet.textsafe import display_path, display_text
 
 #: The longest side of a preview PNG (the review page draws on it; boxes stay in original pixels).
@@ -99,11 +99,6 @@ def preview_png(pixels: np.ndarray, max_side: int = PREVIEW_MAX_SIDE) -> dict[st
     picture.save(buffer, format="PNG", optimize=False)
     return {"png": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"),
             "width": size[0], "height": size[1]}
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 class ServedModel:
