@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -94,6 +95,26 @@ def test_cv_again_skips_finished_folds_and_refuses_other_folds(cv_run, capsys) -
     code = main(three)
     assert_one_line_error(code, capsys.readouterr().err, "cv", r"holds a cross-validation made otherwise "
                                                              r"\(folds 2 -> 3\); give a new --out")
+
+
+def test_cv_again_from_its_folder_alone_and_a_missing_gated_threshold(cv_run, capsys) -> None:
+    """``cv --out CV`` alone runs the cross-validation again with what the folder records (data, split, folds,
+    training options). A ``cv.json`` written before gated thresholds were recorded makes ``evaluate --gate``
+    say so in one line, naming that command; running it records the threshold again."""
+    cv_dir, _, _, _ = cv_run
+    cv = CvDir(cv_dir)
+    summary = cv.read_summary()
+    gated = summary["oof"].pop("gate_threshold")
+    cv.write_summary(summary)
+    code = main(["evaluate", str(cv_dir), "--gate"])
+    assert_one_line_error(code, capsys.readouterr().err, "evaluate",
+                          r"cv\.json: records no out-of-fold threshold for gated scores .*run `pneumodet cv --out "
+                          + re.escape(str(cv_dir)) + "` again")
+    stamps = [cv.fold(k).done.stat().st_mtime_ns for k in (1, 2)]
+    assert main(["cv", "--out", str(cv_dir)]) == 0, capsys.readouterr().err
+    again = cv.read_summary()
+    assert again["oof"]["gate_threshold"] == gated and again["folds"] == 2
+    assert [cv.fold(k).done.stat().st_mtime_ns for k in (1, 2)] == stamps  # nothing retrained
 
 
 def test_a_cv_folder_is_the_ensemble_of_its_folds(cv_run, synth_dataset: Path, tmp_path: Path, capsys) -> None:

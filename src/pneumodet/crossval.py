@@ -28,7 +28,7 @@ from pneumodet.clinical_metrics import image_class_metrics
 from pneumodet.config import TrainConfig
 from pneumodet.data.records import CLASS_NAMES, OPACITY_INDEX, PatientRecord
 from pneumodet.data.split import SPLIT_JSON, Split, fold_patients, read_split, split_fingerprint, write_split
-from pneumodet.errors import ConfigError, PneumodetError
+from pneumodet.errors import ConfigError, PneumodetError, RunError
 from pneumodet.evaluation import load_runs, predict_split
 from pneumodet.experiments import train_runs
 from pneumodet.inference.options import PredictOptions
@@ -160,6 +160,29 @@ def run_cv(base: TrainConfig, cv_dir: Path, *, folds: int, progress: bool | str 
     result.oof = _out_of_fold(result, cv, options)
     _write(result, record)
     return result
+
+
+def stored_cv_config(cv_dir: Path) -> tuple[TrainConfig, int]:
+    """The base config and fold count a cross-validation folder was started with, to run it again from its
+    folder alone (``pneumodet cv --out CV``): the folds' shared training config (read from the first fold
+    that has one) with the base split recorded in ``cv.json``.
+
+    Raises:
+        RunError: ``cv_dir`` is not a CV folder, or its ``cv.json`` is damaged.
+        ConfigError: no fold has started yet, so nothing records the training options.
+    """
+    cv = CvDir(Path(cv_dir))
+    summary = cv.read_summary()
+    folds, base_split = summary.get("folds"), summary.get("base_split")
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2 or not isinstance(base_split, str):
+        raise RunError(f"{display_path(cv.summary)}: records no usable folds and base split; give --data and --split")
+    for k in range(1, folds + 1):
+        if cv.fold(k).is_run():
+            stored = TrainConfig.from_yaml(cv.fold(k).config, stored_run=True).to_dict()
+            return TrainConfig.from_dict({**stored, "split_dir": base_split, "out_dir": str(cv.root),
+                                          "split_fingerprint": None}), folds
+    raise ConfigError(f"{display_path(cv.root)}: no fold has started, so nothing records how to train them; give "
+                      "--data, --split and the training options again")
 
 
 def _check_same_cv(cv: CvDir, record: dict[str, Any]) -> None:

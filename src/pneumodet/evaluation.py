@@ -43,6 +43,7 @@ from pneumodet.metrics import rsna_map, sweep_thresholds
 from pneumodet.model.checkpoint import load_checkpoint
 from pneumodet.rundir import CvDir, RunDir
 from pneumodet.safeio import atomic_path, json_safe, write_json
+from pneumodet.textsafe import display_path
 from pneumodet.training import build_datamodule
 
 #: Sets that can be evaluated (the training set is augmented, so it is not one of them).
@@ -119,7 +120,7 @@ def evaluate(run_dir: Path, *, split: str = "test", out_dir: Path | None = None,
     metrics = {
         "run": str(run_dir), **({"members": [str(p) for p in runs.sources]} if runs.is_ensemble else {}),
         "split": split, "images": len(gt), "precision": predictor.precision,
-        "compiled": predictor.compiled,
+        "compiled": predictor.compiled, **({"precision_notes": predictor.notes} if predictor.notes else {}),
         "tta": options.tta, "tta_merge": options.tta_merge if options.tta else None, "gate": options.gate,
         # the resolved NMS IoU, boxes per image and candidate score (given, else the model's own)
         "postprocess": dict(predictor.postprocess),
@@ -299,7 +300,8 @@ def predict_split(runs: EvaluatedRuns, split: str, options: PredictOptions) -> S
     config = runs.configs[0]
     loader = split_loader(config, split, batch_size=options.batch_size, num_workers=options.workers)
     # config.image_size: the frame of the loader's images, in which the predictor mirrors for TTA
-    predictor = make_predictor(runs.loaded.models, config.image_size, options, num_images=len(loader.dataset))
+    predictor = make_predictor(runs.loaded.models, config.image_size, options, num_images=len(loader.dataset),
+                               sources=runs.sources)  # where each run's int8 graph is
     out = SplitPredictions({}, {}, [], [], predictor)
     for batch_out in run_batches(predictor, loader):
         batch = batch_out.batch
@@ -330,6 +332,11 @@ def validation_threshold(runs: EvaluatedRuns | Path | str | Sequence[Path | str]
     recorded, source = runs.loaded.threshold_for(options.gate)
     if recorded is not None:
         return recorded, source
+    if runs.cv_dir is not None:  # its folds validate on different patients: only the out-of-fold pass can
+        cv = display_path(runs.cv_dir)
+        raise RunError(f"{display_path(CvDir(runs.cv_dir).summary)}: records no out-of-fold threshold for gated "
+                       f"scores (written before they were recorded); run `pneumodet cv --out {cv}` again: it "
+                       "skips the trained folds and records it")
     _check_shared_patients(runs.sources, runs.configs, "val", runs.cv_dir)
     val = predict_split(runs, "val", options)
     what = ("the ensemble" if runs.is_ensemble else "the run") + ("'s gated scores" if options.gate else "")
