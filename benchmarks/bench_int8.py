@@ -19,7 +19,8 @@ NMS, box mapping); only the network differs:
     ORT int8        onnxruntime.quantization.quantize_static: QDQ, int8 per-channel weights, uint8
                     activations calibrated with --ort-calibration
     pt2e int8       torch.export + X86InductorQuantizer + Inductor freezing (needs torchao; else the
-                    row says why it is missing)
+                    row says why it is missing). Measured only here (:func:`pt2e_int8_network`): pneumodet
+                    keeps the ONNX Runtime route, the one that met the goal (``pneumodet quantize``)
 
 Per variant: test images/s in batches of ``--batch`` (images already in memory, after a warm-up pass that
 also compiles; the best of ``--repeats`` passes), test mAP, mAP - bf16 and the speed ratio to bf16
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from _common import cpu_model, load_average
 from pneumodet.boxes import kaggle_rows, xyxy_to_xywh
@@ -47,25 +49,100 @@ from pneumodet.data.rsna import load_rsna
 from pneumodet.data.split import read_split, split_patients, write_split
 from pneumodet.data.synth import make_synthetic_dataset
 from pneumodet.demo import DEMO_TRAINING
+from pneumodet.errors import ConfigError
 from pneumodet.evaluation import split_loader
 from pneumodet.inference.engine import Predictor, load_for_inference, model_image_size
-from pneumodet.inference.export import export_onnx
+from pneumodet.inference.export import OnnxNetwork, export_onnx
 from pneumodet.inference.quantize import (
-    INT8_ROUTES,
     ORT_CALIBRATION,
     OrtNetwork,
     QuantizationUnavailable,
     calibration_images,
     int8_predictor,
-    pt2e_int8_network,
     quantize_onnx,
 )
 from pneumodet.metrics import rsna_map
+from pneumodet.model import HeadOutputs
+from pneumodet.model.fusion import compile_for_inference
 from pneumodet.rundir import RunDir
 from pneumodet.training import train
 
 #: The goal of issue 18: int8 this much faster than bf16 compiled, its test mAP this close.
 SPEED_GOAL, MAP_TOLERANCE = 1.5, 0.01
+#: The int8 routes measured.
+INT8_ROUTES = ("onnxruntime", "pt2e")
+
+
+class _TensorHeads(nn.Module):
+    """A network of tensor outputs (:class:`OnnxNetwork`'s, as ``torch.export`` needs) with a static batch of
+    ``batch_size``, turned back into :class:`HeadOutputs` for any batch up to it (a shorter one is zero-padded,
+    as the Predictor pads its compiled network's)."""
+
+    def __init__(self, network: nn.Module, anchors_per_level: tuple[int, ...], image_size: int,
+                 batch_size: int) -> None:
+        super().__init__()
+        self.network, self.anchors_per_level, self.image_size = network, anchors_per_level, image_size
+        self.batch_size = batch_size
+
+    def forward(self, images: torch.Tensor) -> HeadOutputs:
+        batch = images.shape[0]
+        if batch < self.batch_size:
+            images = torch.cat((images, images.new_zeros((self.batch_size - batch, *images.shape[1:]))))
+        cls_logits, box_deltas, global_logits, anchors = self.network(
+            images.contiguous(memory_format=torch.channels_last))
+        return HeadOutputs(cls_logits[:batch], box_deltas[:batch], global_logits[:batch], anchors,
+                           self.anchors_per_level, (self.image_size, self.image_size))
+
+
+def pt2e_int8_network(model: nn.Module, image_size: int, calibration: torch.Tensor, *,
+                      batch_size: int = 8) -> nn.Module:
+    """``model``'s network quantised by PyTorch 2 export quantisation with the x86 Inductor quantizer, then
+    compiled with frozen weights; its batch shape is ``batch_size`` (shorter batches are padded).
+    Compilation happens at the first call.
+
+    Raises:
+        QuantizationUnavailable: ``torchao`` is not installed (torch 2.14 ships the route no more).
+    """
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer,
+            get_default_x86_inductor_quantization_config,
+        )
+    except ImportError as exc:
+        raise QuantizationUnavailable(
+            "PyTorch 2 export quantisation needs torchao (pip install torchao): torch "
+            f"{torch.__version__.split('+')[0]} no longer ships torch.ao.quantization.quantize_pt2e") from exc
+    network = OnnxNetwork(model.float().eval(), image_size).eval()
+    example = calibration[:batch_size].contiguous(memory_format=torch.channels_last)
+    if len(example) < batch_size:
+        raise ConfigError(f"at least {batch_size} calibration images are needed, got {len(calibration)}")
+    exported = torch.export.export(network, (example,)).module()
+    _one_partition_per_call(exported)
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for batch in calibration.split(batch_size):
+            if len(batch) == batch_size:  # the exported graph's batch shape is static
+                prepared(batch.contiguous(memory_format=torch.channels_last))
+    converted = convert_pt2e(prepared)
+    return _TensorHeads(compile_for_inference(converted), network.anchors_per_level, image_size, batch_size)
+
+
+def _one_partition_per_call(graph_module: torch.fx.GraphModule) -> None:
+    """Give each call of a convolution or ReLU module its own source partition.
+
+    The quantizer finds conv + ReLU pairs by source module (the innermost entry of a node's
+    ``nn_module_stack``); RetinaNet's heads run the same modules on every pyramid level, so one module's
+    partition has one output per level and the x86 quantizer refuses it ("Input partition has more than
+    one output node"). Each such node is one aten call, so naming its module per node changes nothing else.
+    """
+    ops = {torch.ops.aten.conv2d.default, torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
+    for node in graph_module.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.target in ops and stack:
+            key, (fqn, module_type) = list(stack.items())[-1]
+            node.meta["nn_module_stack"] = {**stack, key: (f"{fqn}.{node.name}", module_type)}
 
 
 def demo_like_run(work: Path, args: argparse.Namespace) -> Path:

@@ -180,6 +180,8 @@ class DetectorModule(L.LightningModule):
             gated_sweep = sweep_thresholds(gt, gated)
             self.validation_result.update(gate_map=float(gated_sweep.best_score),
                                           gate_threshold=float(gated_sweep.best_threshold))
+            self.log("val/gate_map", float(gated_sweep.best_score), sync_dist=False)
+            self.log("val/gate_threshold", float(gated_sweep.best_threshold), sync_dist=False)
         self.log("val/map", float(sweep.best_score), sync_dist=False, prog_bar=True)
         self.log("val/threshold", float(sweep.best_threshold), sync_dist=False)
         for t, v in result.per_threshold.items():

@@ -10,7 +10,9 @@ One module per concept, in the order data flows:
 * :mod:`~pneumodet.inference.prediction` -- :func:`predict`, streaming files through the engine (not named
   ``predict.py``: a submodule of that name would shadow the function on the package once imported);
 * :mod:`~pneumodet.inference.outputs` -- the submission CSV, the JSON and the overlay pictures;
-* :mod:`~pneumodet.inference.export` -- ONNX export and the decoding of its outputs.
+* :mod:`~pneumodet.inference.export` -- ONNX export and the decoding of its outputs;
+* :mod:`~pneumodet.inference.quantize` -- int8 graphs (ONNX Runtime), run by the engine with ``--precision int8``
+  or ``auto`` (loaded only where a run holds an int8 graph, or int8 is asked for).
 
 The public names are loaded on first use (PEP 562), as in :mod:`pneumodet.model`: reading the options (what
 the command line does to show its defaults) loads no torch, and ``evaluate``, which needs the engine only,

@@ -33,6 +33,7 @@ from pneumodet.inference.options import (
     PredictOptions,
     TtaMerge,
     check_postprocess_options,
+    check_precision_device,
     check_tta,
 )
 from pneumodet.inference.results import xyxy_to_kaggle
@@ -228,16 +229,8 @@ def check_options(options: PredictOptions) -> torch.device:
     the precision against the device), made before anything is loaded; returns the device."""
     options.check()
     device = resolve_device(options.device)
-    _check_int8_device(options, device)
+    check_precision_device(options.precision, str(device), chosen=options.device in (None, "auto"))
     return device
-
-
-def _check_int8_device(options: PredictOptions, device: torch.device) -> None:
-    """:class:`ConfigError` for ``--precision int8`` on a GPU: the int8 graph runs in ONNX Runtime on the CPU."""
-    if parse_precision(options.precision) == "int8" and device.type != "cpu":
-        chose = " (--device auto chose it: this machine has one)" if options.device in (None, "auto") else ""
-        raise ConfigError(f"--precision int8 runs the run's int8 graph on the CPU (ONNX Runtime), not on {device}"
-                          f"{chose}; pass --device cpu, or another precision (bf16, fp32) for the GPU")
 
 
 # ---------------------------------------------------------------- the engine
@@ -516,10 +509,12 @@ def _int8_networks(sources: Sequence[Path | str] | None, options: PredictOptions
     :func:`make_predictor`), else ``None``; and the notes on graphs passed over."""
     requested = parse_precision(options.precision)
     device = resolve_device(options.device)
-    _check_int8_device(options, device)
+    check_precision_device(options.precision, str(device), chosen=options.device in (None, "auto"))
     if requested not in (None, "int8") or device.type != "cpu":
         return None, []
-    # here, not at the top: ONNX Runtime is loaded only where an int8 graph may run
+    if requested is None and not any(RunDir(Path(s)).int8_model.is_file() for s in sources or ()):
+        return None, []  # auto, and no int8 graph anywhere: nothing to check
+    # here, not at the top: the quantisation module is loaded only where an int8 graph may run
     from pneumodet.inference.quantize import OrtNetwork, int8_graphs
 
     graphs, notes = int8_graphs(sources, required=requested == "int8")

@@ -82,7 +82,19 @@ class PredictOptions:
         check_postprocess_options(nms_iou=self.nms_iou, max_detections=self.max_detections,
                                   min_score=self.min_score)
         check_tta(self.tta, self.tta_merge)
-        parse_precision(self.precision, PREDICTION_PRECISIONS)
+        check_precision_device(self.precision, self.device)
+
+
+def check_precision_device(precision: str | None, device: str | None, *, chosen: bool = False) -> None:
+    """:class:`ConfigError` for a precision no prediction can use, and for int8 on anything but the CPU (the
+    int8 graph runs in ONNX Runtime on the CPU); ``device`` ``"auto"`` passes (checked again once resolved:
+    ``chosen`` says that ``device`` is what ``auto`` chose)."""
+    if parse_precision(precision, PREDICTION_PRECISIONS) != "int8" or device in (None, "auto"):
+        return
+    if str(device).split(":")[0] != "cpu":
+        how = " (--device auto chose it: this machine has a GPU)" if chosen else ""
+        raise ConfigError(f"--precision int8 runs the run's int8 graph on the CPU (ONNX Runtime), not on {device}"
+                          f"{how}; pass --device cpu, or choose bf16 or fp32 for the GPU")
 
 
 def check_predict_options(*, batch_size: int = 1, workers: int = 0, threshold: float | None = None) -> None:

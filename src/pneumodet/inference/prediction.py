@@ -129,12 +129,14 @@ def predict(
     processes = launch_processes(devices, num_nodes, resolve_device(options.device))
     if processes.world_size > 1:  # each process predicts on its own GPU (cuda:LOCAL_RANK), or on the CPU
         options = PredictOptions.of(options, device=str(processes.device))
-    predictor = make_predictor(loaded.models, image_size, options, num_images=len(search.files))
+    predictor = make_predictor(loaded.models, image_size, options, num_images=len(search.files),
+                               sources=loaded.sources)  # where each run's int8 graph is
 
     result = PredictionResult({}, threshold, len(search.files), unreadable=list(search.missing),
                               skipped_links=list(search.skipped_links), tta=options.tta, gate=options.gate,
                               precision=predictor.precision, postprocess=dict(predictor.postprocess),
-                              tta_merge=options.tta_merge if options.tta else None)
+                              tta_merge=options.tta_merge if options.tta else None,
+                              warnings=list(predictor.notes))  # an int8 graph passed over, and why
     if ungated_threshold:
         result.warnings.append(f"the run's threshold {threshold:.3f} was chosen on ungated scores (it was trained "
                                "before a threshold for gated scores was recorded); gating lowers every score, so "

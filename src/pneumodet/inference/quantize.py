@@ -105,13 +105,14 @@ def quantize_onnx(model_source: Path | str, out_path: Path | str, calibration: t
     :data:`ORT_CALIBRATION`) fix the int8 scales. ``verbose``: let the exporter and ONNX Runtime say what they
     do (their progress lines, warnings and notes); otherwise they are quiet.
 
-    Written atomically: the old side file goes first, then the graph and its new side file are each written
-    to a temporary file and renamed into place, so an interruption leaves a graph without a side file, which
-    :func:`run_int8_graph` refuses, never a graph with another's side file.
+    Written atomically: the graph goes to a temporary file; once it is complete, the old side file is removed,
+    the graph renamed into place and its new side file written (itself atomically). A failure before leaves
+    the old pair as it was; an interruption between leaves a graph without a side file, which
+    :func:`run_int8_graph` refuses; never a graph with another's side file.
 
     Raises:
         QuantizationUnavailable: onnx, onnxruntime or onnxscript is not installed (checked first).
-        ConfigError: an unknown calibration method, or no calibration image.
+        ConfigError: an unknown calibration method, no calibration image, or images of another size.
     """
     check_deploy_packages("int8 quantisation")
     from onnxruntime.quantization import (
@@ -132,10 +133,13 @@ def quantize_onnx(model_source: Path | str, out_path: Path | str, calibration: t
     side_file = onnx_side_file(out_path)
     with tempfile.TemporaryDirectory(prefix="pneumodet-int8-") as tmp, _library_chatter(verbose):
         exported = export_onnx(checkpoint, Path(tmp) / "network.onnx")
+        size = exported.image_size
+        if tuple(calibration.shape[1:]) != (1, size, size):
+            raise ConfigError(f"the calibration images are {list(calibration.shape[1:])}, but the network takes "
+                              f"[1, {size}, {size}]: calibrate on images of the size the model was trained at")
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(exported.path), str(prepared))  # shapes known, BN folded: better ranges
         side = json.loads(exported.side_file.read_text(encoding="utf-8"))
-        side_file.unlink(missing_ok=True)
         with atomic_path(out_path) as tmp_out:
             quantize_static(str(prepared), str(tmp_out), _Calibration(calibration, batch_size),
                             quant_format=QuantFormat.QDQ, per_channel=per_channel,
@@ -144,6 +148,8 @@ def quantize_onnx(model_source: Path | str, out_path: Path | str, calibration: t
                                               "entropy": CalibrationMethod.Entropy,
                                               "percentile": CalibrationMethod.Percentile}[method])
             graph_sha256 = file_sha256(tmp_out)
+            # last, as the new graph is about to replace the old: until then the old pair stays usable
+            side_file.unlink(missing_ok=True)
     side["quantization"] = {"route": "onnxruntime static", "format": "QDQ", "weights": "int8 per channel"
                             if per_channel else "int8 per tensor", "activations": "uint8",
                             "calibration": method, "calibration_images": len(calibration),
@@ -181,18 +187,25 @@ class OrtNetwork(nn.Module):
         check_deploy_packages("running an int8 graph", ("onnxruntime",))
         import onnxruntime
 
-        side = json.loads(onnx_side_file(onnx_path).read_text(encoding="utf-8"))
-        if side.get("graph") != "network":
-            raise ConfigError(f"{onnx_path}: a graph with post-processing; OrtNetwork runs the network graph")
+        side_file = onnx_side_file(onnx_path)
+        try:
+            side = json.loads(side_file.read_text(encoding="utf-8"))
+            kind = side.get("graph")
+            self.output_names = [str(name) for name in side["outputs"]]
+            self.anchors_per_level = tuple(int(n) for n in side["anchors_per_level"])
+            self.image_size = int(side["image_size"])
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(f"{display_path(side_file)}: not a readable pneumodet ONNX side file "
+                              f"({type(err).__name__})") from None
+        if kind != "network":
+            raise ConfigError(f"{display_path(onnx_path)}: a graph with post-processing; OrtNetwork runs the "
+                              "network graph")
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         # from its bytes, not its path: the graph is self-contained, and no tensor data is read from other files
         self.session = onnxruntime.InferenceSession(Path(onnx_path).read_bytes(), options,
                                                     providers=["CPUExecutionProvider"])
-        self.output_names = list(side["outputs"])
-        self.anchors_per_level = tuple(side["anchors_per_level"])
-        self.image_size = int(side["image_size"])
 
     def forward(self, images: torch.Tensor) -> HeadOutputs:
         feed = {"images": np.ascontiguousarray(images.float().cpu().numpy())}
@@ -275,15 +288,20 @@ def int8_graphs(sources: Sequence[Path | str] | None, *, required: bool) -> tupl
         return graphs, []
     found: list[Path] = []
     notes: list[str] = []
+    without = []
     for source in sources:
         run = RunDir(Path(source))
         if not run.root.is_dir() or not run.int8_model.is_file():
+            without.append(display_path(source))
             continue
         try:
             found.append(run_int8_graph(source))
         except PneumodetError as err:
             notes.append(f"int8 graph not used: {display_text(str(err))}")
-    if notes or len(found) != len(sources):
+    if without and len(without) < len(sources):  # an ensemble runs in one precision: every member needs one
+        notes.append(f"int8 graphs not used: an ensemble runs int8 only when every member has its int8 graph, and "
+                     f"{', '.join(without)} has none (`pneumodet quantize RUN`)")
+    if notes or without:
         return None, notes
     try:
         check_deploy_packages("running the int8 graph", ("onnxruntime",))

@@ -81,7 +81,7 @@ class FrozenCompiled(nn.Module):
         self.compiled = torch.compile(entry, dynamic=False)
         # the cache entries hold the weights, which keeps their guards (and so the entries) alive for ever:
         # drop them explicitly when this instance goes
-        weakref.finalize(self, _forget_compilations, entry.__code__)
+        weakref.finalize(self, _forget_compilations, entry.__code__).atexit = False  # the process frees all then
 
     def forward(self, *args, **kwargs):
         from torch._inductor import config
