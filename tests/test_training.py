@@ -94,6 +94,15 @@ def test_existing_run_is_not_overwritten(finished_run: Path, synth_dataset: Path
 def test_reference_recipe_is_selectable() -> None:
     config = TrainConfig.with_recipe("reference")
     assert (config.optimizer, config.lr, config.scheduler, config.grad_clip) == ("adam", 1e-5, "plateau", 0.05)
+    # the reference's global head settings come with it; the default's are the measured ones
+    assert (config.model.global_loss_weight, config.model.global_dropout) == (0.1, 0.5)
+    default = TrainConfig.with_recipe("default")
+    assert (default.model.global_loss_weight, default.model.global_dropout) == (1.0, 0.2)
+    # named over a config file, the recipe replaces the file's settings it sets, and keeps its other model ones
+    layered = TrainConfig.layered(recipe="reference", base={"recipe": "default", "model": {
+        "encoder": "resnet18", "global_loss_weight": 1.0}}, overrides={"global_dropout": 0.3})
+    assert (layered.model.encoder, layered.model.global_loss_weight, layered.model.global_dropout) == (
+        "resnet18", 0.1, 0.3)
     with pytest.raises(ConfigError, match="unknown recipe"):
         TrainConfig.with_recipe("fast")
 

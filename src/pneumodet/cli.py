@@ -482,6 +482,7 @@ def _add_training_options(p: argparse.ArgumentParser, *, level: bool = True) -> 
     p.add_argument("--cache-dir", type=Path, help="image cache folder (default DATA/cache_<size>)")
     recipes = "; ".join(f"{name}: {r['optimizer']} {r['lr']:g}, {r['scheduler']} schedule, clip {r['grad_clip']:g}, "
                         f"warm-up >= {r['warmup_steps']} steps, loss / {r['loss_normalizer']} positives"
+                        + "".join(f", {k.replace('_', ' ')} {v:g}" for k, v in r.get("model", {}).items())
                         for name, r in RECIPES.items())
     p.add_argument("--recipe", help=f"optimisation recipe (default {train.recipe}) — {recipes}")
     p.add_argument("--lr", type=float, help="learning rate (overrides the recipe)")

@@ -22,7 +22,8 @@ from pneumodet.safeio import load_yaml, write_text
 #: Named optimisation recipes. ``default`` trains well from random init and from ImageNet weights
 #: (AdamW, linear warm-up over 10 % of the steps but at least 200 (at most half the run), cosine decay, the
 #: focal loss divided by a running mean of positive anchors); ``reference`` is the RSNA paper's (Adam 1e-5,
-#: plateau x0.2 after 4 epochs, gradient-norm clipping 0.05, global-loss weight 0.1); ``baseline-v1`` is
+#: plateau x0.2 after 4 epochs, gradient-norm clipping 0.05, global-loss weight 0.1 and dropout 0.5 (the
+#: recipe's model settings)); ``baseline-v1`` is
 #: ``default`` as it was before the first-steps fix (warm-up 10 % of the steps only, each batch's loss divided
 #: by its own positive count), kept so that benchmarks can compare the two.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -31,7 +32,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                     loss_normalizer="ema"),
     "reference": dict(optimizer="adam", lr=1e-5, weight_decay=0.0, scheduler="plateau", warmup_fraction=0.0,
                       warmup_steps=0, grad_clip=0.05, plateau_patience=4, plateau_factor=0.2,
-                      loss_normalizer="ema"),
+                      loss_normalizer="ema", model=dict(global_loss_weight=0.1, global_dropout=0.5)),
     "baseline-v1": dict(optimizer="adamw", lr=3e-4, weight_decay=1e-4, scheduler="cosine", warmup_fraction=0.1,
                         warmup_steps=0, grad_clip=1.0, plateau_patience=4, plateau_factor=0.2,
                         loss_normalizer="batch"),
@@ -90,6 +91,16 @@ def merge_layers(*layers: Mapping[str, Any]) -> dict[str, Any]:
         if model:
             merged["model"] = model
     return merged
+
+
+def _without_recipe_settings(base: Mapping[str, Any], recipe: str) -> dict[str, Any]:
+    """``base`` (nested) less every setting ``recipe`` sets, its model settings included, so that a recipe
+    named on the command line replaces those of a config file and nothing else."""
+    settings = nest_model_keys(RECIPES[recipe])
+    out = {k: v for k, v in base.items() if k not in settings or k == "model"}
+    if isinstance(base.get("model"), Mapping):
+        out["model"] = {k: v for k, v in base["model"].items() if k not in settings.get("model", {})}
+    return out
 
 
 @dataclass
@@ -158,7 +169,7 @@ class TrainConfig:
         if not isinstance(name, str) or name not in RECIPES:
             raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
         if recipe and recipe != base.get("recipe", recipe):
-            base = {k: v for k, v in base.items() if k not in RECIPES[recipe]}
+            base = _without_recipe_settings(base, recipe)
         return cls.from_dict(merge_layers(RECIPES[name], base, overrides, {"recipe": name}))
 
     def with_absolute_paths(self) -> TrainConfig:
