@@ -25,11 +25,19 @@ TINY = ModelConfig(encoder="resnet10t", image_size=SIZE, fpn_channels=16, head_c
 
 
 @pytest.mark.skipif(not has_cpp_compiler(), reason="Inductor on the CPU needs a C++ compiler")
-def test_each_new_predictor_in_one_process_runs_compiled_once_and_frees_its_weights(monkeypatch) -> None:
+def test_each_new_predictor_in_one_process_runs_compiled_once_and_frees_its_weights() -> None:
+    # 3 predictors with the limit at 2 are what 9 were with the default 8 (each compilation takes seconds).
+    # torch's own patch: pytest's monkeypatch would delete the setting on undo (Dynamo's config module reads
+    # as a missing attribute what is not in its __dict__), breaking every later compilation in the process.
+    limit = torch._dynamo.config.recompile_limit
+    with torch._dynamo.config.patch(recompile_limit=2):
+        _three_predictors_in_one_process()
+    assert torch._dynamo.config.recompile_limit == limit  # restored for the tests after this one
+
+
+def _three_predictors_in_one_process() -> None:
     from torch._dynamo.utils import counters
 
-    # 3 predictors with the limit at 2 are what 9 were with the default 8 (each compilation takes seconds)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     counters.clear()
     options = PredictOptions(precision="fp32", compile=True)
     images = torch.rand(2, 1, SIZE, SIZE)

@@ -181,7 +181,8 @@ def test_loss_with_boxes_and_with_empty_batch(small_model):
     assert set(losses) == {"total", "classification", "regression", "global"}
     assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
     assert losses["regression"] > 0
-    expected = losses["classification"] + losses["regression"] + 0.1 * losses["global"]
+    weight = small_model.config.global_loss_weight
+    expected = losses["classification"] + losses["regression"] + weight * losses["global"]
     torch.testing.assert_close(losses["total"], expected)
 
     small_model.criterion.eval()  # the running positive count is read, not updated: both see one divisor
