@@ -92,6 +92,32 @@ def test_quantize_writes_the_int8_graph_into_the_run_and_says_what_it_did(quanti
     assert "calibrating on 4 of the 6 training images" in printed
     assert f"calibrated on 4 of the 6 training images of {run}" in printed and " s; wrote " in printed
     assert str(folder.int8_model) in printed
+    # the graph is checked against the float network on the validation set, and the check recorded
+    check = json.loads(folder.int8_side.read_text())["validation"]
+    assert check["split"] == "val" and check["images"] == 3 and check["threshold"] == THRESHOLD
+    assert check["reference_precision"] == NATIVE and check["tolerance"] == 0.01
+    both = (check["int8_rsna_map"], check["reference_rsna_map"])
+    agree = both == (None, None) or abs(both[0] - both[1]) <= 0.01
+    assert check["within_tolerance"] is agree
+    assert "validation RSNA mAP " in printed and f"in {NATIVE} (3 images, threshold {THRESHOLD:.2f})" in printed
+
+
+def test_auto_passes_over_a_graph_that_moved_the_validation_map(quantized, tmp_path, capsys) -> None:
+    """A weak model's boxes cluster at its threshold, where int8's small changes move them across it: when
+    the graph's validation mAP is off the float network's by more than 0.01, ``--precision auto`` runs the
+    float network and says why; ``--precision int8`` still runs the graph."""
+    run = _copy(quantized[0], tmp_path / "run")
+    side_file = RunDir(run).int8_side
+    side = json.loads(side_file.read_text())
+    side["validation"].update(reference_rsna_map=0.3886, int8_rsna_map=0.5088, within_tolerance=False)
+    side_file.write_text(json.dumps(side))
+    assert _predict(run, tmp_path) == 0
+    captured = capsys.readouterr()
+    assert f", {NATIVE})" in captured.out and _json(tmp_path)["precision"] == NATIVE
+    assert (f"int8 graph not used by default: {RunDir(run).int8_model} moved the validation RSNA mAP from 0.3886 "
+            f"({NATIVE}) to 0.5088, more than 0.01; --precision int8 runs it anyway") in captured.out
+    assert _predict(run, tmp_path, "--precision", "int8") == 0
+    assert _json(tmp_path)["precision"] == "int8"
 
 
 def test_predict_int8_finds_the_boxes_fp32_finds(quantized, tmp_path, capsys) -> None:

@@ -17,17 +17,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pneumodet.data.cache import ImageCache
 from pneumodet.data.split import read_split
 from pneumodet.errors import ConfigError, RunError
-from pneumodet.evaluation import load_run_config
+from pneumodet.evaluation import format_metric, load_run_config, load_runs, predict_split
+from pneumodet.hardware import resolve_precision
+from pneumodet.inference.options import PredictOptions
 from pneumodet.inference.quantize import (
     ORT_CALIBRATION,
     calibration_images,
     check_deploy_packages,
     quantize_onnx,
+    record_validation,
 )
+from pneumodet.metrics import rsna_map
 from pneumodet.rundir import CvDir, RunDir
 from pneumodet.textsafe import display_path
 from pneumodet.training import build_datamodule
@@ -47,12 +52,21 @@ class QuantizedRun:
     training_images: int
     method: str
     seconds: float
+    #: the validation check (:func:`validate_int8`) recorded in the side file
+    validation: dict[str, Any]
 
     def summary(self) -> str:
+        v = self.validation
+        check = (f"validation RSNA mAP {format_metric(v['int8_rsna_map'], 4)} in int8, "
+                 f"{format_metric(v['reference_rsna_map'], 4)} in {v['reference_precision']} ({v['images']} images, "
+                 f"threshold {v['threshold']:.2f})")
+        use = ("predict and evaluate run it on the CPU (--precision auto, the default, or int8) while the run's "
+               "model stays the one it was made from" if v["within_tolerance"] else
+               f"they differ by more than {v['tolerance']}, so --precision auto (the default) does not run it; "
+               "--precision int8 does")
         return (f"calibrated on {self.calibration_images} of the {self.training_images} training images of "
                 f"{display_path(self.run)} ({self.method}) in {self.seconds:.1f} s; wrote {display_path(self.graph)} "
-                f"and {display_path(self.side_file)}; predict and evaluate run it on the CPU (--precision auto, "
-                "the default, or int8) while the run's model stays the one it was made from")
+                f"and {display_path(self.side_file)}\n{check}: {use}")
 
 
 def quantize_run(run_dir: Path | str, *, calibration: int = DEFAULT_CALIBRATION_IMAGES, batch_size: int = 8,
@@ -103,5 +117,27 @@ def quantize_run(run_dir: Path | str, *, calibration: int = DEFAULT_CALIBRATION_
         say(f"calibrating on {len(images)} of the {len(training)} training images of {display_path(run.root)}")
     graph = quantize_onnx(run.best_model, run.int8_model, images, batch_size=batch_size, method=method,
                           verbose=verbose)
+    if say is not None:
+        say("checking it on the validation set against the float network")
+    check = validate_int8(run, batch_size=batch_size)
     return QuantizedRun(run.root, graph, run.int8_side, len(images), len(training), method,
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, check)
+
+
+def validate_int8(run: RunDir, *, batch_size: int = 8) -> dict[str, Any]:
+    """Score the run's validation set at its threshold with the float network (bf16 where the CPU computes it
+    natively, else fp32) and with its int8 graph, and record both in the graph's side file
+    (:func:`~pneumodet.inference.quantize.record_validation`): ``--precision auto`` runs the graph only when
+    they are within :data:`~pneumodet.inference.quantize.INT8_MAP_TOLERANCE`. On a weak model many boxes score
+    near the threshold, and int8's small changes move them across it."""
+    runs = load_runs(run.root, split="val")
+    threshold = float(runs.loaded.threshold)
+    reference = resolve_precision(None, "cpu")
+    scores = {}
+    for precision in (reference, "int8"):
+        options = PredictOptions(precision=precision, device="cpu", batch_size=batch_size, compile=False)
+        predicted = predict_split(runs, "val", options)
+        kept = {pid: p[p[:, 0] >= threshold] for pid, p in predicted.preds.items()}
+        scores[precision] = rsna_map(predicted.gt, kept).score
+    return record_validation(run.root, reference=reference, reference_map=scores[reference],
+                             int8_map=scores["int8"], images=len(predicted.gt), threshold=threshold)

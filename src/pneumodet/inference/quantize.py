@@ -28,6 +28,7 @@ import importlib.util
 import io
 import json
 import logging
+import math
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -49,6 +50,9 @@ from pneumodet.textsafe import display_path, display_text
 
 #: Calibration methods of ONNX Runtime's static quantisation (``onnxruntime.quantization.CalibrationMethod``).
 ORT_CALIBRATION = ("minmax", "entropy", "percentile")
+#: How far the int8 graph's validation RSNA mAP may be from the float network's for ``--precision auto`` to
+#: run it (the goal int8 was measured against: docs/BENCHMARKS.md).
+INT8_MAP_TOLERANCE = 0.01
 #: What making an int8 graph needs beyond pneumodet's own dependencies (the ``deploy`` extra); running one
 #: needs ``onnxruntime`` only.
 DEPLOY_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
@@ -264,14 +268,52 @@ def run_int8_graph(source: Path | str) -> Path:
     return run.int8_model
 
 
+def record_validation(source: Path | str, *, reference: str, reference_map: float, int8_map: float,
+                      images: int, threshold: float) -> dict[str, Any]:
+    """Add to the run's int8 side file how the graph scored on the validation set against the float network
+    (``reference`` precision), at the run's ``threshold``; ``--precision auto`` runs the graph only when the
+    two are within :data:`INT8_MAP_TOLERANCE`. Returns the record (also written, atomically)."""
+    run = RunDir(Path(source))
+    side = json.loads(run.int8_side.read_text(encoding="utf-8"))
+    record = {"split": "val", "images": images, "threshold": threshold, "reference_precision": reference,
+              "reference_rsna_map": reference_map, "int8_rsna_map": int8_map, "tolerance": INT8_MAP_TOLERANCE,
+              # both undefined (nothing to score at the threshold either way) is agreement too
+              "within_tolerance": bool(abs(int8_map - reference_map) <= INT8_MAP_TOLERANCE
+                                       or (math.isnan(int8_map) and math.isnan(reference_map)))}
+    write_json(run.int8_side, {**side, "validation": record})
+    return record
+
+
+def _auto_refusal(source: Path | str) -> str | None:
+    """Why ``--precision auto`` does not run the current int8 graph of ``source`` (its validation check
+    failed, or none is recorded), or ``None`` when it may."""
+    run = RunDir(Path(source))
+    side = json.loads(run.int8_side.read_text(encoding="utf-8"))
+    check = side.get("validation") if isinstance(side, dict) else None
+    if not isinstance(check, dict) or not isinstance(check.get("within_tolerance"), bool):
+        return (f"{display_path(run.int8_model)} records no validation check; run `pneumodet quantize "
+                f"{display_path(run.root)}` again, or --precision int8 to run it as it is")
+    if check["within_tolerance"]:
+        return None
+    return (f"{display_path(run.int8_model)} moved the validation RSNA mAP from {_map(check['reference_rsna_map'])} "
+            f"({check['reference_precision']}) to {_map(check['int8_rsna_map'])}, more than {check['tolerance']}; "
+            "--precision int8 runs it anyway")
+
+
+def _map(value: Any) -> str:
+    """A recorded mAP as printed: 4 decimals, ``n/a`` where undefined (``null`` in the JSON)."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
+
+
 def int8_graphs(sources: Sequence[Path | str] | None, *, required: bool) -> tuple[list[Path] | None, list[str]]:
     """Each source's current int8 graph (:func:`run_int8_graph`), or ``None``; and notes on graphs passed over.
 
     ``required`` (``--precision int8``): every source must be a run folder holding a current int8 graph, and
     ONNX Runtime installed; otherwise the error says which and what to do. Not ``required`` (``auto``, on the
-    CPU): the graphs when every source has a current one and ONNX Runtime is installed, else ``None`` (the
-    precision is then what it was without int8), with a note for each source whose graph exists but is not
-    used (stale, unfinished, damaged, or ONNX Runtime missing).
+    CPU): the graphs when every source has a current one that passed its validation check
+    (:func:`record_validation`) and ONNX Runtime is installed, else ``None`` (the precision is then what it
+    was without int8), with a note for each source whose graph exists but is not used (stale, unfinished,
+    damaged, off the float network's validation mAP, or ONNX Runtime missing).
 
     Raises:
         ConfigError: ``required`` without sources (a bare model), or with a checkpoint file.
@@ -298,6 +340,10 @@ def int8_graphs(sources: Sequence[Path | str] | None, *, required: bool) -> tupl
             found.append(run_int8_graph(source))
         except PneumodetError as err:
             notes.append(f"int8 graph not used: {display_text(str(err))}")
+            continue
+        refusal = _auto_refusal(source)
+        if refusal is not None:
+            notes.append(f"int8 graph not used by default: {display_text(refusal)}")
     if without and len(without) < len(sources):  # an ensemble runs in one precision: every member needs one
         notes.append(f"int8 graphs not used: an ensemble runs int8 only when every member has its int8 graph, and "
                      f"{', '.join(without)} has none (`pneumodet quantize RUN`)")
