@@ -779,7 +779,9 @@ COMMANDS: list[_Command] = [
     ("export", "export the network, or with --with-postprocess the whole detector, to ONNX (docs/ONNX.md)", _add_export,
      _run_export),
     ("quantize", f"int8 graph of a run's best model for the CPU, calibrated on its training images, kept in the "
-                 f"run ({rundir.INT8_MODEL}); predict and evaluate use it", _add_quantize, _run_quantize),
+                 f"run ({rundir.INT8_MODEL}) and checked on its validation set; predict and evaluate run it by "
+                 "default where its validation mAP is within 0.01 of the float network's", _add_quantize,
+     _run_quantize),
     ("serve", "HTTP detection service with a review page: batched, bounded, JSON or DICOM SR answers",
      _add_serve, _run_serve),
     ("demo", "the whole job on synthetic data: synth, eda, split, cache, train, evaluate, predict, score",
