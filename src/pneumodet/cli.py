@@ -225,8 +225,9 @@ def _add_prediction_options(p: argparse.ArgumentParser, *, threshold: bool = Tru
     p.add_argument("--precision", choices=("auto", *PREDICTION_PRECISIONS), default=default.precision,
                    help="int8: the run's int8 graph (made by `pneumodet quantize RUN`) in ONNX Runtime, CPU only; "
                         "bf16 (autocast) or fp32; auto (the default): on the CPU int8 where the run holds a current "
-                        "int8 graph and onnxruntime is installed (measured 1.83x bf16's speed, test mAP 0.003 "
-                        "lower), otherwise bf16 where the hardware computes it natively, else fp32")
+                        "int8 graph whose validation mAP was within 0.01 of the float network's and onnxruntime is "
+                        "installed (measured 1.7-1.8x bf16's speed), otherwise bf16 where the hardware computes it "
+                        "natively, else fp32")
     p.add_argument("--device", default=default.device,
                    help=f"{DEVICE_CHOICES}; auto: the GPU when this machine has one, else the CPU "
                         f"(default {default.device})")

@@ -228,9 +228,8 @@ def _out_of_fold(result: CvResult, cv: CvDir, options: PredictOptions) -> dict[s
         preds.update(predicted.preds)
         gated.update(predicted.gated())
         per_fold.append(predicted)
-        probs = np.concatenate(predicted.probs) if predicted.probs else np.zeros((0, len(CLASS_NAMES)))
         if predicted.true_class:
-            classes = image_class_metrics(predicted.true_class, probs, CLASS_NAMES, OPACITY_INDEX)
+            classes = image_class_metrics(predicted.true_class, predicted.class_probs(), CLASS_NAMES, OPACITY_INDEX)
             fold.global_accuracy, fold.pneumonia_auc = classes["accuracy"], classes["pneumonia_auc"]
     try:
         sweep = sweep_thresholds(gt, preds)

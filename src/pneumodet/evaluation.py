@@ -108,14 +108,13 @@ def evaluate(run_dir: Path, *, split: str = "test", out_dir: Path | None = None,
     run_dir = runs.label
     predicted = predict_split(runs, split, options)
     gt, preds, predictor = predicted.gt, predicted.preds, predicted.predictor
-    true_class, probs = predicted.true_class, predicted.probs
 
     kept = {pid: p[p[:, 0] >= threshold] for pid, p in preds.items()}
     result = rsna_map(gt, kept)
     if result.n_images == 0:
         raise PneumodetError(_nothing_scored(split, len(gt), threshold))
-    class_probs = np.concatenate(probs) if probs else np.zeros((0, len(CLASS_NAMES)))
-    true = np.asarray(true_class, dtype=np.int64)
+    class_probs = predicted.class_probs()
+    true = np.asarray(predicted.true_class, dtype=np.int64)
     curve = _threshold_curve(gt, preds)
     metrics = {
         "run": str(run_dir), **({"members": [str(p) for p in runs.sources]} if runs.is_ensemble else {}),
@@ -281,13 +280,16 @@ class SplitPredictions:
     probs: list[np.ndarray]
     predictor: Predictor | EnsemblePredictor
 
+    def class_probs(self) -> np.ndarray:
+        """The class probabilities of every patient, ``[N, C]`` in the order of ``preds``."""
+        return np.concatenate(self.probs) if self.probs else np.zeros((0, len(CLASS_NAMES)))
+
     def gated(self) -> dict[str, np.ndarray]:
         """``preds`` with each patient's box scores gated (:func:`~pneumodet.data.records.gate_scores`) by its
         Lung-Opacity probability: what ``--gate`` would have kept, without predicting again. Only for
         predictions made without the gate (the probabilities follow the patients' order)."""
-        probs = np.concatenate(self.probs) if self.probs else np.zeros((0, len(CLASS_NAMES)))
         out = {}
-        for (pid, rows), p in zip(self.preds.items(), probs, strict=True):
+        for (pid, rows), p in zip(self.preds.items(), self.class_probs(), strict=True):
             rows = rows.copy()
             rows[:, 0] = gate_scores(rows[:, 0], p)
             out[pid] = rows

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 #: The variables a launcher sets in every process it starts but the first (Lightning, SLURM via Lightning,
 #: torchrun); the first process of the first node has none of them above 0.
@@ -46,15 +46,22 @@ def library_output(verbose: bool = False) -> Iterator[None]:
     if verbose:
         yield
         return
-    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_loggers(LIBRARY_LOGGERS, logging.WARNING):
         for pattern in LIBRARY_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
-        for logger in loggers:
-            logger.setLevel(max(logger.level, logging.WARNING))
-        try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels, strict=True):
-                logger.setLevel(level)
+        yield
+
+
+@contextlib.contextmanager
+def quiet_loggers(names: Iterable[str], level: int) -> Iterator[None]:
+    """The loggers ``names`` (``""``: the root logger) raised to at least ``level`` for the block, and put
+    back as they were after it: the one place a library's logging is turned down."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.level, level))
+    try:
+        yield
+    finally:
+        for logger, old in zip(loggers, levels, strict=True):
+            logger.setLevel(old)

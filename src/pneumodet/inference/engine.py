@@ -485,10 +485,11 @@ def make_predictor(models: Sequence[nn.Module], image_size: int, options: Predic
     * ``"int8"``: every model runs its run's int8 graph (CPU only); a source without a current one (none,
       stale: made from another ``best_model.pt``, damaged), a checkpoint file, or no ONNX Runtime is one
       error naming it (:func:`pneumodet.inference.quantize.int8_graphs`);
-    * ``"auto"`` (or ``None``): on the CPU, int8 when every source holds a current int8 graph and ONNX Runtime
-      is installed, as measured faster and as accurate (docs/BENCHMARKS.md); otherwise bf16 where the
-      device computes it natively, else fp32 (:func:`~pneumodet.hardware.resolve_precision`). An int8 graph
-      passed over (stale, damaged, no ONNX Runtime) is said in the predictor's ``notes``;
+    * ``"auto"`` (or ``None``): on the CPU, int8 when every source holds a current int8 graph whose validation
+      mAP was within 0.01 of the float network's (recorded by ``pneumodet quantize``) and ONNX Runtime is
+      installed; otherwise bf16 where the device computes it natively, else fp32
+      (:func:`~pneumodet.hardware.resolve_precision`). An int8 graph passed over (stale, damaged, off on
+      validation, no ONNX Runtime) is said in the predictor's ``notes``;
     * ``"bf16"``, ``"fp32"``: as asked.
     """
     networks, notes = _int8_networks(sources, options, len(models))

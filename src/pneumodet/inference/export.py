@@ -32,7 +32,7 @@ import io
 import json
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from pneumodet.data.records import CLASS_NAMES
 from pneumodet.errors import ConfigError
 from pneumodet.inference.engine import load_for_inference, model_image_size
 from pneumodet.inference.options import check_postprocess_options
+from pneumodet.launch import quiet_loggers
 from pneumodet.model import BoxCoder, Detections, HeadOutputs, ModelConfig
 from pneumodet.model.retinanet import postprocess
 from pneumodet.safeio import atomic_path, write_json
@@ -311,7 +312,7 @@ def onnx_opsets() -> range:
 def _export_graph(network: nn.Module, size: int, path: Path, opset: int, outputs: Sequence[str]) -> None:
     example = (torch.rand(2, 1, size, size),)
     # the library's progress lines and advice are not the user's business: kept out of the output
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_loggers():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet_loggers(_EXPORT_LOGGERS, logging.ERROR):
         warnings.simplefilter("ignore")
         try:
             if opset >= DYNAMO_MIN_OPSET:
@@ -338,18 +339,8 @@ def _export_graph(network: nn.Module, size: int, path: Path, opset: int, outputs
 _MAX_BATCH = 4096
 
 
-@contextlib.contextmanager
-def _quiet_loggers() -> Iterator[None]:
-    """The exporters log warnings and progress (``torch.onnx``, ``onnxscript``): silenced while exporting."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+#: The exporters' loggers (warnings and progress), silenced while exporting.
+_EXPORT_LOGGERS = ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo")
 
 
 def _read_side_file(side: Path | str | dict[str, Any]) -> dict[str, Any]:

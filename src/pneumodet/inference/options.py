@@ -37,7 +37,8 @@ class PredictOptions:
         batch_size: images per forward pass (at least 1).
         precision: ``"int8"`` (the run's int8 graph in ONNX Runtime, made by ``pneumodet quantize``; CPU
             only), ``"bf16"`` (autocast) or ``"fp32"``; ``"auto"`` (or ``None``): on the CPU int8 where every
-            run holds a current int8 graph and ONNX Runtime is installed, otherwise bf16 where the device
+            run holds a current int8 graph that passed its validation check and ONNX Runtime is installed,
+            otherwise bf16 where the device
             computes it natively, else fp32 (:func:`pneumodet.inference.engine.make_predictor`).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (the GPU when there is one).
         workers: data-loading processes (DICOM decoding for ``predict``, cache reading for ``evaluate``);

@@ -43,6 +43,7 @@ from pneumodet.data.preprocess import to_unit_range
 from pneumodet.errors import ConfigError, PneumodetError, RunError
 from pneumodet.inference.engine import Predictor, resolve_checkpoint
 from pneumodet.inference.export import export_onnx, onnx_side_file
+from pneumodet.launch import quiet_loggers
 from pneumodet.model import HeadOutputs
 from pneumodet.rundir import RunDir
 from pneumodet.safeio import atomic_path, file_sha256, write_json
@@ -169,17 +170,10 @@ def _library_chatter(verbose: bool) -> Iterator[None]:
     if verbose:
         yield
         return
-    loggers = [logging.getLogger(), logging.getLogger("onnxruntime")]
-    levels = [log.level for log in loggers]
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with (warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()),
+          quiet_loggers(("", "onnxruntime"), logging.ERROR)):
         warnings.simplefilter("ignore")
-        for log in loggers:
-            log.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for log, level in zip(loggers, levels, strict=True):
-                log.setLevel(level)
+        yield
 
 
 class OrtNetwork(nn.Module):
@@ -228,8 +222,13 @@ def int8_predictor(model: nn.Module, image_size: int, network: nn.Module, **opti
 
 
 def run_int8_graph(source: Path | str) -> Path:
-    """The int8 graph of the run folder ``source``, checked to be current: made by ``pneumodet quantize``
-    from the best model the run holds now, and the graph its side file describes.
+    """The int8 graph of the run folder ``source``, checked to be current (see :func:`_current_int8`)."""
+    return _current_int8(source)[0]
+
+
+def _current_int8(source: Path | str) -> tuple[Path, dict[str, Any]]:
+    """The int8 graph of the run folder ``source`` and its side file's content, checked to be current: made by
+    ``pneumodet quantize`` from the best model the run holds now, and the graph its side file describes.
 
     Raises:
         ConfigError: ``source`` is a checkpoint file, not a run folder (it has no int8 graph).
@@ -265,7 +264,7 @@ def run_int8_graph(source: Path | str) -> Path:
     if made.get("graph_sha256") != file_sha256(run.int8_model):
         raise RunError(f"{display_path(run.int8_model)} is not the graph its side file describes (replaced or "
                        f"damaged since it was made); {again}")
-    return run.int8_model
+    return run.int8_model, side
 
 
 def record_validation(source: Path | str, *, reference: str, reference_map: float, int8_map: float,
@@ -284,12 +283,11 @@ def record_validation(source: Path | str, *, reference: str, reference_map: floa
     return record
 
 
-def _auto_refusal(source: Path | str) -> str | None:
-    """Why ``--precision auto`` does not run the current int8 graph of ``source`` (its validation check
-    failed, or none is recorded), or ``None`` when it may."""
+def _auto_refusal(source: Path | str, side: dict[str, Any]) -> str | None:
+    """Why ``--precision auto`` does not run the current int8 graph of ``source`` whose side file holds
+    ``side`` (its validation check failed, or none is recorded), or ``None`` when it may."""
     run = RunDir(Path(source))
-    side = json.loads(run.int8_side.read_text(encoding="utf-8"))
-    check = side.get("validation") if isinstance(side, dict) else None
+    check = side.get("validation")
     if not isinstance(check, dict) or not isinstance(check.get("within_tolerance"), bool):
         return (f"{display_path(run.int8_model)} records no validation check; run `pneumodet quantize "
                 f"{display_path(run.root)}` again, or --precision int8 to run it as it is")
@@ -337,11 +335,12 @@ def int8_graphs(sources: Sequence[Path | str] | None, *, required: bool) -> tupl
             without.append(display_path(source))
             continue
         try:
-            found.append(run_int8_graph(source))
+            graph, side = _current_int8(source)
         except PneumodetError as err:
             notes.append(f"int8 graph not used: {display_text(str(err))}")
             continue
-        refusal = _auto_refusal(source)
+        found.append(graph)
+        refusal = _auto_refusal(source, side)
         if refusal is not None:
             notes.append(f"int8 graph not used by default: {display_text(refusal)}")
     if without and len(without) < len(sources):  # an ensemble runs in one precision: every member needs one
